@@ -1,0 +1,189 @@
+"""Hostfiles, devices and clusters.
+
+A hostfile is an MPICH hostfile that `mpiexec -f` reads unchanged: `host:slots` lines. MPICH
+accepts whole-line `#` comments but rejects trailing ones, so each slot's device is declared in a
+comment line of its own just above its host line:
+
+    # device: name=orin-nx memory=8GiB
+    10.0.0.5:1
+    # device: name=cloud memory=24GiB torch=cuda:0
+    10.0.0.9:1
+
+Ranks fill the slots in order (rank 0 takes the first slot). A host line with several slots takes
+either one declaration (shared by all its slots) or one per slot. A slot with no declaration is a
+plain local device named after its host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+__all__ = ["Device", "Cluster", "HostfileError", "parse_bytes", "parse_hostfile", "format_bytes"]
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_TORCH_RE = re.compile(r"^(cpu|cuda(:[0-9]+)?|mps)$")
+
+
+class HostfileError(ValueError):
+    """A hostfile that cannot be used; the message names the file, line and field."""
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB' -> 8589934592, '8GB' -> 8000000000, '512MiB', '1024' (bytes)."""
+    m = _BYTES_RE.match(text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size (use e.g. 512MiB, 8GiB, 8GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower() or "b"])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """One slot of the cluster: the device a rank runs on."""
+
+    name: str
+    host: str = "localhost"
+    memory: int | None = None  # usable bytes for weights + KV cache; None = not limited
+    torch: str = "cpu"  # torch device string the rank computes on
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("device name must not be empty")
+        if self.memory is not None and self.memory <= 0:
+            raise ValueError(f"device {self.name}: memory must be positive, got {self.memory}")
+        if not _TORCH_RE.match(self.torch):
+            raise ValueError(f"device {self.name}: torch={self.torch!r} is not cpu, cuda, cuda:N or mps")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """The devices, in rank order, and where they were declared."""
+
+    devices: tuple[Device, ...]
+    source: str = "<default>"
+
+    @property
+    def size(self) -> int:
+        return len(self.devices)
+
+    def for_world(self, world_size: int) -> "Cluster":
+        """The first `world_size` slots; more ranks than slots is an error, never a wrap-around."""
+        if world_size > self.size:
+            raise HostfileError(
+                f"{self.source}: declares {self.size} slot(s) but {world_size} ranks were started "
+                f"(mpiexec -n {world_size}); add slots or start at most {self.size} ranks"
+            )
+        return Cluster(self.devices[:world_size], self.source)
+
+    @classmethod
+    def local(cls, world_size: int) -> "Cluster":
+        """No hostfile: every rank is a plain CPU device on this host."""
+        return cls(tuple(Device(name=f"local{r}") for r in range(world_size)), "<no hostfile>")
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "devices": [d.to_dict() for d in self.devices]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cluster":
+        return cls(tuple(Device(**x) for x in d["devices"]), d.get("source", "<dict>"))
+
+
+_DEVICE_FIELDS = {"name", "memory", "torch"}
+
+
+def _parse_declaration(text: str, where: str) -> dict:
+    fields: dict = {}
+    for item in text.split():
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise HostfileError(f"{where}: device field {item!r} is not key=value")
+        if key not in _DEVICE_FIELDS:
+            raise HostfileError(
+                f"{where}: unknown device field {key!r} (known: {', '.join(sorted(_DEVICE_FIELDS))})")
+        if key in fields:
+            raise HostfileError(f"{where}: device field {key!r} given twice")
+        if key == "memory":
+            try:
+                value = parse_bytes(value)
+            except ValueError as e:
+                raise HostfileError(f"{where}: field memory: {e}") from None
+            if value <= 0:
+                raise HostfileError(f"{where}: field memory must be positive")
+        elif key == "torch" and not _TORCH_RE.match(value):
+            raise HostfileError(f"{where}: field torch={value!r} is not cpu, cuda, cuda:N or mps")
+        fields[key] = value
+    if "name" not in fields:
+        raise HostfileError(f"{where}: device declaration has no name= field")
+    return fields
+
+
+def parse_hostfile(path: str | Path) -> Cluster:
+    """Read an MPICH hostfile with `# device:` declarations into a Cluster (one Device per slot)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HostfileError(f"{path}: hostfile not found")
+    devices: list[Device] = []
+    pending: list[tuple[dict, str]] = []  # declarations waiting for their host line
+    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        where = f"{path}:{lineno}"
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            body = line[1:].strip()
+            if body.startswith("device:"):
+                pending.append((_parse_declaration(body[len("device:"):], where), where))
+            continue
+        if "#" in line:
+            raise HostfileError(f"{where}: trailing comments are not allowed (MPICH rejects them); "
+                                "put '# device: ...' on its own line above the host")
+        host, colon, slots_text = line.partition(":")
+        host = host.strip()
+        if not host or " " in host:
+            raise HostfileError(f"{where}: {line!r} is not 'host' or 'host:slots'")
+        if colon:
+            if not slots_text.strip().isdigit() or int(slots_text) < 1:
+                raise HostfileError(f"{where}: slots {slots_text.strip()!r} is not a positive integer")
+            slots = int(slots_text)
+        else:
+            slots = 1
+        if len(pending) not in (0, 1, slots):
+            raise HostfileError(f"{where}: host {host} has {slots} slot(s) but {len(pending)} "
+                                "device declarations above it (give one, or one per slot)")
+        for s in range(slots):
+            if pending:
+                fields, decl_where = pending[s] if len(pending) == slots else pending[0]
+                name = fields["name"] if len(pending) == slots or slots == 1 else f"{fields['name']}-{s}"
+                try:
+                    devices.append(Device(host=host, **{**fields, "name": name}))
+                except ValueError as e:
+                    raise HostfileError(f"{decl_where}: {e}") from None
+            else:
+                devices.append(Device(name=host if slots == 1 else f"{host}-{s}", host=host))
+        pending = []
+    if pending:
+        raise HostfileError(f"{pending[0][1]}: device declaration is not followed by a host line")
+    if not devices:
+        raise HostfileError(f"{path}: no host lines")
+    names = [d.name for d in devices]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise HostfileError(f"{path}: device name(s) {', '.join(dup)} declared more than once")
+    return Cluster(tuple(devices), str(path))

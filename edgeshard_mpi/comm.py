@@ -1,0 +1,129 @@
+"""Messages between ranks: the only module that imports mpi4py.
+
+Tensors move as a small fixed int64 header (kind, slot, step, shape, dtype) followed by the raw
+buffer, with uppercase `Isend`/`Irecv` on numpy views: never a pickled tensor. The first step of
+a micro-batch also carries a float64 row table (left pad and sampling parameters per row).
+Lowercase (pickled) calls carry only small control data at start and end.
+
+Waiting never spins: ranks on one host share its cores, and MPICH's blocking calls busy-poll.
+Every wait here tests its requests and sleeps between tests with a short, growing back-off
+(50 us up to EDGESHARD_POLL_MAX_US, default 1000 us), so an idle rank costs almost no CPU while
+a busy pipeline still hears of a message within a fraction of a millisecond.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+__all__ = ["Comm", "Message", "ACT", "TOKENS", "STOP"]
+
+ACT, TOKENS, STOP = 1, 2, 3  # message kinds
+_TAG_PIPE, _TAG_TOKENS = 11, 12  # stage -> next stage, head -> source
+_HEADER = 8  # kind, slot, step, ndim, d0, d1, d2, dtype code | meta rows << 8
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
+# numpy has no bfloat16: its raw 2-byte words travel as int16 and are viewed back on arrival
+_NP = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.float16, torch.int64: np.int64}
+_META_COLS = 5  # pad, temperature, top_k, top_p, seed
+_POLL_MIN = 50e-6
+_POLL_MAX = float(os.environ.get("EDGESHARD_POLL_MAX_US", "1000")) * 1e-6
+
+
+@dataclasses.dataclass
+class Message:
+    kind: int
+    slot: int = 0
+    step: int = 0
+    tensor: torch.Tensor | None = None
+    meta: np.ndarray | None = None  # (rows, 5) float64 on a micro-batch's first step
+
+
+def _wait(requests: list) -> None:
+    """Wait for all requests without spinning: test, then sleep a growing while."""
+    delay = _POLL_MIN
+    while not MPI.Request.Testall(requests):
+        time.sleep(delay)
+        delay = min(delay * 1.5, _POLL_MAX)
+
+
+class Comm:
+    """MPI_COMM_WORLD with tensor messages and non-spinning waits."""
+
+    def __init__(self):
+        self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+
+    # -- control data (pickled, small) -------------------------------------------------------
+    def barrier(self) -> None:
+        _wait([self.comm.Ibarrier()])
+
+    def bcast(self, obj=None, root: int = 0):
+        """Broadcast a small object once the root is ready; the others wait without spinning."""
+        self.barrier()
+        return self.comm.bcast(obj, root=root)
+
+    def gather(self, obj, root: int = 0):
+        self.barrier()
+        return self.comm.gather(obj, root=root)
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+    # -- tensors -------------------------------------------------------------------------------
+    def send(self, dest: int, kind: int, slot: int = 0, step: int = 0,
+             tensor: torch.Tensor | None = None, meta: np.ndarray | None = None) -> None:
+        """Send a header, then the row table (if any), then the tensor (if any)."""
+        tag = _TAG_TOKENS if kind == TOKENS else _TAG_PIPE
+        header = np.zeros(_HEADER, dtype=np.int64)
+        header[:3] = kind, slot, step
+        bufs = []
+        if tensor is not None:
+            t = tensor.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()  # stage through host memory for MPI
+            t = t.contiguous()
+            if t.ndim > 3:
+                raise ValueError(f"tensor messages carry at most 3 dims, got {tuple(t.shape)}")
+            header[3] = t.ndim
+            header[4:4 + t.ndim] = t.shape
+            code = _DTYPES.index(t.dtype)
+            header[7] = code
+            arr = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+            bufs.append(arr)
+        else:
+            header[3] = -1
+        if meta is not None:
+            meta = np.ascontiguousarray(meta, dtype=np.float64)
+            header[7] |= meta.shape[0] << 8  # row count rides above the dtype code
+            bufs.insert(0, meta)
+        requests = [self.comm.Isend(header, dest=dest, tag=tag)]
+        requests += [self.comm.Isend(b, dest=dest, tag=tag) for b in bufs]
+        _wait(requests)
+
+    def recv(self, source: int, kind_expected: int | None = None) -> Message:
+        """Receive one message from `source` (header, then row table and tensor as announced)."""
+        tag = _TAG_TOKENS if kind_expected == TOKENS else _TAG_PIPE
+        header = np.empty(_HEADER, dtype=np.int64)
+        _wait([self.comm.Irecv(header, source=source, tag=tag)])
+        kind, slot, step, ndim = (int(x) for x in header[:4])
+        code, rows = int(header[7]) & 0xFF, int(header[7]) >> 8
+        msg = Message(kind, slot, step)
+        if rows:
+            msg.meta = np.empty((rows, _META_COLS), dtype=np.float64)
+            _wait([self.comm.Irecv(msg.meta, source=source, tag=tag)])
+        if ndim >= 0:
+            dtype = _DTYPES[code]
+            arr = np.empty(tuple(int(x) for x in header[4:4 + ndim]), dtype=_NP[dtype])
+            _wait([self.comm.Irecv(arr, source=source, tag=tag)])
+            t = torch.from_numpy(arr)
+            msg.tensor = t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+        return msg

@@ -1,0 +1,257 @@
+"""Job files (TOML) and prompt files (JSONL, chat messages, plain text).
+
+A job file, with paths relative to the job file's folder:
+
+    model = "smollm2-135m"           # preset name or a model folder
+    dtype = "float32"                # float32 | bfloat16 | float16
+    prompts = "prompts/demo.jsonl"   # .jsonl (one {"id", "prompt"|"messages"} a line) or .txt
+    output = "../results/demo.h5"    # default: results/<job name>.h5 under the current folder
+    hostfile = "../hostfiles/local3.hosts"   # optional; --hostfile overrides
+    micro_batch_size = 4
+    chat = false                     # apply the chat template to plain "prompt" strings too
+
+    [generation]                     # defaults for every request; JSONL lines may override
+    max_new_tokens = 64              # (max_new_tokens, temperature, top_k, top_p, seed)
+    temperature = 0.0                # 0 = greedy
+    top_k = 0
+    top_p = 1.0
+    seed = 0
+    stop = ["\\n\\n"]                # stop strings: the text ends before the first one
+
+    [plan]                           # optional: how units are split over ranks
+    split = "even"                   # or: file = "plan.json", or: stages = [{rank=0, first=0, last=9}, ...]
+
+Pure Python: no MPI, no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from pathlib import Path
+from typing import Iterator
+
+from .sampling import SamplingParams
+
+__all__ = ["JobError", "Generation", "Job", "Request", "read_prompts", "SCHEDULES"]
+
+SCHEDULES = ("sequential",)
+
+
+class JobError(ValueError):
+    """A job or prompt file that cannot be used; the message names the file, line and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
+
+
+_TYPES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _field(table: dict, key: str, typ, default, where: str):
+    if key not in table:
+        return default
+    value = table[key]
+    ok = isinstance(value, typ) and not (typ in (int, float) and isinstance(value, bool))
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise JobError(f"{where}: field {key!r} must be {_TYPES[typ]}, got {value!r}")
+    return value
+
+
+def _check_keys(table: dict, known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise JobError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} "
+                       f"(known: {', '.join(sorted(known))})")
+
+
+def _generation(table: dict, where: str, base: Generation = Generation()) -> Generation:
+    g = Generation(
+        max_new_tokens=_field(table, "max_new_tokens", int, base.max_new_tokens, where),
+        temperature=_field(table, "temperature", float, base.temperature, where),
+        top_k=_field(table, "top_k", int, base.top_k, where),
+        top_p=_field(table, "top_p", float, base.top_p, where),
+        seed=_field(table, "seed", int, base.seed, where),
+        stop=base.stop,
+    )
+    if "stop" in table:
+        stop = table["stop"]
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise JobError(f"{where}: field 'stop' must be a non-empty string or a list of them")
+        g = dataclasses.replace(g, stop=tuple(stop))
+    if g.max_new_tokens < 1:
+        raise JobError(f"{where}: field 'max_new_tokens' must be >= 1, got {g.max_new_tokens}")
+    try:
+        g.sampling()
+    except ValueError as e:
+        raise JobError(f"{where}: {e}") from None
+    return g
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A parsed, validated job file. Paths are absolute."""
+
+    path: str
+    model: str
+    prompts: str
+    output: str
+    dtype: str = "float32"
+    hostfile: str | None = None
+    micro_batch_size: int = 1
+    schedule: str = "sequential"
+    chat: bool = False
+    generation: Generation = Generation()
+    plan: dict | None = None  # {"split": "even"} | {"file": path} | {"stages": [...]}
+    text: str = ""  # the job file as written, kept with the results
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Job":
+        path = Path(path)
+        if not path.is_file():
+            raise JobError(f"{path}: job file not found")
+        text = path.read_text()
+        try:
+            d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise JobError(f"{path}: not valid TOML ({e})") from None
+        where = str(path)
+        _check_keys(d, {"model", "dtype", "prompts", "output", "hostfile", "micro_batch_size", "schedule",
+                        "chat", "generation", "plan"}, where)
+        base = path.parent.resolve()
+
+        def rel(p: str) -> str:
+            return str((base / p).resolve())
+
+        for key in ("model", "prompts"):
+            if key not in d:
+                raise JobError(f"{where}: field {key!r} is required")
+        model = _field(d, "model", str, None, where)
+        from .models import PRESETS  # names only; importing models does not import torch
+
+        model = model if model in PRESETS else rel(model)
+        dtype = _field(d, "dtype", str, "float32", where)
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise JobError(f"{where}: field 'dtype' must be float32, bfloat16 or float16, got {dtype!r}")
+        mbs = _field(d, "micro_batch_size", int, 1, where)
+        if mbs < 1:
+            raise JobError(f"{where}: field 'micro_batch_size' must be >= 1, got {mbs}")
+        schedule = _field(d, "schedule", str, "sequential", where)
+        if schedule not in SCHEDULES:
+            raise JobError(f"{where}: field 'schedule' must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        gen_table = d.get("generation", {})
+        if not isinstance(gen_table, dict):
+            raise JobError(f"{where}: [generation] must be a table")
+        _check_keys(gen_table, {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop"},
+                    f"{where}: [generation]")
+        plan = d.get("plan")
+        if plan is not None:
+            if not isinstance(plan, dict):
+                raise JobError(f"{where}: [plan] must be a table")
+            _check_keys(plan, {"split", "file", "stages"}, f"{where}: [plan]")
+            if len(plan) != 1:
+                raise JobError(f"{where}: [plan] takes exactly one of split, file, stages")
+            if "split" in plan and plan["split"] != "even":
+                raise JobError(f"{where}: [plan] split must be \"even\", got {plan['split']!r}")
+            if "file" in plan:
+                plan = {"file": rel(_field(plan, "file", str, None, f"{where}: [plan]"))}
+        output = _field(d, "output", str, None, where)
+        hostfile = _field(d, "hostfile", str, None, where)
+        return cls(
+            path=str(path.resolve()), model=model, prompts=rel(_field(d, "prompts", str, None, where)),
+            output=rel(output) if output else str(Path("results", path.stem + ".h5").resolve()),
+            dtype=dtype, hostfile=rel(hostfile) if hostfile else None, micro_batch_size=mbs,
+            schedule=schedule, chat=_field(d, "chat", bool, False, where),
+            generation=_generation(gen_table, f"{where}: [generation]"), plan=plan, text=text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One prompt from a prompt file, with its generation settings."""
+
+    id: str
+    where: str  # "file:line", for error messages
+    prompt: str | None = None
+    messages: tuple | None = None  # chat messages: ({"role": ..., "content": ...}, ...)
+    generation: Generation = Generation()
+
+
+_REQUEST_KEYS = {"id", "prompt", "messages", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+
+
+def _request_from_json(obj, where: str, default: Generation) -> Request:
+    if not isinstance(obj, dict):
+        raise JobError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    _check_keys(obj, _REQUEST_KEYS, where)
+    rid = obj.get("id")
+    if rid is None:
+        rid = where.rsplit(":", 1)[1]  # the line number
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise JobError(f"{where}: field 'id' must be a string or an integer")
+    gen = _generation({k: obj[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed") if k in obj},
+                      where, default)
+    if ("prompt" in obj) == ("messages" in obj):
+        raise JobError(f"{where}: give exactly one of 'prompt' or 'messages'")
+    if "prompt" in obj:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str):
+            raise JobError(f"{where}: field 'prompt' must be a string")
+        if not prompt.strip():
+            raise JobError(f"{where}: field 'prompt' is empty")
+        return Request(str(rid), where, prompt=prompt, generation=gen)
+    msgs = obj["messages"]
+    if (not isinstance(msgs, list) or not msgs or
+            not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in msgs)):
+        raise JobError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} strings")
+    if not any(m["content"].strip() for m in msgs):
+        raise JobError(f"{where}: field 'messages' has only empty content")
+    return Request(str(rid), where, messages=tuple(msgs), generation=gen)
+
+
+def read_prompts(path: str | Path, default: Generation = Generation()) -> Iterator[Request]:
+    """Yield requests one line at a time (files are streamed, never read whole)."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"{path}: prompt file not found")
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".txt"):
+        raise JobError(f"{path}: prompt files must be .jsonl or .txt, got {suffix or 'no suffix'!r}")
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if suffix == ".txt":
+                req = Request(str(lineno), where, prompt=line, generation=default)
+            else:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise JobError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                req = _request_from_json(obj, where, default)
+            if req.id in seen:
+                raise JobError(f"{where}: id {req.id!r} appears twice in the prompt file")
+            seen.add(req.id)
+            yield req

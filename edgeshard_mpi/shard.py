@@ -1,0 +1,173 @@
+"""A shard: one contiguous range of units, loaded alone, run with a KV cache per micro-batch slot.
+
+Only this shard's tensors are read from the safetensors files; no rank materialises the whole
+model. The decoder blocks are transformers' own `LlamaDecoderLayer`s (built on the meta device,
+then given the loaded tensors), keeping their global layer index so that the per-slot
+`DynamicCache` and `create_causal_mask` see the same layout as the full model. Masks and
+positions follow `generate` exactly (left padding, positions from the mask's cumulative sum, no
+mask at all when a micro-batch has no padding), so the tokens equal `generate`'s token for token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from .models import ModelError, ModelSpec
+
+__all__ = ["Shard", "TORCH_DTYPES"]
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class _SlotState:
+    """What one micro-batch slot keeps between steps on this shard."""
+
+    cache: object  # transformers DynamicCache, or None when the shard has no blocks
+    mask: torch.Tensor | None  # (B, seen) 1 = real token, 0 = left pad; None = no padding
+    last_pos: torch.Tensor  # (B, 1) position id of the last token seen
+
+
+class Shard:
+    """Units `first..last` of the model at `path`, on `device`, in `dtype`."""
+
+    def __init__(self, spec: ModelSpec, first: int, last: int, device: str = "cpu"):
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import (LlamaDecoderLayer, LlamaRMSNorm,
+                                                              LlamaRotaryEmbedding)
+
+        n = spec.num_units
+        if not 0 <= first <= last < n:
+            raise ValueError(f"shard units {first}..{last} outside 0..{n - 1}")
+        self.spec, self.first, self.last = spec, first, last
+        self.device = torch.device(device)
+        self.dtype = TORCH_DTYPES[spec.dtype]
+        self.has_embed = first == 0
+        self.has_head = last == n - 1
+        self.layer_ids = [u - 1 for u in range(max(first, 1), min(last, n - 2) + 1)]  # global layer indices
+
+        config = LlamaConfig(**{k: v for k, v in spec.config.items()
+                                if k not in ("architectures", "transformers_version", "dtype", "torch_dtype")})
+        config._attn_implementation = "sdpa"  # what from_pretrained picks on CPU and CUDA; keeps numerics equal
+        self.config = config
+        tensors = self._read_tensors(Path(spec.path))
+
+        self.embed = self.norm = self.lm_head = self.rotary = None
+        if self.has_embed:
+            self.embed = tensors["model.embed_tokens.weight"]  # (V, H)
+        self.layers = []
+        for i in self.layer_ids:
+            with torch.device("meta"):
+                layer = LlamaDecoderLayer(config, layer_idx=i)
+            prefix = f"model.layers.{i}."
+            state = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+            layer.load_state_dict(state, strict=True, assign=True)
+            self.layers.append(layer.eval())
+        if self.layers:
+            self.rotary = LlamaRotaryEmbedding(config).to(self.device)
+        if self.has_head:
+            with torch.device("meta"):
+                self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.norm.load_state_dict({"weight": tensors.pop("model.norm.weight")}, assign=True)
+            head_key = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
+            self.lm_head = tensors[head_key]  # a tied head shares the embedding's tensor
+        self.slots: dict[int, _SlotState] = {}
+
+    def _read_tensors(self, path: Path) -> dict[str, torch.Tensor]:
+        """Read exactly this shard's tensors, cast to the job dtype, on the shard's device."""
+        from safetensors import safe_open
+
+        wanted = {k for u in self.spec.units[self.first:self.last + 1] for k in u.tensors}
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(path.glob("*.safetensors"))
+            weight_map = {}
+            for f in files:
+                with safe_open(str(f), framework="pt") as sf:
+                    weight_map.update({k: f.name for k in sf.keys()})
+        by_file: dict[str, list[str]] = {}
+        for key in wanted:
+            if key not in weight_map:
+                raise ModelError(f"{path}: tensor {key} not found in any safetensors file")
+            by_file.setdefault(weight_map[key], []).append(key)
+        out = {}
+        for fname, keys in by_file.items():
+            with safe_open(str(path / fname), framework="pt", device="cpu") as sf:
+                for key in keys:
+                    t = sf.get_tensor(key)
+                    out[key] = t.to(device=self.device, dtype=self.dtype)
+        return out
+
+    @property
+    def param_bytes(self) -> int:
+        mods = [p for layer in self.layers for p in layer.parameters()]
+        extra = [t for t in (self.embed, self.lm_head) if t is not None]
+        if self.norm is not None:
+            extra.append(self.norm.weight)
+        seen, total = set(), 0
+        for t in mods + extra:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    # -- running ----------------------------------------------------------------------------
+    def start(self, slot: int, pads: list[int]) -> None:
+        """A new micro-batch enters `slot`: rows are left-padded by `pads` tokens each."""
+        from transformers import DynamicCache
+
+        self.slots[slot] = _SlotState(
+            cache=DynamicCache(config=self.config) if self.layers else None,
+            mask=None, last_pos=torch.zeros(len(pads), 1, dtype=torch.long, device=self.device))
+
+    def release(self, slot: int) -> None:
+        self.slots.pop(slot, None)
+
+    @torch.inference_mode()
+    def forward(self, slot: int, x: torch.Tensor, prefill_pads: list[int] | None = None) -> torch.Tensor:
+        """Run this shard's units for one step of the micro-batch in `slot`.
+
+        x: token ids (B, T) if the shard holds the embedding, else hidden states (B, T, H).
+        prefill_pads: left-pad count per row on the first step of a micro-batch, else None.
+        Returns hidden states (B, T, H), or, if the shard holds the head, fp32 logits (B, V)
+        of each row's last position.
+        """
+        if prefill_pads is not None:
+            self.start(slot, prefill_pads)
+        state = self.slots[slot]
+        B, T = x.shape[0], x.shape[1]
+        if prefill_pads is not None:
+            if any(prefill_pads):
+                mask = (torch.arange(T, device=self.device)[None, :] >=
+                        torch.tensor(prefill_pads, device=self.device)[:, None]).long()  # (B, T)
+                pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate: pads sit at 0
+                state.mask = mask
+            else:
+                pos = torch.arange(T, device=self.device).expand(B, T)
+        else:
+            pos = state.last_pos + torch.arange(1, T + 1, device=self.device)[None, :]  # (B, T)
+            if state.mask is not None:
+                state.mask = torch.cat([state.mask, state.mask.new_ones(B, T)], dim=-1)
+        state.last_pos = pos[:, -1:]
+
+        h = torch.nn.functional.embedding(x, self.embed) if self.has_embed else x  # (B, T, H)
+        if self.layers:
+            from transformers.masking_utils import create_causal_mask
+
+            first = self.layer_ids[0]
+            causal = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=state.mask,
+                                        cache=state.cache, position_ids=pos, layer_idx=first)
+            pos_emb = self.rotary(h, position_ids=pos)
+            for layer in self.layers:
+                h = layer(h, attention_mask=causal, position_ids=pos, cache=state.cache,
+                          use_cache=True, position_embeddings=pos_emb)
+        if not self.has_head:
+            return h
+        h = self.norm(h)[:, -1:, :]  # norm all positions then keep the last, as generate does
+        return torch.nn.functional.linear(h, self.lm_head)[:, -1, :].float()  # (B, V)

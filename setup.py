@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="edgeshard-mpi",
+    version="0.1.0",
+    description="EdgeShard LLM batch inference over MPI ranks on unequal devices",
+    packages=find_packages(include=["edgeshard_mpi", "edgeshard_mpi.*"]),
+    python_requires=">=3.11",
+    # torch is pinned by the install command (the CPU build on CPU machines), not here
+    install_requires=[
+        "torch>=2.4",
+        "transformers==5.24.0",
+        "accelerate>=1.0",  # transformers needs it to read GGUF
+        "gguf>=0.10",
+        "safetensors>=0.4",
+        "mpi4py>=4.0",
+        "mpich",
+        "numpy",
+        "h5py>=3.8",
+        "tqdm",
+        "pytest",
+    ],
+    entry_points={"console_scripts": ["edgeshard=edgeshard_mpi.cli:main"]},
+)
