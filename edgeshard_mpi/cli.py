@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 import traceback
 
 from .cluster import HostfileError, format_bytes
@@ -73,11 +74,15 @@ def _run(args) -> int:
 
     comm = Comm()
     try:
-        from .pipeline import RunOptions, run_job
+        from .pipeline import RunOptions, SetupFailed, run_job
 
         opts = RunOptions(hostfile=args.hostfile, plan=args.plan, output=args.output, overwrite=args.overwrite,
                           progress=not args.no_progress)
         summary = run_job(comm, args.job, opts)
+    except SetupFailed as e:  # every rank knows; all leave normally, nothing to abort
+        if not e.quiet:
+            print(f"edgeshard: error: {e}", file=sys.stderr, flush=True)
+        return 1
     except BaseException as e:  # any rank's failure ends the whole job, never a hang
         if isinstance(e, _USER_ERRORS):
             msg = str(e)
@@ -86,6 +91,7 @@ def _run(args) -> int:
             if os.environ.get("EDGESHARD_DEBUG"):
                 traceback.print_exc()
         print(f"edgeshard: error on rank {comm.rank} of {comm.size}: {msg}", file=sys.stderr, flush=True)
+        time.sleep(0.3)  # let mpiexec forward the message before the abort tears the job down
         comm.abort(1)
         return 1
     if summary is not None:

@@ -38,7 +38,7 @@ class HostfileError(ValueError):
 def parse_bytes(text: str) -> int:
     """'8GiB' -> 8589934592, '8GB' -> 8000000000, '512MiB', '1024' (bytes)."""
     m = _BYTES_RE.match(text)
-    if not m or m.group(2).lower() not in _UNITS:
+    if not m or (m.group(2).lower() or "b") not in _UNITS:
         raise ValueError(f"{text!r} is not a size (use e.g. 512MiB, 8GiB, 8GB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower() or "b"])
 

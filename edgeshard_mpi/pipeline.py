@@ -33,7 +33,7 @@ from .results import Record, ResultWriter
 from .sampling import Sampler, SamplingParams
 from .shard import Shard
 
-__all__ = ["RunOptions", "Setup", "run_job", "Summary"]
+__all__ = ["RunOptions", "Setup", "SetupFailed", "run_job", "Summary"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,8 @@ class Summary:
     seconds: float
     ttft_ms: float  # mean time to first token
     ms_per_token: float  # mean decode time per token
-    stages: list[dict]  # per stage: rank, device, units, bytes, compute_s, steps
+    stages: list[dict]  # per stage: rank, device, units, bytes, compute_s, steps, cpu_s, wall_s
+    ranks: list[dict] = dataclasses.field(default_factory=list)  # the same figures for every rank
 
     @property
     def tokens_per_s(self) -> float:
@@ -150,32 +151,51 @@ def _versions() -> dict:
 
 
 # -- the run ---------------------------------------------------------------------------------------
+class SetupFailed(Exception):
+    """The job could not start; raised on every rank, and only rank 0 (quiet=False) reports it."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
+
+
+def _setup(job_path: str, opts: RunOptions, world: int):
+    """Rank 0: read and check everything, prepare the model, open the results file."""
+    job = Job.load(job_path)
+    cluster = _cluster(job, opts, world)
+    model_path = prepare(job.model)  # a preset is prepared once, here, while the others wait
+    spec = ModelSpec.load(model_path, job.dtype, name=Path(job.model).name)
+    plan = _plan(job, opts, spec, world)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    prompts = _tokenize(job, tok, spec)
+    _check_memory(spec, plan, cluster, job, prompts)
+    writer = ResultWriter(opts.output or job.output, {
+        "job": job.text, "job_path": job.path, "plan": plan.to_dict(), "cluster": cluster.to_dict(),
+        "model": {"name": spec.name, "path": spec.path, "dtype": spec.dtype, "config": spec.config},
+        "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }, overwrite=opts.overwrite)
+    setup = Setup(str(model_path), job.dtype, plan.to_dict(), cluster.to_dict())
+    return setup, spec, (job, tok, prompts, writer)
+
+
 def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     """Run a job on every rank; rank 0 returns the Summary, the others None."""
     rank, world = comm.rank, comm.size
-    source_state = None
     if rank == 0:
-        job = Job.load(job_path)
-        cluster = _cluster(job, opts, world)
-        model_path = prepare(job.model)  # a preset is prepared once, here, while the others wait
-        spec = ModelSpec.load(model_path, job.dtype, name=Path(job.model).name)
-        plan = _plan(job, opts, spec, world)
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(model_path)
-        prompts = _tokenize(job, tok, spec)
-        _check_memory(spec, plan, cluster, job, prompts)
-        output = opts.output or job.output
-        writer = ResultWriter(output, {
-            "job": job.text, "job_path": job.path, "plan": plan.to_dict(), "cluster": cluster.to_dict(),
-            "model": {"name": spec.name, "path": spec.path, "dtype": spec.dtype, "config": spec.config},
-            "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }, overwrite=opts.overwrite)
-        setup = Setup(str(model_path), job.dtype, plan.to_dict(), cluster.to_dict())
-        source_state = (job, tok, prompts, writer)
+        try:
+            setup, spec, source_state = _setup(job_path, opts, world)
+        except Exception as e:
+            # Bad input found before any compute: every rank leaves cleanly, rank 0 says why.
+            msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            comm.bcast(msg)
+            raise SetupFailed(msg) from e
+        comm.bcast(setup)
     else:
-        setup = None
-    setup = comm.bcast(setup)
+        setup = comm.bcast(None)
+        if isinstance(setup, str):
+            raise SetupFailed(setup, quiet=True)
     cluster = Cluster.from_dict(setup.cluster)
     spec = ModelSpec.load(setup.model_path, setup.dtype) if rank != 0 else spec
     plan = Plan.from_dict(setup.plan, spec.num_units)
@@ -190,25 +210,30 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
 
     stats = {"rank": rank, "device": device.name, "compute_s": 0.0, "steps": 0,
              "bytes": shard.param_bytes if shard else 0}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     summary = None
     try:
         if rank == 0:
             summary = _source_loop(comm, shard, plan, device, *source_state, opts, stats)
         elif shard is not None:
             _stage_loop(comm, shard, plan, index, device, stats)
+        comm.barrier()  # ranks done early (or left out) wait here for the last one, without spinning
+        # CPU time while running or waiting: an idle rank's share shows whether waits spin
+        stats["wall_s"] = time.perf_counter() - start
+        stats["cpu_s"] = time.process_time() - cpu_start
+        all_stats = comm.gather(stats)
+        if rank != 0:
+            return None
+        by_rank = {st["rank"]: st for st in all_stats}
+        summary.seconds = stats["wall_s"]
+        summary.ranks = all_stats
+        summary.stages = [{**by_rank[s.rank], "first": s.first, "last": s.last,
+                           "units": f"{spec.units[s.first].name}..{spec.units[s.last].name}"} for s in plan.stages]
+        source_state[3].set_attr("summary", dataclasses.asdict(summary))
+        return summary
     finally:
         if rank == 0:
-            source_state[3].close()
-    elapsed = time.perf_counter() - start
-    all_stats = comm.gather(stats)
-    if rank != 0:
-        return None
-    by_rank = {st["rank"]: st for st in all_stats}
-    summary.seconds = elapsed
-    summary.stages = [{**by_rank[s.rank], "first": s.first, "last": s.last,
-                       "units": f"{spec.units[s.first].name}..{spec.units[s.last].name}"} for s in plan.stages]
-    return summary
+            source_state[3].close()  # whatever happened, committed records stay readable
 
 
 def _fault_check(rank: int, step: int) -> None:
