@@ -1,0 +1,72 @@
+"""Shared fixtures: prepared models (once, under the repo's models/), an mpiexec runner, a reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("EDGESHARD_MODELS", str(ROOT / "models"))  # prepare each preset once, reuse it
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> Path:
+    from edgeshard_mpi.models import prepare
+
+    return prepare("tiny-random")
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    from edgeshard_mpi.models import prepare
+
+    return prepare("smollm2-135m")
+
+
+def run_mpi(args: list[str], n: int, *, timeout: float = 180, env: dict | None = None,
+            hostfile: str | None = None, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """`mpiexec -n N python -m edgeshard_mpi ARGS` in a subprocess; a hang fails the test, never blocks CI."""
+    cmd = ["mpiexec"] + (["-f", str(hostfile)] if hostfile else []) + ["-n", str(n), sys.executable, "-m",
+                                                                         "edgeshard_mpi", *args]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"mpiexec did not finish in {timeout} s: {' '.join(cmd)}\n{e.stderr}")
+
+
+def write_job(dir: Path, model: str | Path, prompts: list, *, name: str = "job", extra: str = "",
+              generation: str = "max_new_tokens = 12", plan: str = "", suffix: str = ".jsonl") -> Path:
+    """A job file plus its prompt file in `dir`; prompts are dicts (JSONL) or raw lines (str)."""
+    pfile = dir / f"{name}-prompts{suffix}"
+    pfile.write_text("".join((p if isinstance(p, str) else json.dumps(p)) + "\n" for p in prompts))
+    job = dir / f"{name}.toml"
+    job.write_text(f'model = "{model}"\nprompts = "{pfile.name}"\noutput = "{name}.h5"\n{extra}\n'
+                   f"[generation]\n{generation}\n{plan}\n")
+    return job
+
+
+def reference_tokens(model_path: Path, prompts: list[str], max_new_tokens: int, batch: int,
+                     device: str = "cpu") -> list[list[int]]:
+    """transformers `generate`, greedy fp32, over micro-batches of `batch` left-padded prompts; each row cut after EOS."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    out = []
+    for b in range(0, len(prompts), batch):
+        enc = tok(prompts[b:b + batch], return_tensors="pt", padding=True).to(device)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            out.append(row[:cut])
+    return out

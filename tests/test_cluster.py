@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+
+from edgeshard_mpi.cluster import Cluster, HostfileError, parse_bytes, parse_hostfile
+
+
+def _hosts(tmp_path, text):
+    p = tmp_path / "c.hosts"
+    p.write_text(text)
+    return p
+
+
+def test_sizes():
+    assert parse_bytes("8GiB") == 8 * 2**30
+    assert parse_bytes("8GB") == 8 * 10**9
+    assert parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("1.5KiB") == 1536
+    assert parse_bytes("100") == 100
+    with pytest.raises(ValueError, match="not a size"):
+        parse_bytes("8 gigs")
+
+
+def test_declarations_fill_slots_in_order(tmp_path):
+    c = parse_hostfile(_hosts(tmp_path, "# a cluster\n# device: name=orin memory=8GiB\nnode1:1\n\n"
+                                        "# device: name=cloud memory=24GiB torch=cuda:0\nnode2:1\n"
+                                        "# device: name=nx memory=4GiB\nnode3:2\nnode4\n"))
+    assert [d.name for d in c.devices] == ["orin", "cloud", "nx-0", "nx-1", "node4"]
+    assert [d.host for d in c.devices] == ["node1", "node2", "node3", "node3", "node4"]
+    assert c.devices[1].memory == 24 * 2**30 and c.devices[1].torch == "cuda:0"
+    assert c.devices[4].memory is None and c.devices[4].torch == "cpu"
+    assert c.for_world(3).size == 3
+    assert Cluster.from_dict(c.to_dict()) == Cluster(c.devices, c.source)
+
+
+def test_one_declaration_per_slot(tmp_path):
+    c = parse_hostfile(_hosts(tmp_path, "# device: name=a\n# device: name=b memory=1GiB\nh:2\n"))
+    assert [(d.name, d.memory) for d in c.devices] == [("a", None), ("b", 2**30)]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("# device: name=a\nh:x\n", "c.hosts:2: slots 'x'"),
+    ("# device: name=a\nh:0\n", "c.hosts:2: slots '0'"),
+    ("# device: name=a speed=3\nh:1\n", "c.hosts:1: unknown device field 'speed'"),
+    ("# device: name=a memory=8gigs\nh:1\n", "c.hosts:1: field memory"),
+    ("# device: memory=8GiB\nh:1\n", "c.hosts:1: device declaration has no name"),
+    ("# device: name=a name=b\nh:1\n", "given twice"),
+    ("# device: name=a torch=tpu\nh:1\n", "torch='tpu'"),
+    ("h:1 # the fast one\n", "c.hosts:1: trailing comments"),
+    ("# device: name=a\n# device: name=b\n# device: name=c\nh:2\n", "c.hosts:4: host h has 2 slot(s) but 3"),
+    ("# device: name=a\nh:1\n# device: name=a\nh:1\n", "name(s) a declared more than once"),
+    ("# device: name=a\n", "not followed by a host line"),
+    ("# only comments\n", "no host lines"),
+])
+def test_errors_name_file_line_and_field(tmp_path, text, needle):
+    with pytest.raises(HostfileError) as e:
+        parse_hostfile(_hosts(tmp_path, text))
+    assert needle in str(e.value)
+
+
+def test_more_ranks_than_slots(tmp_path):
+    c = parse_hostfile(_hosts(tmp_path, "h:2\n"))
+    with pytest.raises(HostfileError, match="declares 2 slot.*3 ranks"):
+        c.for_world(3)
+
+
+def test_shipped_hostfiles_parse():
+    from conftest import ROOT
+
+    for n in (1, 3, 4):
+        c = parse_hostfile(ROOT / "hostfiles" / f"local{n}.hosts")
+        assert c.size == n

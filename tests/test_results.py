@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import math
+
+import h5py
+import pytest
+
+from edgeshard_mpi.results import Record, ResultsError, ResultWriter, read_attrs, read_results
+
+
+def _rec(i):
+    return Record(f"r{i}", f"p.jsonl:{i}", f"prompt {i} é", f"text {i} ✓", list(range(i)), "length", 3, i, 1.5, 0.25)
+
+
+def test_roundtrip_and_append(tmp_path):
+    path = tmp_path / "r.h5"
+    w = ResultWriter(path, {"job": "model = 'x'", "plan": {"stages": []}})
+    w.append([_rec(1), _rec(2)])
+    w.append([_rec(3)])
+    # readable while still open for writing: committed rows only
+    assert [r.id for r in read_results(path)] == ["r1", "r2", "r3"]
+    w.close()
+    got = read_results(path)
+    assert got == [_rec(1), _rec(2), _rec(3)]
+    assert read_attrs(path)["job"] == "model = 'x'"
+
+
+def test_uncommitted_rows_are_not_read(tmp_path):
+    path = tmp_path / "r.h5"
+    w = ResultWriter(path, {})
+    w.append([_rec(1)])
+    w.close()
+    with h5py.File(path, "a") as f:  # a crash between growing the columns and raising `count`
+        for name in f["requests"]:
+            f["requests"][name].resize((2,))
+    assert [r.id for r in read_results(path)] == ["r1"]
+
+
+def test_never_overwrites_silently(tmp_path):
+    path = tmp_path / "r.h5"
+    path.write_text("keep me")
+    with pytest.raises(ResultsError, match="--overwrite"):
+        ResultWriter(path, {})
+    assert path.read_text() == "keep me"
+    ResultWriter(path, {}, overwrite=True).close()
+    assert read_results(path) == []
+
+
+def test_nan_time_per_token_for_one_token(tmp_path):
+    path = tmp_path / "r.h5"
+    w = ResultWriter(path, {})
+    w.append([Record("a", "w", "p", "t", [5], "length", 2, 1, 3.0, float("nan"))])
+    w.close()
+    assert math.isnan(read_results(path)[0].ms_per_token)
