@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -221,6 +222,7 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
         # CPU time while running or waiting: an idle rank's share shows whether waits spin
         stats["wall_s"] = time.perf_counter() - start
         stats["cpu_s"] = time.process_time() - cpu_start
+        stats["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         all_stats = comm.gather(stats)
         if rank != 0:
             return None
