@@ -6,7 +6,8 @@ For each rank count, runs the same prompts (greedy, fp32, micro-batch 1, sequent
 `mpiexec -n R`, and in this process times `generate` on the same prompts with the same new-token
 count. Reports decode ms/token (mean over requests of the time per token after the first), the ratio
 to `generate`, the per-step overhead beyond the stages' compute, and each rank's peak RSS against its
-shard's bytes + 500 MB. The `generate` timing is taken between the mpiexec runs, so both see the
+shard's bytes + 500 MB. Then the same cuts run back to back in one process, to separate the cost
+of splitting from that of processes taking turns on one host's cores. The `generate` timing is taken between the mpiexec runs, so both see the
 same machine state.
 """
 
@@ -53,6 +54,31 @@ def _generate_ms_per_token(model_path: Path, tokens: int, repeats: int) -> float
 
         timed(2)  # warm-up
         per_prompt.append((timed(tokens) - timed(1)) * 1e3 / (tokens - 1))
+    return statistics.mean(per_prompt)
+
+
+def _in_process_split_ms(model: str, tokens: int, parts: int) -> float:
+    """Greedy decode ms/step with the model cut into `parts` Shards run back to back in this process."""
+    import torch
+
+    from edgeshard_mpi.models import ModelSpec, prepare
+    from edgeshard_mpi.planner import even_plan
+    from edgeshard_mpi.shard import Shard
+    from transformers import AutoTokenizer
+
+    spec = ModelSpec.load(prepare(model))
+    tok = AutoTokenizer.from_pretrained(spec.path)
+    shards = [Shard(spec, s.first, s.last) for s in even_plan(spec.num_units, parts).stages]
+    per_prompt = []
+    for p in PROMPTS:
+        x, times = torch.tensor([tok(p)["input_ids"]]), []
+        for step in range(tokens):
+            t0 = time.perf_counter()
+            for s in shards:
+                x = s.forward(0, x, [0] if step == 0 else None)
+            x = x.argmax(-1)[:, None]
+            times.append(time.perf_counter() - t0)
+        per_prompt.append(statistics.mean(times[1:]) * 1e3)
     return statistics.mean(per_prompt)
 
 
@@ -114,6 +140,10 @@ def main() -> None:
                              for r, p, b in rss)
         print(f"{ranks:>5} {ms:>11.2f} {ref:>9.2f} {ms / ref:>6.2f} {step_ms:>8.2f} {compute_ms:>10.2f} "
               f"{step_ms - compute_ms:>11.2f}  {rss_text}")
+    # The same cuts in one process: what splitting costs without processes taking turns on the cores.
+    split = {n: _in_process_split_ms(args.model, args.tokens, n) for n in args.ranks}
+    print("in one process, decode ms/step with the model cut into N shards: "
+          + ", ".join(f"N={n}: {ms:.2f}" for n, ms in split.items()))
 
 
 if __name__ == "__main__":
