@@ -52,14 +52,14 @@ def write_job(dir: Path, model: str | Path, prompts: list, *, name: str = "job",
 
 
 def reference_tokens(model_path: Path, prompts: list[str], max_new_tokens: int, batch: int,
-                     device: str = "cpu") -> list[list[int]]:
+                     device: str = "cpu", dtype: str = "float32") -> list[list[int]]:
     """transformers `generate`, greedy fp32, over micro-batches of `batch` left-padded prompts; each row cut after EOS."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     out = []

@@ -76,3 +76,10 @@ def test_exception_on_rank_2_of_3_ends_the_job(tmp_path, tiny_path):
     line = _fails(run_mpi(["run", str(job), "--no-progress"], 3, timeout=90, env={"EDGESHARD_FAULT": "2:1"}),
                   "rank 2 of 3", "injected fault")
     assert "step 1" in line
+
+
+def test_shard_larger_than_its_device_memory(tmp_path, tiny_path):
+    hosts = tmp_path / "small.hosts"
+    hosts.write_text("# device: name=big memory=1GiB\nlocalhost:1\n# device: name=tiny-board memory=1MiB\nlocalhost:1\n")
+    job = write_job(tmp_path, "tiny-random", OK)
+    _fails(run_mpi(["run", str(job), "--hostfile", str(hosts)], 2, timeout=60), "tiny-board", "1.00 MiB", "need")

@@ -93,6 +93,18 @@ def test_smollm2_equals_generate(tmp_path, smollm_path, smol_reference, n, stage
     assert "tokens/s" in proc.stdout
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_activations_travel_as_raw_bytes(tmp_path, tiny_path, dtype):
+    # numpy has no bfloat16: its 2-byte words cross MPI as int16 and must arrive bit for bit
+    job = write_job(tmp_path, "tiny-random", [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)],
+                    extra=f'dtype = "{dtype}"\nmicro_batch_size = 2',
+                    plan=_plan([(0, 0, 2), (1, 3, 5), (2, 6, 7)]))
+    proc = run_mpi(["run", str(job), "--no-progress"], 3)
+    assert proc.returncode == 0, proc.stderr
+    got = [r.token_ids for r in read_results(tmp_path / "job.h5")]
+    assert got == reference_tokens(tiny_path, PROMPTS, 12, 2, dtype=dtype)
+
+
 def test_seeded_sampling_is_the_same_whatever_the_partition(tmp_path, tiny_path):
     gen = "max_new_tokens = 16\ntemperature = 0.9\ntop_k = 50\ntop_p = 0.95\nseed = 1234"
     runs = []
