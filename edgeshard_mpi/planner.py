@@ -4,16 +4,26 @@ Units are numbered 0..N-1: unit 0 is the embedding, units 1..N-2 the decoder blo
 final norm + LM head. A plan lists stages in pipeline order; stage 0 runs on rank 0 (the source,
 which holds the prompts) and starts at unit 0. Ranks that appear in no stage take no part.
 
-Pure Python: no MPI, no torch.
+Pure Python and numpy: no MPI, no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from fractions import Fraction
 from pathlib import Path
+from typing import Sequence
 
-__all__ = ["Stage", "Plan", "PlanError", "even_plan"]
+import numpy as np
+
+__all__ = [
+    "Stage", "Plan", "PlanError", "even_plan",
+    "Costs", "plan_latency", "plan_throughput", "predict",
+    "edge_solo", "cloud_device", "cloud_edge_even", "cloud_edge_opt", "even_split", "memory_proportional",
+    "OBJECTIVES", "plan_for",
+]
 
 
 class PlanError(ValueError):
@@ -138,3 +148,568 @@ def _ranges(units: list[int]) -> str:
             out.append(f"{start}" if start == a else f"{start}..{a}")
             start = b
     return ", ".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning: the costs of one problem, the exact DPs (latency, throughput), baselines, prediction.
+# Notation follows PAPER.md: units i = 0..N-1, devices j = 0..M-1, device 0 is the source.
+# ------------------------------------------------------------------------------------------------
+
+_INF = math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+    """One planning problem: what each unit costs on each device, and what the links cost.
+
+    Validated on construction; sequences are stored as tuples of floats, None memory as inf.
+    A device index is also the MPI rank that runs it, so plans use it as `Stage.rank`.
+    """
+
+    compute: Sequence[Sequence[float]]
+    """compute[i][j]: seconds unit i takes on device j, for one step of the schedule being planned
+    (a decode step, a prefill, a micro-batch). Finite and >= 0; shape (N, M)."""
+
+    unit_bytes: Sequence[float]
+    """unit_bytes[i]: bytes unit i occupies on its device (weights plus its KV cache for the job);
+    shape (N,)."""
+
+    device_memory: Sequence[float | None]
+    """device_memory[j]: usable bytes of device j; None or inf means unlimited; shape (M,)."""
+
+    out_bytes: Sequence[float]
+    """out_bytes[i]: bytes unit i sends to unit i+1; out_bytes[N-1] goes back to the source for the
+    next token; shape (N,)."""
+
+    bandwidth: Sequence[Sequence[float]]
+    """bandwidth[k][j]: bytes/s of the link k->j, > 0 (inf allowed); the diagonal is not used;
+    shape (M, M)."""
+
+    latency: Sequence[Sequence[float]]
+    """latency[k][j]: seconds of the link k->j, finite and >= 0; the diagonal is not used;
+    shape (M, M)."""
+
+    device_names: Sequence[str] | None = None
+    """device_names[j]: a name for messages; defaults to "device j"."""
+
+    def __post_init__(self):
+        def table(name, rows, n_rows, n_cols):
+            rows = [list(r) for r in rows]
+            if len(rows) != n_rows:
+                raise PlanError(f"costs: {name} has {len(rows)} row(s), expected {n_rows}")
+            for r, row in enumerate(rows):
+                if len(row) != n_cols:
+                    raise PlanError(f"costs: {name}[{r}] has {len(row)} entries, expected {n_cols}")
+            return tuple(tuple(float(x) for x in row) for row in rows)
+
+        def vector(name, values, n):
+            values = list(values)
+            if len(values) != n:
+                raise PlanError(f"costs: {name} has {len(values)} entries, expected {n}")
+            return tuple(_INF if x is None else float(x) for x in values)
+
+        def check(name, values, ok, what):
+            for idx, x in values:
+                if not ok(x):
+                    raise PlanError(f"costs: {name}{idx} = {x}, must be {what}")
+
+        if len(self.compute) == 0 or len(self.compute[0]) == 0:
+            raise PlanError("costs: compute must have at least one unit (row) and one device (column)")
+        n, m = len(self.compute), len(self.compute[0])
+        compute = table("compute", self.compute, n, m)
+        unit_bytes = vector("unit_bytes", self.unit_bytes, n)
+        memory = vector("device_memory", self.device_memory, m)
+        out_bytes = vector("out_bytes", self.out_bytes, n)
+        bandwidth = table("bandwidth", self.bandwidth, m, m)
+        latency = table("latency", self.latency, m, m)
+        off_diag = lambda t: [(f"[{k}][{j}]", t[k][j]) for k in range(m) for j in range(m) if k != j]
+        finite_nonneg = lambda x: math.isfinite(x) and x >= 0
+        check("compute", [(f"[{i}][{j}]", compute[i][j]) for i in range(n) for j in range(m)],
+              finite_nonneg, "finite and >= 0 seconds")
+        check("unit_bytes", [(f"[{i}]", x) for i, x in enumerate(unit_bytes)], finite_nonneg, "finite and >= 0")
+        check("out_bytes", [(f"[{i}]", x) for i, x in enumerate(out_bytes)], finite_nonneg, "finite and >= 0")
+        check("device_memory", [(f"[{j}]", x) for j, x in enumerate(memory)], lambda x: x >= 0,
+              ">= 0 bytes (None or inf for unlimited)")
+        check("bandwidth", off_diag(bandwidth), lambda x: x > 0, "> 0 bytes/s (inf allowed)")
+        check("latency", off_diag(latency), finite_nonneg, "finite and >= 0 seconds")
+        if self.device_names is None:
+            names = tuple(f"device {j}" for j in range(m))
+        else:
+            names = tuple(str(x) for x in self.device_names)
+            if len(names) != m:
+                raise PlanError(f"costs: device_names has {len(names)} entries, expected {m}")
+        for field, value in [("compute", compute), ("unit_bytes", unit_bytes), ("device_memory", memory),
+                             ("out_bytes", out_bytes), ("bandwidth", bandwidth), ("latency", latency),
+                             ("device_names", names)]:
+            object.__setattr__(self, field, value)
+
+    @property
+    def num_units(self) -> int:
+        return len(self.compute)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.compute[0])
+
+    def name(self, j: int) -> str:
+        """Device j for messages: its name and index."""
+        default = f"device {j}"
+        return default if self.device_names[j] == default else f"{self.device_names[j]!r} (device {j})"
+
+    def transfer(self, k: int, j: int, nbytes: float) -> float:
+        """Seconds to send nbytes over the link k->j: latency + bytes / bandwidth; 0 on one device."""
+        if k == j:
+            return 0.0
+        return self.latency[k][j] + nbytes / self.bandwidth[k][j]
+
+
+def _fold(values) -> float:
+    """Left-to-right sum, the order np.cumsum uses, so DP values and predictions agree to the bit."""
+    acc = 0.0
+    for x in values:
+        acc += x
+    return acc
+
+
+def _fmt_bytes(b: float) -> str:
+    if math.isinf(b):
+        return "unlimited"
+    if b < 2**20:
+        return f"{b:,.0f} bytes"
+    return f"{b:,.0f} bytes ({b / 2**30:.3g} GiB)"
+
+
+def _stage_bytes(costs: Costs, first: int, last: int) -> float:
+    return _fold(costs.unit_bytes[first:last + 1])
+
+
+def _infeasible(costs: Costs, what: str) -> PlanError:
+    """Why no plan fits in memory, with the numbers: what is needed, what is offered, by whom."""
+    n, m = costs.num_units, costs.num_devices
+    need = _fold(costs.unit_bytes)
+    offer = _fold(costs.device_memory)
+    per_device = ", ".join(f"{costs.name(j)}: {_fmt_bytes(costs.device_memory[j])}" for j in range(m))
+    reasons = []
+    if costs.unit_bytes[0] > costs.device_memory[0]:
+        reasons.append(f"unit 0 ({_fmt_bytes(costs.unit_bytes[0])}) must stay on the source "
+                       f"{costs.name(0)}, which offers {_fmt_bytes(costs.device_memory[0])}")
+    biggest = max(range(m), key=lambda j: costs.device_memory[j])
+    for i, b in enumerate(costs.unit_bytes):
+        if b > costs.device_memory[biggest]:
+            reasons.append(f"unit {i} ({_fmt_bytes(b)}) fits on no device (the largest is "
+                           f"{costs.name(biggest)} with {_fmt_bytes(costs.device_memory[biggest])})")
+    if need > offer:
+        reasons.append(f"{_fmt_bytes(need - offer)} short in total")
+    if not reasons:
+        largest = max(range(n), key=lambda i: costs.unit_bytes[i])
+        reasons.append(f"the units cannot be cut into contiguous shards, one per device, that each fit "
+                       f"(largest unit: {largest} with {_fmt_bytes(costs.unit_bytes[largest])})")
+    return PlanError(f"{what}: the model does not fit: it needs {_fmt_bytes(need)} over {n} unit(s), "
+                     f"the {m} device(s) offer {_fmt_bytes(offer)} ({per_device}); " + "; ".join(reasons))
+
+
+def _make_plan(costs: Costs, stages: list[tuple[int, int, int]], objective: str) -> Plan:
+    """A Plan from (device, first, last) triples, refused with the numbers if a device is over-full."""
+    full = []
+    for j, first, last in stages:
+        used = _stage_bytes(costs, first, last)
+        if used > costs.device_memory[j]:
+            full.append(f"{costs.name(j)} would hold units {first}..{last} = {_fmt_bytes(used)} "
+                        f"but offers {_fmt_bytes(costs.device_memory[j])}")
+    if full:
+        raise PlanError(f"{objective}: does not fit: " + "; ".join(full) +
+                        f" (the model needs {_fmt_bytes(_fold(costs.unit_bytes))} in total, "
+                        f"the devices offer {_fmt_bytes(_fold(costs.device_memory))})")
+    return Plan(tuple(Stage(j, a, b) for j, a, b in stages), costs.num_units, objective, f"<{objective}>")
+
+
+def predict(costs: Costs, plan: Plan) -> dict:
+    """What the cost model predicts for a plan, to compare plans made any way.
+
+    Returns a dict:
+      latency_s: seconds per step when one request flows through the stages one after another:
+        every stage's compute, every hop between stages, and the return of the last unit's output
+        to the source (0 when the last stage is the source itself).
+      bottleneck_s: seconds per step of the pipeline: the slowest stage, where a stage costs
+        max(its compute, its outgoing transfer); the last stage's outgoing transfer is the return.
+        Steady-state throughput is 1 / bottleneck_s steps per second.
+      stage_compute_s, stage_send_s, stage_bytes: per stage, in pipeline order.
+      fits: whether every stage fits in its device's memory.
+    """
+    n, m = costs.num_units, costs.num_devices
+    if plan.num_units != n:
+        raise PlanError(f"{plan.source}: plan is for {plan.num_units} units, the costs for {n}")
+    bad = [s.rank for s in plan.stages if s.rank >= m]
+    if bad:
+        raise PlanError(f"{plan.source}: plan uses rank(s) {bad}, the costs have {m} device(s)")
+    compute, send, used = [], [], []
+    for s, nxt in zip(plan.stages, list(plan.stages[1:]) + [None]):
+        compute.append(_fold(costs.compute[i][s.rank] for i in s.units))
+        send.append(costs.transfer(s.rank, nxt.rank if nxt else 0, costs.out_bytes[s.last]))
+        used.append(_stage_bytes(costs, s.first, s.last))
+    latency = 0.0
+    for c, t in zip(compute, send):  # same order of additions as the latency DP
+        latency += c
+        latency += t
+    return {
+        "latency_s": latency,
+        "bottleneck_s": max(max(c, t) for c, t in zip(compute, send)),
+        "stage_compute_s": compute,
+        "stage_send_s": send,
+        "stage_bytes": used,
+        "fits": all(b <= costs.device_memory[s.rank] for b, s in zip(used, plan.stages)),
+    }
+
+
+# --- exact DPs ----------------------------------------------------------------------------------
+
+def _interchangeable(costs: Costs, a: int, b: int) -> bool:
+    """Whether swapping devices a and b maps the problem onto itself (same compute column, memory,
+    links to and from every other device, and the same link both ways between them)."""
+    if costs.device_memory[a] != costs.device_memory[b]:
+        return False
+    if any(row[a] != row[b] for row in costs.compute):
+        return False
+    for links in (costs.bandwidth, costs.latency):
+        if links[a][b] != links[b][a]:
+            return False
+        for other in range(costs.num_devices):
+            if other in (a, b):
+                continue
+            if links[a][other] != links[b][other] or links[other][a] != links[other][b]:
+                return False
+    return True
+
+
+def _device_types(costs: Costs) -> list[list[int]]:
+    """Devices grouped into types of interchangeable devices; type 0 is the source alone.
+
+    "Swapping a and b is a symmetry of the problem" is an equivalence relation (the product of
+    swaps (a b)(b c)(a b) is the swap (a c)), so comparing each device with one representative per
+    type finds exactly its classes, and any permutation inside a type is a symmetry too. The source
+    never joins a type: it has a role no other device has.
+    """
+    types = [[0]]
+    for j in range(1, costs.num_devices):
+        for members in types[1:]:
+            if _interchangeable(costs, members[0], j):
+                members.append(j)
+                break
+        else:
+            types.append([j])
+    return types
+
+
+def _shift(flat: np.ndarray, dims: tuple[int, ...], axis: int) -> np.ndarray:
+    """Count vectors c -> c + e_axis on a flat row-major array; entries that would exceed the
+    count of the type drop out, entries with c[axis] == 0 become inf."""
+    out = np.full(dims, _INF)
+    lead = (slice(None),) * axis
+    out[lead + (slice(1, None),)] = flat.reshape(dims)[lead + (slice(None, -1),)]
+    return out.reshape(-1)
+
+
+# The DP keeps one float64 table of types x (units + 1) x count vectors; past this many cells
+# (1.2 GB) refuse with the numbers instead of running the machine out of memory.
+_MAX_DP_CELLS = 150_000_000
+
+
+def _shard_dp(costs: Costs, objective: str) -> Plan:
+    """The exact DP shared by plan_latency (combine = +) and plan_throughput (combine = max).
+
+    Devices are merged into types (see _device_types); type 0 is the source, types 1..T the others,
+    type t has cap[t] devices. A state is (i, c, k): units 0..i-1 are placed, c[t] devices of type t
+    took part so far (c is a count vector, c[t] <= cap[t], stored as one flat index of a
+    mixed-radix array), and the shard that ends at unit i-1 runs on a device of type k.
+
+      G(i, c, k) = min over the start i' of that last shard, and over the type k' before it, of
+                   combine( G(i', c - e_k, k'), T(k', k, O[i'-1]), S_k(i', i-1) )
+                   where S_k(i', i-1) = sum t[i'..i-1] on type k, bytes(i'..i-1) <= Mem[k];
+      the source shard: G(i, 0, source) = S_source(0, i-1) if bytes(0..i-1) <= Mem[source];
+      the end: min over (c, k) of combine( G(N, c, k), T(k, source, O[N-1]) ), and G(N, 0, source).
+
+    combine is + for the latency objective and max for the throughput (bottleneck) objective; both
+    are monotone, which is what makes the principle of optimality hold.
+
+    Why it is exact: every feasible plan is one path through these states, since each stage is one
+    fresh device holding one contiguous range and memory is checked for the whole shard at once (not
+    tracked greedily along a path as in the paper's reimplementation), and the cap on c stops a
+    device from being used twice. The cost of the rest of a plan depends only on (i, c, k): which
+    members of a type were used does not matter, because swapping interchangeable devices maps
+    plans onto plans of the same cost. So the minimum over paths is the minimum over plans.
+
+    Cost: C = prod(cap[t] + 1) count vectors; time O(N^2 T C + N T^2 C) in numpy, memory N T C
+    floats (one table H below). The plan is rebuilt by recomputing the few cells on its path.
+    """
+    latency_objective = objective == "latency"
+    combine = np.add if latency_objective else np.maximum  # works on floats and arrays alike
+    n_units = costs.num_units
+    types = _device_types(costs)
+    reps = [members[0] for members in types]
+    n_types = len(types) - 1  # non-source types 1..n_types live at array index t - 1
+    dims = tuple(len(members) + 1 for members in types[1:])
+    strides = [int(np.prod(dims[a + 1:], dtype=np.int64)) for a in range(n_types)]
+    size = int(np.prod(dims, dtype=np.int64))  # C; 1 when the source is alone
+    cells = n_types * (n_units + 1) * size
+    if cells > _MAX_DP_CELLS:
+        raise PlanError(f"plan_{objective}: the exact search over {costs.num_devices} devices in "
+                        f"{len(types)} types of sizes {[len(members) for members in types]} needs "
+                        f"{cells:,} table cells ({cells * 8 / 2**30:.1f} GiB), over the limit of "
+                        f"{_MAX_DP_CELLS:,}: give nearly identical devices one profile, or plan on fewer")
+
+    def link(a: int, b: int, nbytes: float) -> float:
+        """Transfer between devices of types a and b (two distinct devices when a == b)."""
+        if a != b:
+            return costs.transfer(reps[a], reps[b], nbytes)
+        if len(types[a]) < 2:
+            return _INF  # unreachable: the cap already forbids a second device of this type
+        return costs.transfer(types[a][0], types[a][1], nbytes)
+
+    # S[t, i, j]: compute of units i..j on type t; lo[t][j]: the first start i such that units i..j
+    # fit on type t (j + 1 when unit j alone does not fit). Sums are left folds from each start i,
+    # the order predict and the memory check in _make_plan use, so all three agree to the bit.
+    S = np.full((n_types + 1, n_units, n_units), _INF)
+    shard_bytes = np.full((n_units, n_units), _INF)
+    unit_bytes = np.array(costs.unit_bytes)
+    for i in range(n_units):
+        shard_bytes[i, i:] = np.cumsum(unit_bytes[i:])
+    lo = [[0] * n_units for _ in types]
+    for t, rep in enumerate(reps):
+        column = np.array([row[rep] for row in costs.compute])
+        for i in range(n_units):
+            S[t, i, i:] = np.cumsum(column[i:])
+        for j in range(n_units):
+            i = j + 1
+            while i > 0 and shard_bytes[i - 1, j] <= costs.device_memory[rep]:
+                i -= 1
+            lo[t][j] = i
+
+    # g_src[i]: the source holds units 0..i-1 (the first shard always starts at unit 0 on it).
+    g_src = np.full(n_units + 1, _INF)
+    for i in range(1, n_units + 1):
+        if lo[0][i - 1] == 0:
+            g_src[i] = S[0, 0, i - 1]
+
+    # H[t-1, i, c]: best value when units 0..i-1 are placed and a fresh device of type t starts at
+    # unit i, c counting that device: min over k of combine(G(i, c - e_t, k), T(k, t, O[i-1])).
+    H = np.full((n_types, n_units + 1, size), _INF)
+
+    def enter(i: int, g: np.ndarray) -> None:
+        nbytes = costs.out_bytes[i - 1]
+        for t in range(1, n_types + 1):
+            best = np.full(size, _INF)
+            for k in range(1, n_types + 1):
+                np.minimum(best, combine(g[k - 1], link(k, t, nbytes)), out=best)
+            best[0] = min(best[0], combine(g_src[i], link(0, t, nbytes)))  # c = 0: after the source
+            H[t - 1, i] = _shift(best, dims, t - 1)
+
+    def window(t: int, j: int) -> tuple[int, np.ndarray]:
+        """Starts i' of a shard ending at unit j on type t (never unit 0: that is the source's),
+        and the compute S_t(i', j) of each."""
+        first = max(lo[t][j], 1)
+        return first, S[t, first:j + 1, j]
+
+    g = np.full((n_types, size), _INF)  # G(i, ., k) for the current i; none end before unit 1
+    if n_units > 1:
+        enter(1, g)
+    for j in range(1, n_units):  # shards ending at unit j give G(j + 1, ., .)
+        g = np.full((n_types, size), _INF)
+        for t in range(1, n_types + 1):
+            first, s = window(t, j)
+            if first <= j:
+                g[t - 1] = combine(H[t - 1, first:j + 1], s[:, None]).min(axis=0)
+        if j + 1 < n_units:
+            enter(j + 1, g)
+
+    # The end: the output of unit N-1 goes back to the source.
+    best_value, best_state = g_src[n_units], None
+    for k in range(1, n_types + 1):
+        values = combine(g[k - 1], link(k, 0, costs.out_bytes[n_units - 1]))
+        c = int(np.argmin(values))
+        if values[c] < best_value:
+            best_value, best_state = float(values[c]), (k, c)
+    if math.isinf(best_value):
+        raise _infeasible(costs, f"plan_{objective}")
+
+    def cell(i: int, k: int, c: int) -> tuple[float, int]:
+        """G(i, c, k) recomputed exactly as the forward pass did, with the start of its shard."""
+        first, s = window(k, i - 1)
+        if first > i - 1:
+            return _INF, -1
+        values = combine(H[k - 1, first:i, c], s)
+        a = int(np.argmin(values))
+        return float(values[a]), first + a
+
+    # Walk back from the end; at each shard pick a predecessor that gives the same value.
+    typed = []  # (type, first, last), last shard first
+    if best_state is None:
+        typed.append((0, 0, n_units - 1))
+    else:
+        end, (k, c) = n_units, best_state
+        while True:
+            _, start = cell(end, k, c)
+            typed.append((k, start, end - 1))
+            c -= strides[k - 1]
+            nbytes = costs.out_bytes[start - 1]
+            options = [(combine(g_src[start], link(0, k, nbytes)), 0)] if c == 0 else []
+            options += [(combine(cell(start, k2, c)[0], link(k2, k, nbytes)), k2)
+                        for k2 in range(1, n_types + 1)]
+            _, k_prev = min(options, key=lambda o: o[0])
+            if k_prev == 0:
+                typed.append((0, 0, start - 1))
+                break
+            end, k = start, k_prev
+    typed.reverse()
+
+    # Types back to devices: the members of a type in index order.
+    taken = [0] * len(types)
+    stages = []
+    for t, first, last in typed:
+        stages.append((types[t][taken[t]], first, last))
+        taken[t] += 1
+    return _make_plan(costs, stages, objective)
+
+
+def plan_latency(costs: Costs) -> Plan:
+    """The plan with the least sequential time per step (PAPER.md, latency objective), exactly.
+
+    Minimises  sum over stages of (compute of its units + transfer to the next stage), where the
+    last stage's transfer is the return of unit N-1's output to the source (0 if it is the source).
+    Constraints: each device holds at most one contiguous range of units (a device is a rank, a rank
+    runs one stage), a device's units fit in its memory, the source holds unit 0.
+
+    The paper's recurrence is per unit, D(i, j) = t[i][j] + min_k (D(i-1, k) + T(k, j, O[i-1])),
+    with memory tracked greedily along the best path; it may return to a device or miss the optimum
+    when memory binds. This is the shard-level DP of _shard_dp with combine = +, which carries the
+    devices used so far (as counts per type of identical devices) and checks memory per shard, so
+    it returns an optimum. Raises PlanError, with the numbers, when nothing fits.
+    """
+    return _shard_dp(costs, "latency")
+
+
+def plan_throughput(costs: Costs) -> Plan:
+    """The plan with the smallest pipeline bottleneck (PAPER.md, throughput objective), exactly.
+
+    Minimises  max over stages of max(compute of its units, its outgoing transfer), where the last
+    stage's outgoing transfer is the return of unit N-1's output to the source (0 if it is the
+    source). Same constraints as plan_latency. This is the paper's g(i, S, k) recurrence with the
+    device set S replaced by counts per type of identical devices, which loses nothing (see
+    _shard_dp, combine = max) and keeps the 15-device testbed (four types) small. Raises PlanError,
+    with the numbers, when nothing fits.
+    """
+    return _shard_dp(costs, "throughput")
+
+
+# --- baselines (PAPER.md "Baselines", and how exo / llama.cpp split) -------------------------------
+
+def edge_solo(costs: Costs) -> Plan:
+    """Edge-Solo: the whole model on the source."""
+    return _make_plan(costs, [(0, 0, costs.num_units - 1)], "edge_solo")
+
+
+def cloud_device(costs: Costs) -> int:
+    """The "cloud": the device other than the source with the least total compute (ties: lowest
+    index). The source is left out because a cloud-edge split needs two devices."""
+    if costs.num_devices < 2:
+        raise PlanError(f"cloud-edge baselines need a second device besides the source; "
+                        f"the costs have {costs.num_devices} device(s)")
+    totals = [_fold(row[j] for row in costs.compute) for j in range(costs.num_devices)]
+    return min(range(1, costs.num_devices), key=lambda j: (totals[j], j))
+
+
+def _two_way(costs: Costs, cloud: int, split: int) -> list[tuple[int, int, int]]:
+    """Units 0..split-1 on the source, the rest on the cloud (split == N: all on the source)."""
+    n = costs.num_units
+    return [(0, 0, split - 1)] + ([(cloud, split, n - 1)] if split < n else [])
+
+
+def cloud_edge_even(costs: Costs) -> Plan:
+    """Cloud-Edge-Even: source and cloud, units split in half, the first half (the larger one when
+    N is odd, as even_plan does) on the source."""
+    n = costs.num_units
+    return _make_plan(costs, _two_way(costs, cloud_device(costs), (n + 1) // 2), "cloud_edge_even")
+
+
+_OBJECTIVE_KEY = {"latency": "latency_s", "throughput": "bottleneck_s"}
+
+
+def cloud_edge_opt(costs: Costs, objective: str = "latency") -> Plan:
+    """Cloud-Edge-Opt: source and cloud, the split point that is best for the objective ("latency"
+    or "throughput") among those that fit. Split N (everything on the source) is allowed, which is
+    why the paper reports the same numbers as Edge-Solo when the cloud link is slow. Ties go to the
+    split that keeps more units on the source."""
+    if objective not in _OBJECTIVE_KEY:
+        raise PlanError(f"cloud_edge_opt: objective {objective!r} is not one of {sorted(_OBJECTIVE_KEY)}")
+    n, cloud = costs.num_units, cloud_device(costs)
+    best = None
+    for split in range(n, 0, -1):
+        try:
+            plan = _make_plan(costs, _two_way(costs, cloud, split), "cloud_edge_opt")
+        except PlanError:
+            continue
+        value = predict(costs, plan)[_OBJECTIVE_KEY[objective]]
+        if best is None or value < best[0]:
+            best = (value, plan)
+    if best is None:
+        source_memory, cloud_memory = costs.device_memory[0], costs.device_memory[cloud]
+        source_units = max(s for s in range(n + 1) if _stage_bytes(costs, 0, s - 1) <= source_memory)
+        cloud_from = min(s for s in range(n + 1) if _stage_bytes(costs, s, n - 1) <= cloud_memory)
+        raise PlanError(f"cloud_edge_opt: no split between the source {costs.name(0)} "
+                        f"({_fmt_bytes(source_memory)}) and the cloud {costs.name(cloud)} "
+                        f"({_fmt_bytes(cloud_memory)}) fits the model's {_fmt_bytes(_fold(costs.unit_bytes))} "
+                        f"over {n} unit(s): the source holds at most the first {source_units} unit(s), "
+                        f"the cloud at most the last {n - cloud_from}")
+    return best[1]
+
+
+def even_split(costs: Costs) -> Plan:
+    """Units split as evenly as possible over all devices in index order (as even_plan)."""
+    stages = [(s.rank, s.first, s.last) for s in even_plan(costs.num_units, costs.num_devices).stages]
+    return _make_plan(costs, stages, "even_split")
+
+
+def memory_proportional(costs: Costs) -> Plan:
+    """Units split in proportion to device memory, in device order, as exo and llama.cpp split.
+
+    Device j takes units [b_j, b_{j+1}) with b_j = round(N * (memory of devices 0..j-1) / total),
+    halves rounded up, in exact arithmetic. A device whose share rounds to nothing takes no part,
+    except the source, which always takes at least unit 0. Every device unlimited: an even share.
+    """
+    n, m = costs.num_units, costs.num_devices
+    memory = costs.device_memory
+    unlimited = [j for j in range(m) if math.isinf(memory[j])]
+    if unlimited and len(unlimited) < m:
+        raise PlanError(f"memory_proportional: device(s) {unlimited} have unlimited memory, so no "
+                        f"proportion is defined; give every device a finite memory or none")
+    weights = [Fraction(1)] * m if unlimited else [Fraction(x) for x in memory]
+    total = sum(weights)
+    if total == 0:
+        raise _infeasible(costs, "memory_proportional")
+    bounds, acc = [0], Fraction(0)
+    for w in weights:
+        acc += w
+        bounds.append(math.floor(n * acc / total + Fraction(1, 2)))
+    bounds[1] = max(bounds[1], 1)  # the source keeps unit 0
+    for j in range(2, m + 1):
+        bounds[j] = min(max(bounds[j], bounds[j - 1]), n)
+    bounds[m] = n
+    stages = [(j, bounds[j], bounds[j + 1] - 1) for j in range(m) if bounds[j + 1] > bounds[j]]
+    return _make_plan(costs, stages, "memory_proportional")
+
+
+OBJECTIVES = {
+    "latency": plan_latency,
+    "throughput": plan_throughput,
+    "edge-solo": edge_solo,
+    "cloud-edge-even": cloud_edge_even,
+    "cloud-edge-opt": cloud_edge_opt,
+    "even": even_split,
+    "memory-proportional": memory_proportional,
+}
+
+
+def plan_for(costs: Costs, objective: str) -> Plan:
+    """The plan an objective (the two EdgeShard DPs or a named baseline) makes for these costs."""
+    if objective not in OBJECTIVES:
+        raise PlanError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[objective](costs)
