@@ -12,6 +12,12 @@ comment line of its own just above its host line:
 Ranks fill the slots in order (rank 0 takes the first slot). A host line with several slots takes
 either one declaration (shared by all its slots) or one per slot. A slot with no declaration is a
 plain local device named after its host.
+
+Heterogeneity can be emulated on one machine, visibly and without burning CPU:
+    # device: name=slow-board memory=2GiB slowdown=3.5 link=50Mbit latency=2ms
+`slowdown=3.5` stretches each unit's compute to 3.5x its measured time by sleeping afterwards;
+`link=50Mbit latency=2ms` is the device's network attachment: a message from device a to device b
+arrives no earlier than latency_a + latency_b + bytes / min(bw_a, bw_b) after it was sent.
 """
 
 from __future__ import annotations
@@ -27,7 +33,14 @@ _UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-_BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z/]*)\s*$")
+# link speeds: bits (Mbit, Mbps) or bytes (MB/s, MiB/s) per second -> bytes per second
+_RATE_UNITS = {
+    "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8,
+    "bps": 1 / 8, "kbps": 1e3 / 8, "mbps": 1e6 / 8, "gbps": 1e9 / 8,
+    "b/s": 1, "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9, "kib/s": 2**10, "mib/s": 2**20, "gib/s": 2**30,
+}
+_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 _TORCH_RE = re.compile(r"^(cpu|cuda(:[0-9]+)?|mps)$")
 
 
@@ -41,6 +54,23 @@ def parse_bytes(text: str) -> int:
     if not m or (m.group(2).lower() or "b") not in _UNITS:
         raise ValueError(f"{text!r} is not a size (use e.g. 512MiB, 8GiB, 8GB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower() or "b"])
+
+
+def _number_with_unit(text: str, units: dict, what: str, example: str) -> float:
+    m = _BYTES_RE.match(text)
+    if not m or m.group(2).lower() not in units:
+        raise ValueError(f"{text!r} is not a {what} (use e.g. {example})")
+    return float(m.group(1)) * units[m.group(2).lower()]
+
+
+def parse_rate(text: str) -> float:
+    """'50Mbit' or '50Mbps' -> 6250000.0 bytes/s; '10MB/s' -> 1e7; '1GiB/s'."""
+    return _number_with_unit(text, _RATE_UNITS, "link speed", "50Mbit, 1Gbit, 10MB/s")
+
+
+def parse_duration(text: str) -> float:
+    """'2ms' -> 0.002 s; '500us'; '0.1s'."""
+    return _number_with_unit(text, _TIME_UNITS, "duration", "2ms, 500us, 0.1s")
 
 
 def format_bytes(n: float) -> str:
@@ -59,6 +89,13 @@ class Device:
     host: str = "localhost"
     memory: int | None = None  # usable bytes for weights + KV cache; None = not limited
     torch: str = "cpu"  # torch device string the rank computes on
+    slowdown: float = 1.0  # emulation: compute stretched to this many times its measured time
+    bandwidth: float | None = None  # emulation: bytes/s of the device's link; None = not shaped
+    latency: float = 0.0  # emulation: seconds the device's link adds to every message
+
+    @property
+    def emulated(self) -> bool:
+        return self.slowdown != 1.0 or self.bandwidth is not None or self.latency > 0
 
     def __post_init__(self):
         if not self.name:
@@ -67,6 +104,13 @@ class Device:
             raise ValueError(f"device {self.name}: memory must be positive, got {self.memory}")
         if not _TORCH_RE.match(self.torch):
             raise ValueError(f"device {self.name}: torch={self.torch!r} is not cpu, cuda, cuda:N or mps")
+        if not self.slowdown >= 1.0:
+            raise ValueError(f"device {self.name}: slowdown must be >= 1 (a device cannot be made faster), "
+                             f"got {self.slowdown}")
+        if self.bandwidth is not None and not self.bandwidth > 0:
+            raise ValueError(f"device {self.name}: link bandwidth must be positive, got {self.bandwidth}")
+        if not self.latency >= 0:
+            raise ValueError(f"device {self.name}: latency must be >= 0, got {self.latency}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,7 +149,7 @@ class Cluster:
         return cls(tuple(Device(**x) for x in d["devices"]), d.get("source", "<dict>"))
 
 
-_DEVICE_FIELDS = {"name", "memory", "torch"}
+_DEVICE_FIELDS = {"name", "memory", "torch", "slowdown", "link", "latency"}
 
 
 def _parse_declaration(text: str, where: str) -> dict:
@@ -128,6 +172,13 @@ def _parse_declaration(text: str, where: str) -> dict:
                 raise HostfileError(f"{where}: field memory must be positive")
         elif key == "torch" and not _TORCH_RE.match(value):
             raise HostfileError(f"{where}: field torch={value!r} is not cpu, cuda, cuda:N or mps")
+        elif key in ("slowdown", "link", "latency"):
+            try:
+                value = {"slowdown": float, "link": parse_rate, "latency": parse_duration}[key](value)
+            except ValueError as e:
+                raise HostfileError(f"{where}: field {key}: {e}") from None
+            if key == "link":
+                key = "bandwidth"
         fields[key] = value
     if "name" not in fields:
         raise HostfileError(f"{where}: device declaration has no name= field")

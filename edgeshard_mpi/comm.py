@@ -5,6 +5,11 @@ buffer, with uppercase `Isend`/`Irecv` on numpy views: never a pickled tensor. T
 a micro-batch also carries a float64 row table (left pad and sampling parameters per row).
 Lowercase (pickled) calls carry only small control data at start and end.
 
+Emulated links (hostfile `link=`, `latency=`): every header carries its send time, and the
+receiver holds a message until latency_a + latency_b + bytes / min(bw_a, bw_b) after it was sent,
+and after the previous message on the same link has finished crossing it (a link carries one
+message at a time). Ranks read one clock (CLOCK_MONOTONIC), so this needs them on one host.
+
 Waiting never spins: ranks on one host share its cores, and MPICH's blocking calls busy-poll.
 Every wait here tests its requests and sleeps between tests with a short, growing back-off
 (50 us up to EDGESHARD_POLL_MAX_US, default 1000 us), so an idle rank costs almost no CPU while
@@ -22,11 +27,11 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-__all__ = ["Comm", "Message", "ACT", "TOKENS", "STOP"]
+__all__ = ["Comm", "Message", "ACT", "TOKENS", "STOP", "versions"]
 
 ACT, TOKENS, STOP = 1, 2, 3  # message kinds
 _TAG_PIPE, _TAG_TOKENS = 11, 12  # stage -> next stage, head -> source
-_HEADER = 8  # kind, slot, step, ndim, d0, d1, d2, dtype code | meta rows << 8
+_HEADER = 9  # kind, slot, step, ndim, d0, d1, d2, dtype code | meta rows << 8, send time (ns)
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
 # numpy has no bfloat16: its raw 2-byte words travel as int16 and are viewed back on arrival
 _NP = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.float16, torch.int64: np.int64}
@@ -59,6 +64,31 @@ class Comm:
         self.comm = MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
+        self._links: dict[int, tuple[float, float]] = {}  # source rank -> (latency s, bytes/s)
+        self._link_free: dict[int, float] = {}  # source rank -> when its link finishes the last message
+
+    def emulate_links(self, devices) -> None:
+        """Shape messages between ranks as the devices' declared links (cluster.Device per rank)."""
+        me = devices[self.rank]
+        self._links = {}
+        for r, d in enumerate(devices):
+            if r == self.rank or (d.bandwidth is None and me.bandwidth is None and d.latency + me.latency == 0):
+                continue
+            bw = min(b for b in (d.bandwidth, me.bandwidth, float("inf")) if b is not None)
+            self._links[r] = (d.latency + me.latency, bw)
+
+    def _deliver(self, source: int, sent_ns: int, nbytes: int) -> None:
+        """Hold a received message until the emulated link would have delivered it."""
+        link = self._links.get(source)
+        if link is None:
+            return
+        latency, bw = link
+        start = max(sent_ns * 1e-9, self._link_free.get(source, 0.0))
+        done = start + nbytes / bw
+        self._link_free[source] = done
+        delay = done + latency - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
 
     # -- control data (pickled, small) -------------------------------------------------------
     def barrier(self) -> None:
@@ -85,6 +115,7 @@ class Comm:
         tag = _TAG_TOKENS if kind == TOKENS else _TAG_PIPE
         header = np.zeros(_HEADER, dtype=np.int64)
         header[:3] = kind, slot, step
+        header[8] = time.monotonic_ns()
         bufs = []
         if tensor is not None:
             t = tensor.detach()
@@ -126,4 +157,20 @@ class Comm:
             _wait([self.comm.Irecv(arr, source=source, tag=tag)])
             t = torch.from_numpy(arr)
             msg.tensor = t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+        if self._links:
+            nbytes = header.nbytes + (msg.meta.nbytes if rows else 0) + (arr.nbytes if ndim >= 0 else 0)
+            self._deliver(source, int(header[8]), nbytes)
         return msg
+
+
+def versions() -> dict:
+    """Versions of what a run depends on, the MPI library's included (kept with results and profiles)."""
+    import h5py
+    import mpi4py
+    import transformers
+
+    from . import __version__
+
+    return {"edgeshard_mpi": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "mpi4py": mpi4py.__version__, "h5py": h5py.__version__, "numpy": np.__version__,
+            "mpi": MPI.Get_library_version().splitlines()[0].strip(), "python": sys.version.split()[0]}

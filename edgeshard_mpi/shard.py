@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -33,9 +34,15 @@ class _SlotState:
 
 
 class Shard:
-    """Units `first..last` of the model at `path`, on `device`, in `dtype`."""
+    """Units `first..last` of the model at `path`, on `device`, in `dtype`.
 
-    def __init__(self, spec: ModelSpec, first: int, last: int, device: str = "cpu"):
+    `slowdown` > 1 emulates a slower device: every forward sleeps (slowdown - 1) times its measured
+    time afterwards, so the stage takes slowdown x as long without using more CPU. `memory` (bytes)
+    is the device's budget: a shard whose weights exceed it is refused before anything is read.
+    """
+
+    def __init__(self, spec: ModelSpec, first: int, last: int, device: str = "cpu", *, slowdown: float = 1.0,
+                 memory: int | None = None):
         from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import (LlamaDecoderLayer, LlamaRMSNorm,
                                                               LlamaRotaryEmbedding)
@@ -43,7 +50,12 @@ class Shard:
         n = spec.num_units
         if not 0 <= first <= last < n:
             raise ValueError(f"shard units {first}..{last} outside 0..{n - 1}")
+        need = spec.bytes_of(first, last)
+        if memory is not None and need > memory:
+            raise ModelError(f"units {first}..{last} of {spec.name} need {need} bytes of weights, "
+                             f"more than this device's memory budget of {memory} bytes")
         self.spec, self.first, self.last = spec, first, last
+        self.slowdown = slowdown
         self.device = torch.device(device)
         self.dtype = TORCH_DTYPES[spec.dtype]
         self.has_embed = first == 0
@@ -138,6 +150,16 @@ class Shard:
         Returns hidden states (B, T, H), or, if the shard holds the head, fp32 logits (B, V)
         of each row's last position.
         """
+        if self.slowdown == 1.0:
+            return self._forward(slot, x, prefill_pads)
+        t0 = time.perf_counter()
+        out = self._forward(slot, x, prefill_pads)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the stretch is of the real compute time
+        time.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
+        return out
+
+    def _forward(self, slot: int, x: torch.Tensor, prefill_pads: list[int] | None) -> torch.Tensor:
         if prefill_pads is not None:
             self.start(slot, prefill_pads)
         state = self.slots[slot]
