@@ -1,6 +1,8 @@
 """The `edgeshard` command (also `python -m edgeshard_mpi`).
 
     mpiexec -f hostfiles/local3.hosts -n 3 edgeshard run jobs/demo.toml --overwrite
+    mpiexec -f hostfiles/hetero4.hosts -n 4 edgeshard profile jobs/hetero4.toml
+    edgeshard plan --profile profiles/paper-llama2-7b.json --objective latency
     edgeshard show results/demo.h5 [--json]
     edgeshard model prepare smollm2-135m
     edgeshard model info smollm2-135m
@@ -19,13 +21,14 @@ import traceback
 from .cluster import HostfileError, format_bytes
 from .jobs import JobError
 from .models import ModelError
-from .planner import PlanError
+from .planner import OBJECTIVES, PlanError
+from .profiler import ProfileError
 from .results import ResultsError
 
 __all__ = ["main"]
 
 # Errors that come from what the user gave us: one clear line, no traceback.
-_USER_ERRORS = (JobError, HostfileError, ModelError, PlanError, ResultsError, FileNotFoundError)
+_USER_ERRORS = (JobError, HostfileError, ModelError, PlanError, ProfileError, ResultsError, FileNotFoundError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,9 +39,26 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="job file (TOML)")
     run.add_argument("--hostfile", help="hostfile with device declarations (default: the job's, or HYDRA_HOST_FILE)")
     run.add_argument("--plan", help="plan JSON to use instead of the job's")
+    run.add_argument("--objective", choices=list(OBJECTIVES),
+                     help="plan at start from a profile for this objective (overrides the job's plan)")
+    run.add_argument("--profile", help="profile JSON to plan from (default: a saved matching one, else measure)")
     run.add_argument("--output", help="results HDF5 file (default: the job's)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing results file")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    prof = sub.add_parser("profile", help="measure units and links on every rank (under mpiexec)")
+    prof.add_argument("job", help="job file: model, dtype, prompts (for shapes), micro-batch size, hostfile")
+    prof.add_argument("--hostfile")
+    prof.add_argument("--out", help="profile JSON to write (default: profiles/measured/<key>.json)")
+    prof.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is kept")
+
+    plan = sub.add_parser("plan", help="plan from a profile and print the plan")
+    plan.add_argument("--profile", required=True)
+    plan.add_argument("--objective", default="throughput", choices=list(OBJECTIVES))
+    plan.add_argument("--kv-tokens", type=int, help="KV-cache tokens each unit must hold "
+                      "(default: micro-batch x context of the profile)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--out", help="save the plan as JSON (for run --plan)")
 
     show = sub.add_parser("show", help="print the requests of a results file")
     show.add_argument("results")
@@ -56,11 +76,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "run":
-        return _run(args)
+    if args.command in ("run", "profile"):
+        return _mpi_command(args)
     try:
         if args.command == "show":
             return _show(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "model":
             return _model(args)
     except _USER_ERRORS as e:
@@ -69,15 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
-def _run(args) -> int:
+def _mpi_command(args) -> int:
     from .comm import Comm
 
     comm = Comm()
     try:
-        from .pipeline import RunOptions, SetupFailed, run_job
+        from .runner import RunOptions, SetupFailed, profile_job, run_job
 
-        opts = RunOptions(hostfile=args.hostfile, plan=args.plan, output=args.output, overwrite=args.overwrite,
-                          progress=not args.no_progress)
+        if args.command == "profile":
+            prof = profile_job(comm, args.job, RunOptions(hostfile=args.hostfile, repeats=args.repeats), args.out)
+            if prof is not None:
+                _print_profile(prof)
+            return 0
+        opts = RunOptions(hostfile=args.hostfile, plan=args.plan, objective=args.objective, profile=args.profile,
+                          output=args.output, overwrite=args.overwrite, progress=not args.no_progress)
         summary = run_job(comm, args.job, opts)
     except SetupFailed as e:  # every rank knows; all leave normally, nothing to abort
         if not e.quiet:
@@ -141,4 +168,60 @@ def _model(args) -> int:
     for u in spec.units:
         print(f"{u.index:>4}  {u.name:<10} {format_bytes(u.param_bytes):>11}  {u.kv_bytes_per_token:>9}  "
               f"{u.out_bytes_per_token:>9}")
+    return 0
+
+
+def _print_profile(prof) -> None:
+    s = prof.shapes
+    print(f"profile of {prof.model['name']} ({prof.model['dtype']}) on {len(prof.devices)} devices, "
+          f"micro-batch {s['micro_batch_size']}, prompt {s['prompt_tokens']} tokens, context {s['context']}: "
+          f"{prof.source}")
+    print(f"{'rank':>4}  {'device':<14} {'slowdown':>8} {'prefill ms':>10} {'decode ms':>10}")
+    for r, d in enumerate(prof.devices):
+        print(f"{r:>4}  {d['name']:<14} {d.get('slowdown', 1.0):>8.2f} {sum(d['prefill_s']) * 1e3:>10.2f} "
+              f"{sum(d['decode_s']) * 1e3:>10.2f}")
+    print("links (one-way latency ms / bandwidth Mbit/s), row = from, column = to:")
+    for k in range(len(prof.devices)):
+        cells = []
+        for j in range(len(prof.devices)):
+            bw = prof.bandwidth[k][j]
+            cells.append("-" if k == j else
+                         f"{prof.latency[k][j] * 1e3:.2f}/{'inf' if bw is None else f'{bw * 8 / 1e6:.1f}'}")
+        print(f"{k:>4}  " + "  ".join(f"{c:>14}" for c in cells))
+
+
+def _plan(args) -> int:
+    from .planner import plan_for, predict
+    from .profiler import Profile
+
+    prof = Profile.load(args.profile)
+    costs = prof.costs(kv_tokens=args.kv_tokens)
+    plan = plan_for(costs, args.objective)
+    if args.out:
+        plan.save(args.out)
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+        return 0
+    p = predict(costs, plan)
+    b = prof.shapes["micro_batch_size"]
+    print(f"{args.objective} plan for {prof.model['name']} on {len(prof.devices)} devices ({prof.source}), "
+          f"micro-batch {b}")
+    print(f"{'stage':>5}  {'rank':>4}  {'device':<16} {'units':<12} {'memory used / usable':>26}  "
+          f"{'compute ms':>10}  {'send ms':>8}")
+    for i, s in enumerate(plan.stages):
+        used = sum(costs.unit_bytes[s.first:s.last + 1])
+        mem = costs.device_memory[s.rank]
+        usable = "unlimited" if math.isinf(mem) else format_bytes(mem)
+        print(f"{i:>5}  {s.rank:>4}  {costs.device_names[s.rank]:<16} {f'{s.first}..{s.last}':<12} "
+              f"{format_bytes(used) + ' / ' + usable:>26}  {p['stage_compute_s'][i] * 1e3:>10.2f}  "
+              f"{p['stage_send_s'][i] * 1e3:>8.2f}")
+    print(f"predicted: sequential {p['latency_s'] * 1e3:.2f} ms/token ({b / p['latency_s']:.2f} tokens/s); "
+          f"pipelined {b / p['bottleneck_s']:.2f} tokens/s (bottleneck stage {p['bottleneck_s'] * 1e3:.2f} ms)")
+    used = set(plan.ranks)
+    smallest = min(costs.unit_bytes)
+    for j in range(costs.num_devices):
+        if j not in used:
+            why = ("its memory cannot hold even the smallest unit" if costs.device_memory[j] < smallest
+                   else f"the {args.objective} optimum is as good or better without it")
+            print(f"left out: rank {j} {costs.device_names[j]}: {why}")
     return 0

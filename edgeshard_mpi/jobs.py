@@ -18,8 +18,9 @@ A job file, with paths relative to the job file's folder:
     seed = 0
     stop = ["\\n\\n"]                # stop strings: the text ends before the first one
 
-    [plan]                           # optional: how units are split over ranks
-    split = "even"                   # or: file = "plan.json", or: stages = [{rank=0, first=0, last=9}, ...]
+    [plan]                           # optional: how units are split over ranks (default: evenly)
+    objective = "throughput"         # plan from a profile: latency | throughput | a baseline name
+                                     # or: split = "even", file = "plan.json", stages = [{rank=0, first=0, last=9}, ...]
 
 Pure Python: no MPI, no torch.
 """
@@ -32,6 +33,7 @@ import tomllib
 from pathlib import Path
 from typing import Iterator
 
+from .planner import OBJECTIVES
 from .sampling import SamplingParams
 
 __all__ = ["JobError", "Generation", "Job", "Request", "read_prompts", "SCHEDULES"]
@@ -167,9 +169,12 @@ class Job:
         if plan is not None:
             if not isinstance(plan, dict):
                 raise JobError(f"{where}: [plan] must be a table")
-            _check_keys(plan, {"split", "file", "stages"}, f"{where}: [plan]")
+            _check_keys(plan, {"split", "file", "stages", "objective"}, f"{where}: [plan]")
             if len(plan) != 1:
-                raise JobError(f"{where}: [plan] takes exactly one of split, file, stages")
+                raise JobError(f"{where}: [plan] takes exactly one of split, file, stages, objective")
+            if "objective" in plan and plan["objective"] not in OBJECTIVES:
+                raise JobError(f"{where}: [plan] objective must be one of {', '.join(OBJECTIVES)}, "
+                               f"got {plan['objective']!r}")
             if "split" in plan and plan["split"] != "even":
                 raise JobError(f"{where}: [plan] split must be \"even\", got {plan['split']!r}")
             if "file" in plan:

@@ -1,0 +1,304 @@
+"""Profiles: what each unit costs on each device, and what each link between ranks costs.
+
+    mpiexec -f hostfiles/hetero4.hosts -n 4 edgeshard profile jobs/hetero4.toml [--out FILE]
+
+Every rank measures, on its own device with its emulation applied, every unit's prefill time at
+the job's prompt length and decode time at the job's micro-batch size and context (median of
+repeated runs), one unit loaded at a time. Ranks take turns, so that ranks sharing a host do not
+slow each other's measurements. Links are measured by ping-pong between every pair of ranks at
+growing sizes (latency and bandwidth from the smallest and the largest). Rank 0 gathers it all into
+a `Profile`, saved as JSON with the cluster, model, dtype, shapes, versions and date.
+
+The `Profile` dataclass is pure Python, so `edgeshard plan` reads profiles without MPI or torch;
+the measuring functions import torch and MPI only when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+from .planner import Costs, PlanError
+
+__all__ = ["Profile", "ProfileError", "profile_shapes", "profiles_dir", "find_profile", "model_fingerprint",
+           "cluster_fingerprint", "measure_profile"]
+
+FORMAT = "edgeshard-profile/1"
+
+
+class ProfileError(ValueError):
+    pass
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(spec) -> str:
+    """A content hash of the model: its config, dtype and every unit's tensors and bytes."""
+    return _digest({"config": spec.config, "dtype": spec.dtype,
+                    "units": [[u.name, list(u.tensors), u.param_bytes] for u in spec.units]})
+
+
+def cluster_fingerprint(devices: list[dict]) -> str:
+    """A content hash of the devices in rank order (names, memory, torch device, emulation)."""
+    return _digest(devices)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def profile_shapes(prompt_lengths: list[int], max_new_tokens: int, micro_batch_size: int) -> dict:
+    """The shapes a job is profiled at, rounded up to powers of two so that similar jobs share them.
+
+    prompt_tokens: the median prompt length; context: the mean context seen while decoding
+    (prompt + half the new tokens).
+    """
+    p = _pow2(int(statistics.median(prompt_lengths)))
+    return {"prompt_tokens": p, "context": _pow2(p + max(1, max_new_tokens // 2)),
+            "micro_batch_size": micro_batch_size}
+
+
+def profiles_dir() -> Path:
+    return Path(os.environ.get("EDGESHARD_PROFILES", "profiles/measured")).resolve()
+
+
+@dataclasses.dataclass
+class Profile:
+    """Measured (or derived) costs of one model on one cluster at one set of shapes."""
+
+    model: dict  # name, fingerprint, dtype, num_units
+    units: list[dict]  # per unit: name, param_bytes, kv_bytes_per_token, out_bytes_per_token
+    devices: list[dict]  # per rank: the Device fields + prefill_s[unit], decode_s[unit]
+    bandwidth: list[list[float | None]]  # bytes/s of the link rank k -> rank j; None on the diagonal
+    latency: list[list[float]]  # seconds of the link rank k -> rank j; 0 on the diagonal
+    shapes: dict  # prompt_tokens, context, micro_batch_size
+    cluster: str = ""  # cluster fingerprint
+    versions: dict = dataclasses.field(default_factory=dict)
+    created: str = ""
+    notes: str = ""
+    source: str = "<profile>"
+
+    def __post_init__(self):
+        n, m = len(self.units), len(self.devices)
+        where = self.source
+        if self.model.get("num_units") != n:
+            raise ProfileError(f"{where}: model.num_units {self.model.get('num_units')} but {n} units listed")
+        for j, d in enumerate(self.devices):
+            for key in ("prefill_s", "decode_s"):
+                if len(d.get(key, [])) != n:
+                    raise ProfileError(f"{where}: devices[{j}].{key} has {len(d.get(key, []))} entries, expected {n}")
+        for name, table in (("bandwidth", self.bandwidth), ("latency", self.latency)):
+            if len(table) != m or any(len(row) != m for row in table):
+                raise ProfileError(f"{where}: {name} must be {m} x {m}")
+
+    @property
+    def num_units(self) -> int:
+        return len(self.units)
+
+    @property
+    def device_names(self) -> list[str]:
+        return [d["name"] for d in self.devices]
+
+    def unit_bytes(self, kv_tokens: int | None = None) -> list[float]:
+        """Weights plus the KV cache for `kv_tokens` cached tokens (default: a micro-batch at the context)."""
+        if kv_tokens is None:
+            kv_tokens = self.shapes["micro_batch_size"] * self.shapes["context"]
+        return [u["param_bytes"] + u["kv_bytes_per_token"] * kv_tokens for u in self.units]
+
+    def costs(self, phase: str = "decode", kv_tokens: int | None = None) -> Costs:
+        """The planning problem of one step: a decode step (default) or a prefill.
+
+        kv_tokens: tokens of KV cache each unit must hold (micro-batch x longest request); memory
+        is checked with it, so a plan fits the job's longest request, not only the average.
+        """
+        key = {"decode": "decode_s", "prefill": "prefill_s"}[phase]
+        tokens = self.shapes["micro_batch_size"] * (1 if phase == "decode" else self.shapes["prompt_tokens"])
+        out = [u["out_bytes_per_token"] * tokens for u in self.units]
+        out[-1] = 8 * self.shapes["micro_batch_size"]  # the head returns one token id per row
+        m = len(self.devices)
+        bw = [[math.inf if (k == j or self.bandwidth[k][j] is None) else self.bandwidth[k][j] for j in range(m)]
+              for k in range(m)]
+        return Costs(compute=[[d[key][i] for d in self.devices] for i in range(self.num_units)],
+                     unit_bytes=self.unit_bytes(kv_tokens), device_memory=[d.get("memory") for d in self.devices],
+                     out_bytes=out, bandwidth=bw, latency=self.latency, device_names=self.device_names)
+
+    @property
+    def file_name(self) -> str:
+        """Where `run` looks for a saved profile of this model, cluster and shapes."""
+        return _file_name(self.model["fingerprint"], self.cluster, self.shapes)
+
+    def matches(self, model_fp: str, cluster_fp: str, shapes: dict) -> bool:
+        return self.model.get("fingerprint") == model_fp and self.cluster == cluster_fp and self.shapes == shapes
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return {"format": FORMAT, **d}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        os.replace(tmp, path)  # a reader never sees half a profile
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        path = Path(path)
+        if not path.is_file():
+            raise ProfileError(f"{path}: profile not found")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"{path}: not JSON ({e})") from None
+        if d.pop("format", None) != FORMAT:
+            raise ProfileError(f"{path}: not an edgeshard profile (no format {FORMAT!r})")
+        try:
+            return cls(**d, source=str(path))
+        except TypeError as e:
+            raise ProfileError(f"{path}: {e}") from None
+
+
+def find_profile(model_fp: str, cluster_fp: str, shapes: dict, folder: Path | None = None) -> Profile | None:
+    """A saved profile for this model, cluster and shapes, if there is one."""
+    folder = folder or profiles_dir()
+    path = folder / _file_name(model_fp, cluster_fp, shapes)
+    if path.is_file():
+        prof = Profile.load(path)
+        if prof.matches(model_fp, cluster_fp, shapes):
+            return prof
+    return None
+
+
+def _file_name(model_fp: str, cluster_fp: str, shapes: dict) -> str:
+    return (f"{model_fp[:8]}-{cluster_fp[:8]}-b{shapes['micro_batch_size']}-p{shapes['prompt_tokens']}"
+            f"-c{shapes['context']}.json")
+
+
+# -- measuring (under mpiexec) -----------------------------------------------------------------
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _measure_units(spec, device, shapes: dict, repeats: int) -> tuple[list[float], list[float]]:
+    """Each unit alone on this rank's device: median prefill and decode step time (emulation applied)."""
+    import torch
+
+    from .shard import Shard
+
+    b, p, c = shapes["micro_batch_size"], shapes["prompt_tokens"], shapes["context"]
+    hidden = int(spec.config["hidden_size"])
+    vocab = int(spec.config["vocab_size"])
+    gen = torch.Generator().manual_seed(0)
+    prefill, decode = [], []
+    for u in range(spec.num_units):
+        shard = Shard(spec, u, u, device.torch, slowdown=device.slowdown)
+
+        def inputs(t):
+            if u == 0:
+                return torch.randint(vocab, (b, t), generator=gen)
+            return torch.randn(b, t, hidden, generator=gen).to(shard.dtype)
+
+        x_p, x_c, x_d = inputs(p), inputs(c), inputs(1)
+        shard.forward(0, x_p, [0] * b)  # warm-up
+        prefill.append(_median_time(lambda: shard.forward(0, x_p, [0] * b), repeats))
+        shard.forward(0, x_c, [0] * b)  # a cache holding `context` tokens, then single-token steps
+        decode.append(_median_time(lambda: shard.forward(0, x_d, None), repeats))
+        del shard
+    return prefill, decode
+
+
+def _ping_pong(comm, peer: int, initiator: bool, repeats: int) -> tuple[float, float] | None:
+    """One-way time at growing sizes to `peer`; the initiator returns (latency s, bytes/s)."""
+    import torch
+
+    from .comm import ACT
+
+    sizes = [256]
+    results = {}
+    size = 256
+    while True:
+        x = torch.zeros(size // 4, dtype=torch.float32)
+        times = []
+        for _ in range(repeats):
+            if initiator:
+                t0 = time.perf_counter()
+                comm.send(peer, ACT, tensor=x)
+                comm.recv(peer)
+                times.append((time.perf_counter() - t0) / 2)
+            else:
+                comm.recv(peer)
+                comm.send(peer, ACT, tensor=x)
+        # the initiator decides whether to grow; it tells the peer with a one-element message
+        if initiator:
+            results[size] = statistics.median(times)
+            grow = size < 16 * 2**20 and (results[size] < 0.02 or len(results) < 2)
+            comm.send(peer, ACT, tensor=torch.tensor([1 if grow else 0], dtype=torch.int64))
+        else:
+            grow = bool(comm.recv(peer).tensor[0])
+        if not grow:
+            break
+        size *= 16
+        sizes.append(size)
+    if not initiator:
+        return None
+    small, large = sizes[0], sizes[-1]
+    dt = results[large] - results[small]
+    bandwidth = (large - small) / dt if dt > 0 else math.inf
+    latency = max(0.0, results[small] - small / bandwidth)
+    return latency, bandwidth
+
+
+def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5, notes: str = "") -> Profile | None:
+    """Collective: every rank measures its units, every pair its link; rank 0 returns the Profile."""
+    me = devices[comm.rank]
+    prefill = decode = None
+    for r in range(comm.size):  # one rank at a time: ranks on one host must not share cores while timed
+        if r == comm.rank:
+            prefill, decode = _measure_units(spec, me, shapes, repeats)
+        comm.barrier()
+    links = {}
+    for a in range(comm.size):
+        for b in range(a + 1, comm.size):
+            if comm.rank in (a, b):
+                res = _ping_pong(comm, b if comm.rank == a else a, comm.rank == a, repeats)
+                if res is not None:
+                    links[(a, b)] = res
+            comm.barrier()
+    gathered = comm.gather({"rank": comm.rank, "prefill_s": prefill, "decode_s": decode, "links": links})
+    if comm.rank != 0:
+        return None
+    m = comm.size
+    bandwidth = [[None] * m for _ in range(m)]
+    latency = [[0.0] * m for _ in range(m)]
+    dev_dicts = []
+    for g in sorted(gathered, key=lambda g: g["rank"]):
+        dev_dicts.append({**devices[g["rank"]].to_dict(), "prefill_s": g["prefill_s"], "decode_s": g["decode_s"]})
+        for (a, b), (lat, bw) in g["links"].items():
+            for k, j in ((a, b), (b, a)):  # ping-pong measures both directions together
+                latency[k][j] = lat
+                bandwidth[k][j] = bw if math.isfinite(bw) else None
+    from .comm import versions
+
+    return Profile(
+        model={"name": spec.name, "fingerprint": model_fingerprint(spec), "dtype": spec.dtype,
+               "num_units": spec.num_units},
+        units=[{"name": u.name, "param_bytes": u.param_bytes, "kv_bytes_per_token": u.kv_bytes_per_token,
+                "out_bytes_per_token": u.out_bytes_per_token} for u in spec.units],
+        devices=dev_dicts, bandwidth=bandwidth, latency=latency, shapes=shapes,
+        cluster=cluster_fingerprint([d.to_dict() for d in devices]), versions=versions(),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), notes=notes)

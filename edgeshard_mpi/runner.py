@@ -1,0 +1,294 @@
+"""What every rank does in a run, in order. The one place that decides rank by rank.
+
+    mpiexec -f hostfiles/local3.hosts -n 3 python -m edgeshard_mpi run jobs/demo.toml
+    mpiexec -f hostfiles/hetero4.hosts -n 4 python -m edgeshard_mpi profile jobs/hetero4.toml
+
+1. Rank 0 reads the job, hostfile and prompts, prepares the model, opens the results file, and
+   decides whether a plan is given, or must be made from a saved profile, or from a new one.
+   Every rank learns the decision (or the error: then all leave cleanly and rank 0 says why).
+2. Links are shaped as the hostfile declares; if needed, every rank profiles (profiler.py).
+3. Rank 0 plans (planner.py), checks memory, and broadcasts the plan.
+4. Each rank in the plan loads its shard; rank 0 runs the source loop, the others the stage loop
+   (pipeline.py); ranks left out wait. All meet at the end to report their figures.
+An exception after step 1 on any rank prints the rank and message and aborts the whole job (cli.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+from .cluster import Cluster, format_bytes, parse_hostfile
+from .comm import Comm, versions
+from .jobs import Job, JobError, read_prompts
+from .models import ModelSpec, prepare
+from .pipeline import Prompt, Summary, source_loop, stage_loop
+from .planner import Plan, PlanError, even_plan, plan_for
+from .profiler import (Profile, cluster_fingerprint, find_profile, measure_profile, model_fingerprint,
+                       profile_shapes, profiles_dir)
+from .results import ResultWriter
+from .shard import Shard
+
+__all__ = ["RunOptions", "SetupFailed", "run_job", "profile_job"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Command-line choices that override the job file."""
+
+    hostfile: str | None = None
+    plan: str | None = None
+    objective: str | None = None
+    profile: str | None = None  # a profile file to plan from (else a saved matching one, else measure)
+    output: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    repeats: int = 5  # profiling: runs per measurement
+
+
+class SetupFailed(Exception):
+    """The job could not start; raised on every rank, and only rank 0 (quiet=False) reports it."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
+
+
+def _decide(comm: Comm, fn):
+    """Rank 0 runs fn() -> (shared, local) and broadcasts `shared`; an error ends every rank cleanly.
+
+    Returns (shared, local) on rank 0 and (shared, None) elsewhere.
+    """
+    if comm.rank == 0:
+        try:
+            shared, local = fn()
+        except Exception as e:
+            msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            comm.bcast(("error", msg))
+            raise SetupFailed(msg) from e
+        comm.bcast(("ok", shared))
+        return shared, local
+    status, shared = comm.bcast(None)
+    if status == "error":
+        raise SetupFailed(shared, quiet=True)
+    return shared, None
+
+
+# -- step 1: rank 0 reads everything ---------------------------------------------------------------
+def _cluster(job: Job, opts: RunOptions, world: int) -> Cluster:
+    hostfile = opts.hostfile or job.hostfile or os.environ.get("HYDRA_HOST_FILE")
+    if not hostfile:
+        return Cluster.local(world)
+    return parse_hostfile(hostfile).for_world(world)
+
+
+def _given_plan(job: Job, opts: RunOptions, spec: ModelSpec, world: int) -> Plan | None:
+    """The plan the user fixed (file, stages, even split), or None when one must be made."""
+    n = spec.num_units
+    if opts.plan:
+        return Plan.load(opts.plan, n)
+    if opts.objective or (job.plan and "objective" in job.plan):
+        return None
+    if job.plan and "file" in job.plan:
+        return Plan.load(job.plan["file"], n)
+    if job.plan and "stages" in job.plan:
+        return Plan.from_dict({"stages": job.plan["stages"], "objective": "manual"}, n, f"{job.path}: [plan]")
+    return even_plan(n, world)
+
+
+def _tokenize(job: Job, tok, spec: ModelSpec) -> list[Prompt]:
+    out = []
+    for req in read_prompts(job.prompts, job.generation):
+        if req.messages is not None or job.chat:
+            messages = list(req.messages) if req.messages is not None else [{"role": "user", "content": req.prompt}]
+            if not tok.chat_template:
+                raise JobError(f"{req.where}: chat messages given but the model has no chat template")
+            rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = tok(rendered, add_special_tokens=False)["input_ids"]
+            text = req.prompt if req.messages is None else json.dumps(messages, ensure_ascii=False)
+        else:
+            ids = tok(req.prompt)["input_ids"]
+            text = req.prompt
+        if not ids:
+            raise JobError(f"{req.where}: prompt tokenises to nothing")
+        need = len(ids) + req.generation.max_new_tokens
+        if need > spec.context:
+            raise JobError(f"{req.where}: prompt of {len(ids)} tokens + max_new_tokens "
+                           f"{req.generation.max_new_tokens} = {need} exceeds the model's context of "
+                           f"{spec.context} tokens")
+        out.append(Prompt(req, ids, text))
+    if not out:
+        raise JobError(f"{job.prompts}: no prompts")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shared:
+    """What rank 0 decides in step 1 and every rank needs."""
+
+    model_path: str
+    dtype: str
+    cluster: dict
+    plan: dict | None  # None: to be made from a profile
+    measure: dict | None  # shapes to profile at, when no saved profile fits
+
+
+@dataclasses.dataclass
+class _Local:
+    """What only rank 0 keeps."""
+
+    job: Job
+    spec: ModelSpec
+    tok: object = None
+    prompts: list = dataclasses.field(default_factory=list)
+    writer: ResultWriter | None = None
+    objective: str | None = None
+    profile: Profile | None = None
+    kv_tokens: int = 0  # KV cache each unit must hold: micro-batch x longest request
+
+
+def _read(job_path: str, opts: RunOptions, world: int, *, for_run: bool):
+    job = Job.load(job_path)
+    cluster = _cluster(job, opts, world)
+    model_path = prepare(job.model)  # a preset is prepared once, here, while the others wait
+    spec = ModelSpec.load(model_path, job.dtype, name=Path(job.model).name)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    prompts = _tokenize(job, tok, spec)
+    longest = max(len(p.ids) + p.request.generation.max_new_tokens for p in prompts)
+    local = _Local(job, spec, tok, prompts, kv_tokens=longest * job.micro_batch_size)
+    plan = _given_plan(job, opts, spec, world) if for_run else None
+    measure = None
+    if plan is None:
+        local.objective = opts.objective or (job.plan or {}).get("objective", "throughput")
+        shapes = profile_shapes([len(p.ids) for p in prompts], job.generation.max_new_tokens,
+                                job.micro_batch_size)
+        if opts.profile:
+            local.profile = Profile.load(opts.profile)
+        elif for_run:
+            local.profile = find_profile(model_fingerprint(spec), cluster_fingerprint(
+                [d.to_dict() for d in cluster.devices]), shapes)
+        if local.profile is None:
+            measure = shapes
+    else:
+        plan.check_world(world)
+        _check_memory(spec, plan, cluster, local.kv_tokens)
+    if for_run:
+        local.writer = ResultWriter(opts.output or job.output, {
+            "job": job.text, "job_path": job.path, "cluster": cluster.to_dict(),
+            "model": {"name": spec.name, "path": spec.path, "dtype": spec.dtype, "config": spec.config},
+            "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }, overwrite=opts.overwrite)
+    shared = _Shared(str(model_path), job.dtype, cluster.to_dict(), plan.to_dict() if plan else None, measure)
+    return shared, local
+
+
+def _check_memory(spec: ModelSpec, plan: Plan, cluster: Cluster, kv_tokens: int) -> None:
+    """Each stage's weights plus its KV cache for a full micro-batch must fit its device."""
+    for s in plan.stages:
+        dev = cluster.devices[s.rank]
+        need = spec.bytes_of(s.first, s.last) + spec.kv_bytes(s.first, s.last, kv_tokens)
+        if dev.memory is not None and need > dev.memory:
+            raise PlanError(f"{cluster.source}: device {dev.name} (rank {s.rank}) has {format_bytes(dev.memory)}, "
+                            f"but units {s.first}..{s.last} need {format_bytes(need)} (weights + KV cache for "
+                            f"{kv_tokens} tokens)")
+
+
+# -- steps 2 and 3: profile, plan ---------------------------------------------------------------------
+def _profile(comm: Comm, shared: _Shared, local: _Local | None, cluster: Cluster, spec: ModelSpec,
+             repeats: int, out: str | None = None) -> Profile | None:
+    """Collective: measure a profile at shared.measure's shapes; rank 0 saves and returns it."""
+    prof = measure_profile(comm, spec, list(cluster.devices), shared.measure, repeats=repeats)
+    if comm.rank == 0:
+        path = Path(out) if out else profiles_dir() / prof.file_name
+        prof.source = str(prof.save(path))
+        print(f"edgeshard: profile saved to {prof.source}", file=sys.stderr, flush=True)
+    return prof
+
+
+def _make_plan(local: _Local, cluster: Cluster, world: int) -> Plan:
+    prof = local.profile
+    if prof.model.get("fingerprint") != model_fingerprint(local.spec):
+        raise PlanError(f"{prof.source}: profile is for model {prof.model.get('name')!r} "
+                        f"({prof.model.get('fingerprint')}), not {local.spec.name} ({model_fingerprint(local.spec)})")
+    if len(prof.devices) != world:
+        raise PlanError(f"{prof.source}: profile has {len(prof.devices)} devices but {world} ranks run")
+    plan = plan_for(prof.costs(kv_tokens=local.kv_tokens), local.objective)
+    plan.check_world(world)
+    _check_memory(local.spec, plan, cluster, local.kv_tokens)
+    return plan
+
+
+# -- the run -------------------------------------------------------------------------------------------
+def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
+    """Run a job on every rank; rank 0 returns the Summary, the others None."""
+    rank, world = comm.rank, comm.size
+    shared, local = _decide(comm, lambda: _read(job_path, opts, world, for_run=True))
+    cluster = Cluster.from_dict(shared.cluster)
+    comm.emulate_links(cluster.devices)
+    spec = local.spec if rank == 0 else ModelSpec.load(shared.model_path, shared.dtype)
+    plan_dict = shared.plan
+    if plan_dict is None:
+        if shared.measure is not None:
+            prof = _profile(comm, shared, local, cluster, spec, opts.repeats)
+            if rank == 0:
+                local.profile = prof
+        plan_dict, _ = _decide(comm, lambda: (_make_plan(local, cluster, world).to_dict(), None))
+    plan = Plan.from_dict(plan_dict, spec.num_units)
+    device = cluster.devices[rank]
+    index = plan.stage_of(rank)
+    if rank == 0:
+        local.writer.set_attr("plan", plan.to_dict())
+        if local.profile is not None:
+            local.writer.set_attr("profile", local.profile.source)
+
+    shard = None
+    if index is not None:
+        s = plan.stages[index]
+        shard = Shard(spec, s.first, s.last, device.torch, slowdown=device.slowdown, memory=device.memory)
+    comm.barrier()  # every shard loaded: the clock starts together
+
+    stats = {"rank": rank, "device": device.name, "compute_s": 0.0, "steps": 0,
+             "bytes": shard.param_bytes if shard else 0}
+    start, cpu_start = time.perf_counter(), time.process_time()
+    try:
+        summary = None
+        if rank == 0:
+            summary = source_loop(comm, shard, plan, local.job, local.tok, local.prompts, local.writer,
+                                  opts.progress, stats)
+        elif shard is not None:
+            stage_loop(comm, shard, plan, index, stats)
+        comm.barrier()  # ranks done early (or left out) wait here for the last one, without spinning
+        # CPU time while running or waiting: an idle rank's share shows whether waits spin
+        stats["wall_s"] = time.perf_counter() - start
+        stats["cpu_s"] = time.process_time() - cpu_start
+        stats["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        all_stats = comm.gather(stats)
+        if rank != 0:
+            return None
+        by_rank = {st["rank"]: st for st in all_stats}
+        summary.seconds = stats["wall_s"]
+        summary.ranks = all_stats
+        summary.stages = [{**by_rank[s.rank], "first": s.first, "last": s.last,
+                           "units": f"{spec.units[s.first].name}..{spec.units[s.last].name}"} for s in plan.stages]
+        local.writer.set_attr("summary", dataclasses.asdict(summary))
+        return summary
+    finally:
+        if rank == 0:
+            local.writer.close()  # whatever happened, committed records stay readable
+
+
+def profile_job(comm: Comm, job_path: str, opts: RunOptions, out: str | None = None) -> Profile | None:
+    """`edgeshard profile`: measure the job's model on the cluster; rank 0 returns the saved Profile."""
+    shared, local = _decide(comm, lambda: _read(job_path, dataclasses.replace(opts, profile=None), comm.size,
+                                                   for_run=False))
+    cluster = Cluster.from_dict(shared.cluster)
+    comm.emulate_links(cluster.devices)
+    spec = local.spec if comm.rank == 0 else ModelSpec.load(shared.model_path, shared.dtype)
+    return _profile(comm, shared, local, cluster, spec, opts.repeats, out)
