@@ -1,0 +1,70 @@
+"""Profiling sees the emulation; plans made at start from a profile still give generate's tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT, reference_tokens, run_mpi, write_job
+from edgeshard_mpi.models import ModelError, ModelSpec
+from edgeshard_mpi.profiler import Profile
+from edgeshard_mpi.results import read_attrs, read_results
+from edgeshard_mpi.shard import Shard
+
+PROMPTS = ["The quick brown fox", "In a distant galaxy, a lone explorer discovered", "def fibonacci(n):"]
+
+
+def test_profile_measures_the_emulated_slowdown_and_link(tmp_path, smollm_path):
+    hosts = tmp_path / "two.hosts"
+    hosts.write_text("# device: name=plain\nlocalhost:1\n"
+                     "# device: name=slow slowdown=3 link=20Mbit latency=5ms\nlocalhost:1\n")
+    job = write_job(tmp_path, "smollm2-135m", [{"prompt": p} for p in PROMPTS], generation="max_new_tokens = 8")
+    out = tmp_path / "p.json"
+    proc = run_mpi(["profile", str(job), "--hostfile", str(hosts), "--out", str(out), "--repeats", "3"], 2,
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    prof = Profile.load(out)
+    plain, slow = prof.devices
+    ratio = sum(slow["decode_s"]) / sum(plain["decode_s"])
+    assert 2.0 < ratio < 4.5, ratio  # slowdown=3, measured one unit at a time
+    assert 2.0 < sum(slow["prefill_s"]) / sum(plain["prefill_s"]) < 4.5
+    mbit = prof.bandwidth[0][1] * 8 / 1e6
+    assert 14 < mbit < 26, mbit  # link=20Mbit
+    assert 0.004 < prof.latency[0][1] < 0.009, prof.latency[0][1]  # latency=5ms (+ 0 on the plain side)
+    assert prof.shapes["micro_batch_size"] == 1 and prof.model["name"] == "smollm2-135m"
+    assert [u["name"] for u in prof.units][:2] == ["embed", "block.0"]
+
+
+@pytest.mark.parametrize("objective", ["throughput", "latency"])
+def test_planned_run_on_hetero4_equals_generate(tmp_path, tiny_path, objective):
+    job = write_job(tmp_path, "tiny-random", [{"id": str(i), "prompt": p} for i, p in enumerate(PROMPTS)],
+                    extra=f'hostfile = "{ROOT / "hostfiles" / "hetero4.hosts"}"',
+                    plan=f'[plan]\nobjective = "{objective}"\n')
+    env = {"EDGESHARD_PROFILES": str(tmp_path / "profiles")}
+    proc = run_mpi(["run", str(job), "--no-progress"], 4, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "profile saved" in proc.stderr  # first run measures
+    attrs = read_attrs(tmp_path / "job.h5")
+    plan = json.loads(attrs["plan"])
+    assert plan["objective"] == objective
+    assert [r.token_ids for r in read_results(tmp_path / "job.h5")] == reference_tokens(tiny_path, PROMPTS, 12, 1)
+    # the same job again reuses the saved profile instead of measuring
+    proc = run_mpi(["run", str(job), "--no-progress", "--overwrite"], 4, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "profile saved" not in proc.stderr
+    assert read_attrs(tmp_path / "job.h5")["profile"] == attrs["profile"]
+
+
+def test_a_profile_of_another_model_is_refused(tmp_path, tiny_path):
+    job = write_job(tmp_path, "tiny-random", [{"prompt": p} for p in PROMPTS])
+    proc = run_mpi(["run", str(job), "--objective", "latency", "--profile",
+                    str(ROOT / "profiles" / "paper-llama2-7b.json")], 2, timeout=60)
+    assert proc.returncode != 0
+    assert "profile is for model 'llama2-7b'" in proc.stderr
+
+
+def test_a_rank_refuses_a_shard_over_its_memory(tiny_path):
+    spec = ModelSpec.load(tiny_path)
+    with pytest.raises(ModelError, match="memory budget of 1000 bytes"):
+        Shard(spec, 0, spec.num_units - 1, memory=1000)
