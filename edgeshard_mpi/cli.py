@@ -19,7 +19,7 @@ import time
 import traceback
 
 from .cluster import HostfileError, format_bytes
-from .jobs import JobError
+from .jobs import SCHEDULES, JobError
 from .models import ModelError
 from .planner import OBJECTIVES, PlanError
 from .profiler import ProfileError
@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", help="profile JSON to plan from (default: a saved matching one, else measure)")
     run.add_argument("--output", help="results HDF5 file (default: the job's)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing results file")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an existing results file: skip the requests it already holds")
+    run.add_argument("--schedule", choices=list(SCHEDULES), help="pipeline schedule (default: the job's)")
+    run.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, "
+                     "else the number of stages)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     prof = sub.add_parser("profile", help="measure units and links on every rank (under mpiexec)")
@@ -104,7 +109,8 @@ def _mpi_command(args) -> int:
                 _print_profile(prof)
             return 0
         opts = RunOptions(hostfile=args.hostfile, plan=args.plan, objective=args.objective, profile=args.profile,
-                          output=args.output, overwrite=args.overwrite, progress=not args.no_progress)
+                          output=args.output, overwrite=args.overwrite, resume=args.resume, schedule=args.schedule,
+                          micro_batches=args.micro_batches, progress=not args.no_progress)
         summary = run_job(comm, args.job, opts)
     except SetupFailed as e:  # every rank knows; all leave normally, nothing to abort
         if not e.quiet:

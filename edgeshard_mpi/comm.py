@@ -2,7 +2,8 @@
 
 Tensors move as a small fixed int64 header (kind, slot, step, shape, dtype) followed by the raw
 buffer, with uppercase `Isend`/`Irecv` on numpy views: never a pickled tensor. The first step of
-a micro-batch also carries a float64 row table (left pad and sampling parameters per row).
+a micro-batch also carries a float64 row table (left pad and sampling parameters per row), and
+a step after some rows finished carries the indices of the rows still generating.
 Lowercase (pickled) calls carry only small control data at start and end.
 
 Emulated links (hostfile `link=`, `latency=`): every header carries its send time, and the
@@ -31,7 +32,7 @@ __all__ = ["Comm", "Message", "ACT", "TOKENS", "STOP", "versions"]
 
 ACT, TOKENS, STOP = 1, 2, 3  # message kinds
 _TAG_PIPE, _TAG_TOKENS = 11, 12  # stage -> next stage, head -> source
-_HEADER = 9  # kind, slot, step, ndim, d0, d1, d2, dtype code | meta rows << 8, send time (ns)
+_HEADER = 10  # kind, slot, step, ndim, d0, d1, d2, dtype code | meta rows << 8, send time (ns), kept rows
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
 # numpy has no bfloat16: its raw 2-byte words travel as int16 and are viewed back on arrival
 _NP = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.float16, torch.int64: np.int64}
@@ -47,6 +48,7 @@ class Message:
     step: int = 0
     tensor: torch.Tensor | None = None
     meta: np.ndarray | None = None  # (rows, 5) float64 on a micro-batch's first step
+    keep: np.ndarray | None = None  # int64 rows still generating, when some finished since the last step
 
 
 def _wait(requests: list) -> None:
@@ -66,6 +68,7 @@ class Comm:
         self.size = self.comm.Get_size()
         self._links: dict[int, tuple[float, float]] = {}  # source rank -> (latency s, bytes/s)
         self._link_free: dict[int, float] = {}  # source rank -> when its link finishes the last message
+        self._pending: list = []  # sends in flight: (requests, buffers kept alive until done)
 
     def emulate_links(self, devices) -> None:
         """Shape messages between ranks as the devices' declared links (cluster.Device per rank)."""
@@ -109,14 +112,27 @@ class Comm:
         self.comm.Abort(code)
 
     # -- tensors -------------------------------------------------------------------------------
-    def send(self, dest: int, kind: int, slot: int = 0, step: int = 0,
-             tensor: torch.Tensor | None = None, meta: np.ndarray | None = None) -> None:
-        """Send a header, then the row table (if any), then the tensor (if any)."""
+    def send(self, dest: int, kind: int, slot: int = 0, step: int = 0, tensor: torch.Tensor | None = None,
+             meta: np.ndarray | None = None, keep: np.ndarray | None = None, wait: bool = True) -> None:
+        """Send a header, then the row table, the kept-row indices and the tensor (each if given).
+
+        wait=False returns at once: the buffers are held until MPI is done with them, and finished
+        sends are cleared on later calls (or by flush()), so a stage can receive while it sends.
+        """
         tag = _TAG_TOKENS if kind == TOKENS else _TAG_PIPE
         header = np.zeros(_HEADER, dtype=np.int64)
         header[:3] = kind, slot, step
         header[8] = time.monotonic_ns()
         bufs = []
+        if meta is not None:
+            meta = np.ascontiguousarray(meta, dtype=np.float64)
+            header[7] |= meta.shape[0] << 8  # row count rides above the dtype code
+            bufs.append(meta)
+        if keep is not None:
+            keep = np.ascontiguousarray(keep, dtype=np.int64)
+            header[9] = len(keep)
+            bufs.append(keep)
+        header[3] = -1
         if tensor is not None:
             t = tensor.detach()
             if t.device.type != "cpu":
@@ -126,39 +142,47 @@ class Comm:
                 raise ValueError(f"tensor messages carry at most 3 dims, got {tuple(t.shape)}")
             header[3] = t.ndim
             header[4:4 + t.ndim] = t.shape
-            code = _DTYPES.index(t.dtype)
-            header[7] = code
-            arr = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-            bufs.append(arr)
-        else:
-            header[3] = -1
-        if meta is not None:
-            meta = np.ascontiguousarray(meta, dtype=np.float64)
-            header[7] |= meta.shape[0] << 8  # row count rides above the dtype code
-            bufs.insert(0, meta)
+            header[7] |= _DTYPES.index(t.dtype)
+            bufs.append((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy())
         requests = [self.comm.Isend(header, dest=dest, tag=tag)]
         requests += [self.comm.Isend(b, dest=dest, tag=tag) for b in bufs]
-        _wait(requests)
+        self._pending = [(r, b) for r, b in self._pending if not MPI.Request.Testall(r)]
+        if wait:
+            _wait(requests)
+        else:
+            self._pending.append((requests, (header, bufs)))
+
+    def flush(self) -> None:
+        """Wait for every send still in flight."""
+        for requests, _ in self._pending:
+            _wait(requests)
+        self._pending = []
 
     def recv(self, source: int, kind_expected: int | None = None) -> Message:
-        """Receive one message from `source` (header, then row table and tensor as announced)."""
+        """Receive one message from `source` (header, then what the header announces)."""
         tag = _TAG_TOKENS if kind_expected == TOKENS else _TAG_PIPE
         header = np.empty(_HEADER, dtype=np.int64)
         _wait([self.comm.Irecv(header, source=source, tag=tag)])
         kind, slot, step, ndim = (int(x) for x in header[:4])
-        code, rows = int(header[7]) & 0xFF, int(header[7]) >> 8
+        code, rows, nkeep = int(header[7]) & 0xFF, int(header[7]) >> 8, int(header[9])
         msg = Message(kind, slot, step)
+        nbytes = header.nbytes
         if rows:
             msg.meta = np.empty((rows, _META_COLS), dtype=np.float64)
             _wait([self.comm.Irecv(msg.meta, source=source, tag=tag)])
+            nbytes += msg.meta.nbytes
+        if nkeep:
+            msg.keep = np.empty(nkeep, dtype=np.int64)
+            _wait([self.comm.Irecv(msg.keep, source=source, tag=tag)])
+            nbytes += msg.keep.nbytes
         if ndim >= 0:
             dtype = _DTYPES[code]
             arr = np.empty(tuple(int(x) for x in header[4:4 + ndim]), dtype=_NP[dtype])
             _wait([self.comm.Irecv(arr, source=source, tag=tag)])
+            nbytes += arr.nbytes
             t = torch.from_numpy(arr)
             msg.tensor = t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
         if self._links:
-            nbytes = header.nbytes + (msg.meta.nbytes if rows else 0) + (arr.nbytes if ndim >= 0 else 0)
             self._deliver(source, int(header[8]), nbytes)
         return msg
 

@@ -8,6 +8,8 @@ A job file, with paths relative to the job file's folder:
     output = "../results/demo.h5"    # default: results/<job name>.h5 under the current folder
     hostfile = "../hostfiles/local3.hosts"   # optional; --hostfile overrides
     micro_batch_size = 4
+    micro_batches = 4                # in flight at once (default: the number of pipeline stages)
+    schedule = "no-bubbles"          # no-bubbles (default) | bubbles | sequential
     chat = false                     # apply the chat template to plain "prompt" strings too
 
     [generation]                     # defaults for every request; JSONL lines may override
@@ -38,7 +40,7 @@ from .sampling import SamplingParams
 
 __all__ = ["JobError", "Generation", "Job", "Request", "read_prompts", "SCHEDULES"]
 
-SCHEDULES = ("sequential",)
+SCHEDULES = ("sequential", "bubbles", "no-bubbles")
 
 
 class JobError(ValueError):
@@ -116,7 +118,8 @@ class Job:
     dtype: str = "float32"
     hostfile: str | None = None
     micro_batch_size: int = 1
-    schedule: str = "sequential"
+    micro_batches: int | None = None  # in flight; None = as many as the plan has stages
+    schedule: str = "no-bubbles"
     chat: bool = False
     generation: Generation = Generation()
     plan: dict | None = None  # {"split": "even"} | {"file": path} | {"stages": [...]}
@@ -137,8 +140,8 @@ class Job:
         except tomllib.TOMLDecodeError as e:
             raise JobError(f"{path}: not valid TOML ({e})") from None
         where = str(path)
-        _check_keys(d, {"model", "dtype", "prompts", "output", "hostfile", "micro_batch_size", "schedule",
-                        "chat", "generation", "plan"}, where)
+        _check_keys(d, {"model", "dtype", "prompts", "output", "hostfile", "micro_batch_size", "micro_batches",
+                        "schedule", "chat", "generation", "plan"}, where)
         base = path.parent.resolve()
 
         def rel(p: str) -> str:
@@ -157,7 +160,10 @@ class Job:
         mbs = _field(d, "micro_batch_size", int, 1, where)
         if mbs < 1:
             raise JobError(f"{where}: field 'micro_batch_size' must be >= 1, got {mbs}")
-        schedule = _field(d, "schedule", str, "sequential", where)
+        in_flight = _field(d, "micro_batches", int, None, where)
+        if in_flight is not None and in_flight < 1:
+            raise JobError(f"{where}: field 'micro_batches' must be >= 1, got {in_flight}")
+        schedule = _field(d, "schedule", str, "no-bubbles", where)
         if schedule not in SCHEDULES:
             raise JobError(f"{where}: field 'schedule' must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         gen_table = d.get("generation", {})
@@ -185,7 +191,7 @@ class Job:
             path=str(path.resolve()), model=model, prompts=rel(_field(d, "prompts", str, None, where)),
             output=rel(output) if output else str(Path("results", path.stem + ".h5").resolve()),
             dtype=dtype, hostfile=rel(hostfile) if hostfile else None, micro_batch_size=mbs,
-            schedule=schedule, chat=_field(d, "chat", bool, False, where),
+            micro_batches=in_flight, schedule=schedule, chat=_field(d, "chat", bool, False, where),
             generation=_generation(gen_table, f"{where}: [generation]"), plan=plan, text=text)
 
 

@@ -6,7 +6,9 @@ that holds the head (logits never travel). Every other stage receives activation
 before it, runs its units with that micro-batch's KV cache, and sends on; the head stage samples.
 Ranks the plan leaves out wait, without spinning, for the end (see runner.py).
 
-Schedule: `sequential`, one micro-batch at a time through all stages.
+Schedules: `sequential` (one micro-batch at a time), `bubbles` (micro-batches in flight advance
+step by step together), `no-bubbles` (EdgeShard: a micro-batch's next step enters the pipeline as
+soon as its token is back at the source).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -64,8 +67,10 @@ def _fault_check(rank: int, step: int) -> None:
             raise RuntimeError(f"injected fault (EDGESHARD_FAULT={fault}) at step {step}")
 
 
-def _timed_forward(shard: Shard, stats: dict, slot: int, x: torch.Tensor, pads) -> torch.Tensor:
+def _timed_forward(shard: Shard, stats: dict, slot: int, x: torch.Tensor, pads, keep=None) -> torch.Tensor:
     t0 = time.perf_counter()
+    if keep is not None:
+        shard.select(slot, keep)
     out = shard.forward(slot, x.to(shard.device), pads)
     stats["compute_s"] += time.perf_counter() - t0
     stats["steps"] += 1
@@ -73,7 +78,11 @@ def _timed_forward(shard: Shard, stats: dict, slot: int, x: torch.Tensor, pads) 
 
 
 def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict) -> None:
-    """Receive, run this stage's units, send on (or sample and return token ids), until STOP."""
+    """Receive, run this stage's units, send on (or sample and return token ids), until STOP.
+
+    Messages are handled in the order they arrive, whatever micro-batch slot they belong to; each
+    slot has its own KV cache, so the same loop serves every schedule.
+    """
     prev = plan.stages[index - 1].rank
     nxt = plan.stages[index + 1].rank if index + 1 < len(plan.stages) else None
     samplers: dict[int, Sampler] = {}
@@ -82,6 +91,7 @@ def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict) ->
         if msg.kind == STOP:
             if nxt is not None:
                 comm.send(nxt, STOP)
+            comm.flush()
             return
         _fault_check(comm.rank, msg.step)
         pads = None
@@ -89,11 +99,14 @@ def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict) ->
             pads = [int(p) for p in msg.meta[:, 0]]
             if nxt is None:
                 samplers[msg.slot] = Sampler([SamplingParams.from_row(r) for r in msg.meta[:, 1:]])
-        out = _timed_forward(shard, stats, msg.slot, msg.tensor, pads)
+        out = _timed_forward(shard, stats, msg.slot, msg.tensor, pads, msg.keep)
         if nxt is not None:
-            comm.send(nxt, ACT, msg.slot, msg.step, out, msg.meta)
+            comm.send(nxt, ACT, msg.slot, msg.step, out, msg.meta, msg.keep, wait=False)
         else:
-            comm.send(0, TOKENS, msg.slot, msg.step, samplers[msg.slot](out))
+            sampler = samplers[msg.slot]
+            if msg.keep is not None:
+                sampler.select(msg.keep)
+            comm.send(0, TOKENS, msg.slot, msg.step, sampler(out), wait=False)
 
 
 def _eos_ids(model_path: str) -> set[int]:
@@ -121,7 +134,7 @@ class _Row:
 
     def add(self, token: int, now: float, eos: set[int], tok) -> None:
         if self.finish:
-            return  # a finished row rides along until its micro-batch ends; its tokens are dropped
+            return  # finished rows leave their micro-batch; nothing more is recorded for them
         self.tokens.append(token)
         if len(self.tokens) == 1:
             self.t_first = now
@@ -137,60 +150,143 @@ class _Row:
             self.finish = "length"
 
 
-def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: list[Prompt],
-                writer: ResultWriter, progress: bool, stats: dict) -> Summary:
-    """Rank 0: micro-batches through the pipeline one at a time (sequential), results to HDF5."""
+class _MicroBatch:
+    """A micro-batch in a slot, on the source: its rows, and which of them still generate."""
+
+    def __init__(self, rows: list[_Row], pad_id: int):
+        self.rows = rows
+        self.active = list(range(len(rows)))  # rows the stages still hold, in their order
+        self.keep: list[int] | None = None  # positions (in the stages' order) kept at the next step
+        self.step = 0
+        self.t_start = 0.0
+        width = max(len(r.prompt.ids) for r in rows)
+        self.pads = [width - len(r.prompt.ids) for r in rows]
+        self.ids = torch.tensor([[pad_id] * p + r.prompt.ids for p, r in zip(self.pads, rows)])  # (B, T)
+        self.meta = np.array([[p, *r.gen.sampling().to_row()] for p, r in zip(self.pads, rows)], dtype=np.float64)
+        self.last: torch.Tensor | None = None  # last tokens of the active rows, (A,)
+
+    def take(self, tokens: list[int], now: float, eos: set[int], tok) -> list[_Row]:
+        """Record a step's tokens; drop rows that finished; return them."""
+        done = []
+        for i, t in zip(self.active, tokens):
+            self.rows[i].add(t, now, eos, tok)
+        still = [k for k, i in enumerate(self.active) if not self.rows[i].finish]
+        if len(still) < len(self.active):
+            done = [self.rows[i] for i in self.active if self.rows[i].finish]
+            self.keep = still  # the stages drop the finished rows before the next step
+            self.active = [self.active[k] for k in still]
+        self.last = torch.tensor([tokens[k] for k in (still if done else range(len(tokens)))], dtype=torch.long)
+        self.step += 1
+        return done
+
+
+def _record(r: _Row, t_start: float, tok) -> Record:
+    n = len(r.tokens)
+    text = r.text if r.finish == "stop" else tok.decode(r.tokens, skip_special_tokens=True)
+    tpot = (r.t_last - r.t_first) * 1e3 / (n - 1) if n > 1 else float("nan")
+    return Record(r.prompt.request.id, r.prompt.request.where, r.prompt.text, text, r.tokens, r.finish,
+                  len(r.prompt.ids), n, (r.t_first - t_start) * 1e3, tpot)
+
+
+def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: Iterator[Prompt],
+                writer: ResultWriter, progress: bool, stats: dict, *, schedule: str = "no-bubbles",
+                in_flight: int = 1, total: int | None = None) -> Summary:
+    """Rank 0: feed micro-batches through the pipeline, results to HDF5 as they finish.
+
+    Up to `in_flight` micro-batches (slots) run at once. `no-bubbles`: a slot's next step enters the
+    pipeline as soon as its tokens are back. `bubbles`: step t+1 of any slot starts only when every
+    slot in flight has finished step t. `sequential`: one slot. A slot whose rows have all finished
+    takes the next prompts at once (continuous admission); finished rows leave their micro-batch at
+    the next step, so they cost no more compute.
+    """
     from tqdm import tqdm
 
+    if schedule == "sequential":
+        in_flight = 1
     nxt = plan.stages[1].rank if len(plan.stages) > 1 else None
     head = plan.stages[-1].rank
     eos = _eos_ids(shard.spec.path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
-    bar = tqdm(total=len(prompts), unit="req", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    total_tokens, ttfts, tpots = 0, [], []
+    bar = tqdm(total=total, unit="req", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    counts = {"requests": 0, "tokens": 0}
+    ttfts, tpots = [], []
     t_run = time.perf_counter()
-    slot = 0  # sequential: one micro-batch in flight, always in slot 0
-    for b in range(0, len(prompts), job.micro_batch_size):
-        rows = [_Row(p) for p in prompts[b:b + job.micro_batch_size]]
-        width = max(len(r.prompt.ids) for r in rows)
-        pads = [width - len(r.prompt.ids) for r in rows]
-        ids = torch.tensor([[pad_id] * p + r.prompt.ids for p, r in zip(pads, rows)], dtype=torch.long)  # (B, T)
-        meta = np.array([[p, *r.gen.sampling().to_row()] for p, r in zip(pads, rows)], dtype=np.float64)
-        sampler = Sampler([r.gen.sampling() for r in rows]) if nxt is None else None
-        t_start = time.perf_counter()
-        x, step = ids, 0
-        while True:
-            _fault_check(0, step)
-            out = _timed_forward(shard, stats, slot, x, pads if step == 0 else None)
+    samplers: dict[int, Sampler] = {}  # slot -> sampler, when rank 0 holds the head itself
+    local_tokens: list[tuple[int, torch.Tensor]] = []  # (slot, tokens) computed here when rank 0 is the head
+
+    def admit() -> _MicroBatch | None:
+        rows = [_Row(p) for _, p in zip(range(job.micro_batch_size), prompts)]
+        return _MicroBatch(rows, pad_id) if rows else None
+
+    def launch(slot: int, mb: _MicroBatch) -> None:
+        """Run rank 0's units for the slot's next step and send it on."""
+        _fault_check(0, mb.step)
+        first = mb.step == 0
+        if first:
+            mb.t_start = time.perf_counter()
             if nxt is None:
-                tokens = sampler(out)
-            else:
-                comm.send(nxt, ACT, slot, step, out, meta if step == 0 else None)
-                tokens = comm.recv(head, TOKENS).tensor
-            now = time.perf_counter()
-            for r, t in zip(rows, tokens.tolist()):
-                r.add(t, now, eos, tok)
-            if all(r.finish for r in rows):
-                break
-            x, step = tokens[:, None], step + 1  # (B, 1)
-        records = []
-        for r in rows:
-            n = len(r.tokens)
-            text = r.text if r.finish == "stop" else tok.decode(r.tokens, skip_special_tokens=True)
-            ttft = (r.t_first - t_start) * 1e3
-            tpot = (r.t_last - r.t_first) * 1e3 / (n - 1) if n > 1 else float("nan")
-            records.append(Record(r.prompt.request.id, r.prompt.request.where, r.prompt.text, text, r.tokens,
-                                  r.finish, len(r.prompt.ids), n, ttft, tpot))
-            total_tokens += n
-            ttfts.append(ttft)
-            if n > 1:
-                tpots.append(tpot)
+                samplers[slot] = Sampler([r.gen.sampling() for r in mb.rows])
+        x = mb.ids if first else mb.last[:, None]  # (B, T) or (A, 1)
+        keep, mb.keep = mb.keep, None
+        out = _timed_forward(shard, stats, slot, x, mb.pads if first else None, keep)
+        if nxt is None:
+            if keep is not None:
+                samplers[slot].select(keep)
+            local_tokens.append((slot, samplers[slot](out)))
+        else:
+            comm.send(nxt, ACT, slot, mb.step, out, mb.meta if first else None,
+                      None if keep is None else np.array(keep), wait=False)
+
+    def finish(rows: list[_Row], t_start: float) -> None:
+        records = [_record(r, t_start, tok) for r in rows]
         writer.append(records)
-        bar.update(len(rows))
-        bar.set_postfix_str(f"{total_tokens / (time.perf_counter() - t_run):.1f} tok/s")
+        for rec in records:
+            counts["tokens"] += rec.output_tokens
+            ttfts.append(rec.ttft_ms)
+            if rec.output_tokens > 1:
+                tpots.append(rec.ms_per_token)
+        counts["requests"] += len(records)
+        bar.update(len(records))
+        bar.set_postfix_str(f"{counts['tokens'] / (time.perf_counter() - t_run):.1f} tok/s")
+
+    slots: dict[int, _MicroBatch] = {}
+    for slot in range(max(1, in_flight)):
+        mb = admit()
+        if mb is None:
+            break
+        slots[slot] = mb
+        launch(slot, mb)
+    ready: list[int] = []  # bubbles: slots whose step came back, waiting for the others
+    while slots:
+        if local_tokens:
+            slot, tokens = local_tokens.pop(0)
+        else:
+            msg = comm.recv(head, TOKENS)
+            slot, tokens = msg.slot, msg.tensor
+        mb = slots[slot]
+        done = mb.take(tokens.tolist(), time.perf_counter(), eos, tok)
+        if done:
+            finish(done, mb.t_start)
+        if not mb.active:  # every row finished: the slot takes new prompts
+            new = admit()
+            if new is None:
+                del slots[slot]
+                shard.release(slot)
+            else:
+                slots[slot] = new
+        if slot not in slots:
+            pass
+        elif schedule == "bubbles":
+            ready.append(slot)
+        else:
+            launch(slot, slots[slot])
+        if schedule == "bubbles" and ready and len(ready) == len(slots):
+            for s in sorted(ready):  # the step barrier: everyone in flight has finished this step
+                launch(s, slots[s])
+            ready = []
     bar.close()
     if nxt is not None:
         comm.send(nxt, STOP)
-    shard.release(slot)
-    return Summary(len(prompts), total_tokens, 0.0, float(np.mean(ttfts)),
+    comm.flush()
+    return Summary(counts["requests"], counts["tokens"], 0.0, float(np.mean(ttfts)) if ttfts else float("nan"),
                    float(np.mean(tpots)) if tpots else float("nan"), [])

@@ -185,17 +185,22 @@ def _file_name(model_fp: str, cluster_fp: str, shapes: dict) -> str:
 
 
 # -- measuring (under mpiexec) -----------------------------------------------------------------
-def _median_time(fn, repeats: int) -> float:
+def _median_time(fn, repeats: int, scale: float = 1.0) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times) * scale
 
 
 def _measure_units(spec, device, shapes: dict, repeats: int) -> tuple[list[float], list[float]]:
-    """Each unit alone on this rank's device: median prefill and decode step time (emulation applied)."""
+    """Each unit alone on this rank's device: median prefill and decode step time (emulation applied).
+
+    A slowed-down device is measured at full speed and its times multiplied by its slowdown, which
+    is what its shard's sleeps stretch them to in a run; sleeping between timed repeats would
+    instead let the caches go cold and time something else.
+    """
     import torch
 
     from .shard import Shard
@@ -206,7 +211,7 @@ def _measure_units(spec, device, shapes: dict, repeats: int) -> tuple[list[float
     gen = torch.Generator().manual_seed(0)
     prefill, decode = [], []
     for u in range(spec.num_units):
-        shard = Shard(spec, u, u, device.torch, slowdown=device.slowdown)
+        shard = Shard(spec, u, u, device.torch)
 
         def inputs(t):
             if u == 0:
@@ -215,9 +220,9 @@ def _measure_units(spec, device, shapes: dict, repeats: int) -> tuple[list[float
 
         x_p, x_c, x_d = inputs(p), inputs(c), inputs(1)
         shard.forward(0, x_p, [0] * b)  # warm-up
-        prefill.append(_median_time(lambda: shard.forward(0, x_p, [0] * b), repeats))
+        prefill.append(_median_time(lambda: shard.forward(0, x_p, [0] * b), repeats, device.slowdown))
         shard.forward(0, x_c, [0] * b)  # a cache holding `context` tokens, then single-token steps
-        decode.append(_median_time(lambda: shard.forward(0, x_d, None), repeats))
+        decode.append(_median_time(lambda: shard.forward(0, x_d, None), repeats, device.slowdown))
         del shard
     return prefill, decode
 

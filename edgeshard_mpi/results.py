@@ -17,12 +17,19 @@ Layout (`h5ls -r results/demo.h5`):
 
 Every column grows together; `count` is raised only after a batch of rows is written and is
 flushed with them, so a reader (or a resume) trusts exactly the first `count` rows.
+
+HDF5 is not crash-safe on its own: a process killed in the middle of a metadata write can leave
+the file unreadable. So each finished batch is first appended to `<file>.journal` (JSON lines,
+fsync'ed), then to the HDF5 file. `--resume` recovers: it rebuilds an unreadable file from the
+journal and adds any records the journal has beyond `count`. A run that ends normally deletes the
+journal.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -59,50 +66,150 @@ _COLUMNS = {
 }
 
 
-class ResultWriter:
-    """Appends records to a new HDF5 file; `overwrite` must be explicit to replace one."""
+def _journal(path: Path) -> Path:
+    return path.with_name(path.name + ".journal")
 
-    def __init__(self, path: str | Path, attrs: dict, overwrite: bool = False):
+
+class ResultWriter:
+    """Appends records to an HDF5 results file (new, replaced with `overwrite`, or continued with `resume`)."""
+
+    @staticmethod
+    def check_target(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> set[str]:
+        """Before any compute: may this path be written? Returns the ids a resume skips."""
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise ResultsError(f"{path}: results file exists; pass --overwrite to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite and resume:
+            raise ResultsError(f"{path}: pass --resume or --overwrite, not both")
+        if not (path.exists() or _journal(path).exists()):
+            if not path.parent.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(path.parent, os.W_OK):
+                raise ResultsError(f"{path}: folder {path.parent} is not writable")
+            return set()
+        if overwrite:
+            return set()
+        if not resume:
+            raise ResultsError(f"{path}: results file exists; pass --resume to skip the requests it holds, "
+                               "or --overwrite to replace it")
+        return {r.id for r in _recover(path)}
+
+    def __init__(self, path: str | Path, attrs: dict, *, overwrite: bool = False, resume: bool = False):
+        path = Path(path)
+        done = ResultWriter.check_target(path, overwrite=overwrite, resume=resume)
         self.path = path
-        self.f = h5py.File(path, "w")
-        self.f.attrs["format"] = FORMAT
-        for k, v in attrs.items():
-            self.f.attrs[k] = v if isinstance(v, str) else json.dumps(v)
-        self.group = self.f.create_group("requests")
-        for name, dtype in _COLUMNS.items():
-            self.group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
-        self.count = 0
-        self.group.attrs["count"] = 0
+        if resume and path.exists():
+            self.f = h5py.File(path, "a")
+            self.group = self.f["requests"]
+            self.count = int(self.group.attrs["count"])
+            assert self.count == len(done), (self.count, len(done))
+            for name in _COLUMNS:  # rows beyond `count` were half-written before a crash
+                self.group[name].resize((self.count,))
+            resumed = json.loads(self.f.attrs.get("resumed", "[]"))
+            self.f.attrs["resumed"] = json.dumps(resumed + [attrs.get("created", "")])
+            self.journal = open(_journal(path), "a", encoding="utf-8")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = h5py.File(path, "w")
+            self.f.attrs["format"] = FORMAT
+            for k, v in attrs.items():
+                self.f.attrs[k] = v if isinstance(v, str) else json.dumps(v)
+            self.group = self.f.create_group("requests")
+            for name, dtype in _COLUMNS.items():
+                self.group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+            self.count = 0
+            self.group.attrs["count"] = 0
+            self.journal = open(_journal(path), "w", encoding="utf-8")
+            self._journal_write({"attrs": {k: v if isinstance(v, str) else json.dumps(v) for k, v in attrs.items()}})
         self.f.flush()
+
+    def _journal_write(self, *objs) -> None:
+        for obj in objs:
+            self.journal.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.journal.flush()
+        os.fsync(self.journal.fileno())
 
     def append(self, records: list[Record]) -> None:
         if not records:
             return
-        n, k = self.count, len(records)
-        for name in _COLUMNS:
-            ds = self.group[name]
-            ds.resize((n + k,))
-            if name == "token_ids":
-                for i, r in enumerate(records):
-                    ds[n + i] = np.asarray(r.token_ids, dtype=np.int32)
-            else:
-                ds[n:n + k] = [getattr(r, name) for r in records]
-        self.count = n + k
+        self._journal_write(*({"record": dataclasses.asdict(r)} for r in records))
+        _append(self.group, self.count, records)
+        self.count += len(records)
         self.group.attrs["count"] = self.count
         self.f.flush()
 
     def set_attr(self, key: str, value) -> None:
-        self.f.attrs[key] = value if isinstance(value, str) else json.dumps(value)
+        value = value if isinstance(value, str) else json.dumps(value)
+        self._journal_write({"attrs": {key: value}})
+        self.f.attrs[key] = value
         self.f.flush()
 
-    def close(self) -> None:
+    def close(self, complete: bool = False) -> None:
+        """Close the file; `complete` (the run ended normally) also drops the journal."""
         if self.f:
             self.f.close()
             self.f = None
+            self.journal.close()
+            if complete:
+                _journal(self.path).unlink(missing_ok=True)
+
+
+def _append(group, n: int, records: list[Record]) -> None:
+    k = len(records)
+    for name in _COLUMNS:
+        ds = group[name]
+        ds.resize((n + k,))
+        if name == "token_ids":
+            for i, r in enumerate(records):
+                ds[n + i] = np.asarray(r.token_ids, dtype=np.int32)
+        else:
+            ds[n:n + k] = [getattr(r, name) for r in records]
+
+
+def _read_journal(path: Path) -> tuple[dict, list[Record]]:
+    attrs, records = {}, []
+    with open(_journal(path), encoding="utf-8") as f:
+        for line in f:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the last line of a killed writer may be cut short
+            if "attrs" in obj:
+                attrs.update(obj["attrs"])
+            elif "record" in obj:
+                records.append(Record(**obj["record"]))
+    return attrs, records
+
+
+def _recover(path: Path) -> list[Record]:
+    """Make the results file hold every record the journal has; returns the committed records."""
+    try:
+        records = read_results(path)
+    except Exception:
+        if not _journal(path).exists():
+            raise ResultsError(f"{path}: results file is unreadable and has no journal to rebuild it from") from None
+        records = None
+    if not _journal(path).exists():
+        return records
+    attrs, journaled = _read_journal(path)
+    if records is not None and len(journaled) <= len(records):
+        return records
+    if records is None:  # unreadable: rebuild it whole from the journal
+        with h5py.File(path, "w") as f:
+            f.attrs["format"] = FORMAT
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            g = f.create_group("requests")
+            for name, dtype in _COLUMNS.items():
+                g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+            _append(g, 0, journaled)
+            g.attrs["count"] = len(journaled)
+        return journaled
+    with h5py.File(path, "a") as f:  # the journal got further than the file before the crash
+        g = f["requests"]
+        for name in _COLUMNS:
+            g[name].resize((len(records),))
+        _append(g, len(records), journaled[len(records):])
+        g.attrs["count"] = len(journaled)
+    return journaled
 
 
 def read_attrs(path: str | Path) -> dict:

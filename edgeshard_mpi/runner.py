@@ -16,12 +16,14 @@ An exception after step 1 on any rank prints the rank and message and aborts the
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import resource
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from .cluster import Cluster, format_bytes, parse_hostfile
 from .comm import Comm, versions
@@ -47,8 +49,14 @@ class RunOptions:
     profile: str | None = None  # a profile file to plan from (else a saved matching one, else measure)
     output: str | None = None
     overwrite: bool = False
+    resume: bool = False
+    schedule: str | None = None
+    micro_batches: int | None = None
     progress: bool = True
     repeats: int = 5  # profiling: runs per measurement
+
+
+_SAMPLE = 256  # prompts read ahead of the run: they size the profile's shapes and the KV cache
 
 
 class SetupFailed(Exception):
@@ -101,9 +109,11 @@ def _given_plan(job: Job, opts: RunOptions, spec: ModelSpec, world: int) -> Plan
     return even_plan(n, world)
 
 
-def _tokenize(job: Job, tok, spec: ModelSpec) -> list[Prompt]:
-    out = []
+def _tokenize(job: Job, tok, spec: ModelSpec, skip: set[str]) -> Iterator[Prompt]:
+    """Prompts one at a time, tokenised and checked, leaving out ids in `skip` (already done)."""
     for req in read_prompts(job.prompts, job.generation):
+        if req.id in skip:
+            continue
         if req.messages is not None or job.chat:
             messages = list(req.messages) if req.messages is not None else [{"role": "user", "content": req.prompt}]
             if not tok.chat_template:
@@ -121,10 +131,12 @@ def _tokenize(job: Job, tok, spec: ModelSpec) -> list[Prompt]:
             raise JobError(f"{req.where}: prompt of {len(ids)} tokens + max_new_tokens "
                            f"{req.generation.max_new_tokens} = {need} exceeds the model's context of "
                            f"{spec.context} tokens")
-        out.append(Prompt(req, ids, text))
-    if not out:
-        raise JobError(f"{job.prompts}: no prompts")
-    return out
+        yield Prompt(req, ids, text)
+
+
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +157,8 @@ class _Local:
     job: Job
     spec: ModelSpec
     tok: object = None
-    prompts: list = dataclasses.field(default_factory=list)
+    prompts: Iterator[Prompt] = iter(())
+    total: int = 0  # prompts still to run (for the progress bar)
     writer: ResultWriter | None = None
     objective: str | None = None
     profile: Profile | None = None
@@ -160,14 +173,21 @@ def _read(job_path: str, opts: RunOptions, world: int, *, for_run: bool):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    prompts = _tokenize(job, tok, spec)
-    longest = max(len(p.ids) + p.request.generation.max_new_tokens for p in prompts)
-    local = _Local(job, spec, tok, prompts, kv_tokens=longest * job.micro_batch_size)
+    output = opts.output or job.output
+    done = ResultWriter.check_target(output, overwrite=opts.overwrite, resume=opts.resume) if for_run else set()
+    stream = _tokenize(job, tok, spec, done)
+    sample = list(itertools.islice(stream, _SAMPLE))  # sizes the profile and the KV cache; the rest streams
+    if not sample and not done:
+        raise JobError(f"{job.prompts}: no prompts")
+    longest = max((len(p.ids) + p.request.generation.max_new_tokens for p in sample), default=1)
+    local = _Local(job, spec, tok, itertools.chain(sample, stream), kv_tokens=longest * job.micro_batch_size)
     plan = _given_plan(job, opts, spec, world) if for_run else None
+    if plan is None and not sample:
+        plan = even_plan(spec.num_units, world)  # nothing left to run: no need to profile
     measure = None
     if plan is None:
         local.objective = opts.objective or (job.plan or {}).get("objective", "throughput")
-        shapes = profile_shapes([len(p.ids) for p in prompts], job.generation.max_new_tokens,
+        shapes = profile_shapes([len(p.ids) for p in sample], job.generation.max_new_tokens,
                                 job.micro_batch_size)
         if opts.profile:
             local.profile = Profile.load(opts.profile)
@@ -180,11 +200,12 @@ def _read(job_path: str, opts: RunOptions, world: int, *, for_run: bool):
         plan.check_world(world)
         _check_memory(spec, plan, cluster, local.kv_tokens)
     if for_run:
-        local.writer = ResultWriter(opts.output or job.output, {
+        local.total = _count_lines(job.prompts) - len(done)
+        local.writer = ResultWriter(output, {
             "job": job.text, "job_path": job.path, "cluster": cluster.to_dict(),
             "model": {"name": spec.name, "path": spec.path, "dtype": spec.dtype, "config": spec.config},
             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }, overwrite=opts.overwrite)
+        }, overwrite=opts.overwrite, resume=opts.resume)
     shared = _Shared(str(model_path), job.dtype, cluster.to_dict(), plan.to_dict() if plan else None, measure)
     return shared, local
 
@@ -261,7 +282,9 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
         summary = None
         if rank == 0:
             summary = source_loop(comm, shard, plan, local.job, local.tok, local.prompts, local.writer,
-                                  opts.progress, stats)
+                                  opts.progress, stats, schedule=opts.schedule or local.job.schedule,
+                                  in_flight=opts.micro_batches or local.job.micro_batches or len(plan.stages),
+                                  total=local.total)
         elif shard is not None:
             stage_loop(comm, shard, plan, index, stats)
         comm.barrier()  # ranks done early (or left out) wait here for the last one, without spinning
@@ -278,6 +301,7 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
         summary.stages = [{**by_rank[s.rank], "first": s.first, "last": s.last,
                            "units": f"{spec.units[s.first].name}..{spec.units[s.last].name}"} for s in plan.stages]
         local.writer.set_attr("summary", dataclasses.asdict(summary))
+        local.writer.close(complete=True)
         return summary
     finally:
         if rank == 0:

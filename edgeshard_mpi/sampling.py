@@ -51,6 +51,12 @@ class Sampler:
         self.all_greedy = all(p.greedy for p in params)
         self.generators = [None if p.greedy else torch.Generator().manual_seed(p.seed) for p in params]
 
+    def select(self, keep) -> None:
+        """Keep only rows `keep` (the others finished), each with its own generator."""
+        self.params = [self.params[i] for i in keep]
+        self.generators = [self.generators[i] for i in keep]
+        self.all_greedy = all(p.greedy for p in self.params)
+
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: (B, V) fp32 -> token ids (B,) int64 on the CPU."""
         tokens = logits.argmax(dim=-1).cpu()

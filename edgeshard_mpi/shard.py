@@ -138,6 +138,16 @@ class Shard:
             cache=DynamicCache(config=self.config) if self.layers else None,
             mask=None, last_pos=torch.zeros(len(pads), 1, dtype=torch.long, device=self.device))
 
+    def select(self, slot: int, keep) -> None:
+        """Keep only rows `keep` of the micro-batch in `slot` (the others finished): cache, mask, positions."""
+        state = self.slots[slot]
+        idx = torch.as_tensor(keep, dtype=torch.long, device=self.device)
+        if state.cache is not None:
+            state.cache.batch_select_indices(idx)
+        if state.mask is not None:
+            state.mask = state.mask[idx]
+        state.last_pos = state.last_pos[idx]
+
     def release(self, slot: int) -> None:
         self.slots.pop(slot, None)
 

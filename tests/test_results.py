@@ -39,7 +39,7 @@ def test_uncommitted_rows_are_not_read(tmp_path):
 def test_never_overwrites_silently(tmp_path):
     path = tmp_path / "r.h5"
     path.write_text("keep me")
-    with pytest.raises(ResultsError, match="--overwrite"):
+    with pytest.raises(ResultsError, match="--resume .*--overwrite"):
         ResultWriter(path, {})
     assert path.read_text() == "keep me"
     ResultWriter(path, {}, overwrite=True).close()
