@@ -27,6 +27,9 @@ from .results import ResultsError
 
 __all__ = ["main"]
 
+_BENCH_DEFAULT = (("throughput", "no-bubbles"), ("throughput", "bubbles"), ("throughput", "sequential"),
+                  ("even", "no-bubbles"), ("edge-solo", "no-bubbles"))  # runner.BENCH_DEFAULT, without importing MPI
+
 # Errors that come from what the user gave us: one clear line, no traceback.
 _USER_ERRORS = (JobError, HostfileError, ModelError, PlanError, ProfileError, ResultsError, FileNotFoundError)
 
@@ -50,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, "
                      "else the number of stages)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    bench = sub.add_parser("bench", help="run the job's prompts under several plans and schedules (under mpiexec)")
+    bench.add_argument("job")
+    bench.add_argument("--hostfile")
+    bench.add_argument("--configs", help="comma-separated objective:schedule pairs (default: "
+                       + ",".join(f"{o}:{s}" for o, s in _BENCH_DEFAULT) + ")")
+    bench.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, else stages)")
+    bench.add_argument("--profile", help="profile JSON to plan from (default: a saved matching one, else measure)")
+    bench.add_argument("--json", help="also save the rows as JSON to this file")
 
     prof = sub.add_parser("profile", help="measure units and links on every rank (under mpiexec)")
     prof.add_argument("job", help="job file: model, dtype, prompts (for shapes), micro-batch size, hostfile")
@@ -81,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("run", "profile"):
+    if args.command in ("run", "profile", "bench"):
         return _mpi_command(args)
     try:
         if args.command == "show":
@@ -101,8 +113,25 @@ def _mpi_command(args) -> int:
 
     comm = Comm()
     try:
-        from .runner import RunOptions, SetupFailed, profile_job, run_job
+        from .runner import RunOptions, SetupFailed, bench_job, profile_job, run_job
 
+        if args.command == "bench":
+            configs = _BENCH_DEFAULT
+            if args.configs:
+                configs = tuple(tuple(c.split(":", 1)) for c in args.configs.split(","))
+                for c in configs:
+                    if len(c) != 2 or c[0] not in OBJECTIVES or c[1] not in SCHEDULES:
+                        raise SetupFailed(f"--configs: {':'.join(c)!r} is not objective:schedule "
+                                          f"(objectives: {', '.join(OBJECTIVES)}; schedules: {', '.join(SCHEDULES)})",
+                                          quiet=comm.rank != 0)
+            rows = bench_job(comm, args.job, RunOptions(hostfile=args.hostfile, profile=args.profile,
+                                                        micro_batches=args.micro_batches), configs)
+            if rows is not None:
+                _print_bench(rows)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(rows, f, indent=1)
+            return 0
         if args.command == "profile":
             prof = profile_job(comm, args.job, RunOptions(hostfile=args.hostfile, repeats=args.repeats), args.out)
             if prof is not None:
@@ -231,3 +260,16 @@ def _plan(args) -> int:
                    else f"the {args.objective} optimum is as good or better without it")
             print(f"left out: rank {j} {costs.device_names[j]}: {why}")
     return 0
+
+
+def _print_bench(rows: list[dict]) -> None:
+    print(f"{'plan':<20} {'schedule':<11} {'tokens/s':>9} {'ms/token':>9} {'TTFT ms':>8} {'ideal tok/s':>11} "
+          f"{'of ideal':>8}  busy share per stage (rank)")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['objective']:<20} {r['schedule']:<11} not run: {r['error']}")
+            continue
+        busy = "  ".join(f"r{st['rank']}:{b:.0%}" for st, b in zip(r["stages"], r["busy"]))
+        print(f"{r['objective']:<20} {r['schedule']:<11} {r['tokens_per_s']:>9.2f} {r['ms_per_token']:>9.1f} "
+              f"{r['ttft_ms']:>8.0f} {r['ideal_tokens_per_s']:>11.2f} {r['tokens_per_s'] / r['ideal_tokens_per_s']:>8.0%}"
+              f"  {busy}")

@@ -36,7 +36,7 @@ from .profiler import (Profile, cluster_fingerprint, find_profile, measure_profi
 from .results import ResultWriter
 from .shard import Shard
 
-__all__ = ["RunOptions", "SetupFailed", "run_job", "profile_job"]
+__all__ = ["RunOptions", "SetupFailed", "run_job", "profile_job", "bench_job", "BENCH_DEFAULT"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +165,10 @@ class _Local:
     kv_tokens: int = 0  # KV cache each unit must hold: micro-batch x longest request
 
 
-def _read(job_path: str, opts: RunOptions, world: int, *, for_run: bool):
+def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
+    """mode: "run" (results file, saved profile if one fits), "bench" (saved profile if one fits),
+    "profile" (always measure)."""
+    for_run = mode == "run"
     job = Job.load(job_path)
     cluster = _cluster(job, opts, world)
     model_path = prepare(job.model)  # a preset is prepared once, here, while the others wait
@@ -182,6 +185,8 @@ def _read(job_path: str, opts: RunOptions, world: int, *, for_run: bool):
     longest = max((len(p.ids) + p.request.generation.max_new_tokens for p in sample), default=1)
     local = _Local(job, spec, tok, itertools.chain(sample, stream), kv_tokens=longest * job.micro_batch_size)
     plan = _given_plan(job, opts, spec, world) if for_run else None
+    if mode == "bench":
+        local.objective = "throughput"
     if plan is None and not sample:
         plan = even_plan(spec.num_units, world)  # nothing left to run: no need to profile
     measure = None
@@ -191,7 +196,7 @@ def _read(job_path: str, opts: RunOptions, world: int, *, for_run: bool):
                                 job.micro_batch_size)
         if opts.profile:
             local.profile = Profile.load(opts.profile)
-        elif for_run:
+        elif mode != "profile":
             local.profile = find_profile(model_fingerprint(spec), cluster_fingerprint(
                 [d.to_dict() for d in cluster.devices]), shapes)
         if local.profile is None:
@@ -199,8 +204,8 @@ def _read(job_path: str, opts: RunOptions, world: int, *, for_run: bool):
     else:
         plan.check_world(world)
         _check_memory(spec, plan, cluster, local.kv_tokens)
+    local.total = _count_lines(job.prompts) - len(done)
     if for_run:
-        local.total = _count_lines(job.prompts) - len(done)
         local.writer = ResultWriter(output, {
             "job": job.text, "job_path": job.path, "cluster": cluster.to_dict(),
             "model": {"name": spec.name, "path": spec.path, "dtype": spec.dtype, "config": spec.config},
@@ -233,14 +238,14 @@ def _profile(comm: Comm, shared: _Shared, local: _Local | None, cluster: Cluster
     return prof
 
 
-def _make_plan(local: _Local, cluster: Cluster, world: int) -> Plan:
+def _make_plan(local: _Local, cluster: Cluster, world: int, objective: str | None = None) -> Plan:
     prof = local.profile
     if prof.model.get("fingerprint") != model_fingerprint(local.spec):
         raise PlanError(f"{prof.source}: profile is for model {prof.model.get('name')!r} "
                         f"({prof.model.get('fingerprint')}), not {local.spec.name} ({model_fingerprint(local.spec)})")
     if len(prof.devices) != world:
         raise PlanError(f"{prof.source}: profile has {len(prof.devices)} devices but {world} ranks run")
-    plan = plan_for(prof.costs(kv_tokens=local.kv_tokens), local.objective)
+    plan = plan_for(prof.costs(kv_tokens=local.kv_tokens), objective or local.objective)
     plan.check_world(world)
     _check_memory(local.spec, plan, cluster, local.kv_tokens)
     return plan
@@ -250,7 +255,7 @@ def _make_plan(local: _Local, cluster: Cluster, world: int) -> Plan:
 def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     """Run a job on every rank; rank 0 returns the Summary, the others None."""
     rank, world = comm.rank, comm.size
-    shared, local = _decide(comm, lambda: _read(job_path, opts, world, for_run=True))
+    shared, local = _decide(comm, lambda: _read(job_path, opts, world, mode="run"))
     cluster = Cluster.from_dict(shared.cluster)
     comm.emulate_links(cluster.devices)
     spec = local.spec if rank == 0 else ModelSpec.load(shared.model_path, shared.dtype)
@@ -262,57 +267,130 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
                 local.profile = prof
         plan_dict, _ = _decide(comm, lambda: (_make_plan(local, cluster, world).to_dict(), None))
     plan = Plan.from_dict(plan_dict, spec.num_units)
-    device = cluster.devices[rank]
-    index = plan.stage_of(rank)
     if rank == 0:
         local.writer.set_attr("plan", plan.to_dict())
         if local.profile is not None:
             local.writer.set_attr("profile", local.profile.source)
 
-    shard = None
-    if index is not None:
-        s = plan.stages[index]
-        shard = Shard(spec, s.first, s.last, device.torch, slowdown=device.slowdown, memory=device.memory)
-    comm.barrier()  # every shard loaded: the clock starts together
-
-    stats = {"rank": rank, "device": device.name, "compute_s": 0.0, "steps": 0,
-             "bytes": shard.param_bytes if shard else 0}
-    start, cpu_start = time.perf_counter(), time.process_time()
     try:
-        summary = None
+        summary = _execute(comm, spec, cluster, plan, local, local.prompts if rank == 0 else None,
+                           schedule=opts.schedule or (local.job.schedule if rank == 0 else ""),
+                           in_flight=opts.micro_batches or (local.job.micro_batches if rank == 0 else None),
+                           progress=opts.progress)
         if rank == 0:
-            summary = source_loop(comm, shard, plan, local.job, local.tok, local.prompts, local.writer,
-                                  opts.progress, stats, schedule=opts.schedule or local.job.schedule,
-                                  in_flight=opts.micro_batches or local.job.micro_batches or len(plan.stages),
-                                  total=local.total)
-        elif shard is not None:
-            stage_loop(comm, shard, plan, index, stats)
-        comm.barrier()  # ranks done early (or left out) wait here for the last one, without spinning
-        # CPU time while running or waiting: an idle rank's share shows whether waits spin
-        stats["wall_s"] = time.perf_counter() - start
-        stats["cpu_s"] = time.process_time() - cpu_start
-        stats["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        all_stats = comm.gather(stats)
-        if rank != 0:
-            return None
-        by_rank = {st["rank"]: st for st in all_stats}
-        summary.seconds = stats["wall_s"]
-        summary.ranks = all_stats
-        summary.stages = [{**by_rank[s.rank], "first": s.first, "last": s.last,
-                           "units": f"{spec.units[s.first].name}..{spec.units[s.last].name}"} for s in plan.stages]
-        local.writer.set_attr("summary", dataclasses.asdict(summary))
-        local.writer.close(complete=True)
+            local.writer.set_attr("summary", dataclasses.asdict(summary))
+            local.writer.close(complete=True)
         return summary
     finally:
         if rank == 0:
             local.writer.close()  # whatever happened, committed records stay readable
 
 
+def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _Local | None, prompts,
+             *, schedule: str, in_flight: int | None, progress: bool) -> Summary | None:
+    """Load this rank's shard, run the loops, gather every rank's figures; rank 0 returns the Summary."""
+    rank = comm.rank
+    device = cluster.devices[rank]
+    index = plan.stage_of(rank)
+    shard = None
+    if index is not None:
+        st = plan.stages[index]
+        shard = Shard(spec, st.first, st.last, device.torch, slowdown=device.slowdown, memory=device.memory)
+    comm.barrier()  # every shard loaded: the clock starts together
+
+    stats = {"rank": rank, "device": device.name, "compute_s": 0.0, "steps": 0,
+             "bytes": shard.param_bytes if shard else 0}
+    start, cpu_start = time.perf_counter(), time.process_time()
+    summary = None
+    if rank == 0:
+        summary = source_loop(comm, shard, plan, local.job, local.tok, prompts, local.writer, progress, stats,
+                              schedule=schedule, in_flight=in_flight or len(plan.stages), total=local.total)
+    elif shard is not None:
+        stage_loop(comm, shard, plan, index, stats)
+    comm.barrier()  # ranks done early (or left out) wait here for the last one, without spinning
+    # CPU time while running or waiting: an idle rank's share shows whether waits spin
+    stats["wall_s"] = time.perf_counter() - start
+    stats["cpu_s"] = time.process_time() - cpu_start
+    stats["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    all_stats = comm.gather(stats)
+    if rank != 0:
+        return None
+    by_rank = {st["rank"]: st for st in all_stats}
+    summary.seconds = stats["wall_s"]
+    summary.ranks = all_stats
+    summary.stages = [{**by_rank[s.rank], "first": s.first, "last": s.last,
+                       "units": f"{spec.units[s.first].name}..{spec.units[s.last].name}"} for s in plan.stages]
+    return summary
+
+
 def profile_job(comm: Comm, job_path: str, opts: RunOptions, out: str | None = None) -> Profile | None:
     """`edgeshard profile`: measure the job's model on the cluster; rank 0 returns the saved Profile."""
     shared, local = _decide(comm, lambda: _read(job_path, dataclasses.replace(opts, profile=None), comm.size,
-                                                   for_run=False))
+                                                   mode="profile"))
     cluster = Cluster.from_dict(shared.cluster)
     comm.emulate_links(cluster.devices)
     spec = local.spec if comm.rank == 0 else ModelSpec.load(shared.model_path, shared.dtype)
     return _profile(comm, shared, local, cluster, spec, opts.repeats, out)
+
+
+BENCH_DEFAULT = (("throughput", "no-bubbles"), ("throughput", "bubbles"), ("throughput", "sequential"),
+                 ("even", "no-bubbles"), ("edge-solo", "no-bubbles"))
+
+
+def bench_job(comm: Comm, job_path: str, opts: RunOptions,
+              configs: tuple[tuple[str, str], ...] = BENCH_DEFAULT) -> list[dict] | None:
+    """`edgeshard bench`: the job's prompts under each (objective, schedule), one after the other.
+
+    Every configuration plans from the same profile (saved, or measured first) and runs the same
+    prompts; rank 0 returns one row per configuration. A plan that cannot be made (a baseline out
+    of memory) gives a row with the reason instead.
+    """
+    import tempfile
+
+    rank, world = comm.rank, comm.size
+    shared, local = _decide(comm, lambda: _read(job_path, opts, world, mode="bench"))
+    cluster = Cluster.from_dict(shared.cluster)
+    comm.emulate_links(cluster.devices)
+    spec = local.spec if rank == 0 else ModelSpec.load(shared.model_path, shared.dtype)
+    if shared.measure is not None:
+        prof = _profile(comm, shared, local, cluster, spec, opts.repeats)
+        if rank == 0:
+            local.profile = prof
+    rows = []
+    tmp = tempfile.mkdtemp(prefix="edgeshard-bench-") if rank == 0 else None
+    for i, (objective, schedule) in enumerate(configs):
+        def decide_plan():
+            try:
+                return ("ok", _make_plan(local, cluster, world, objective).to_dict()), None
+            except PlanError as e:
+                return ("infeasible", str(e)), None
+
+        (status, value), _ = _decide(comm, decide_plan)
+        if status != "ok":
+            rows.append({"objective": objective, "schedule": schedule, "error": value})
+            continue
+        plan = Plan.from_dict(value, spec.num_units)
+        prompts = None
+        if rank == 0:
+            local.writer = ResultWriter(Path(tmp) / f"bench-{i}.h5", {"job": local.job.text}, overwrite=True)
+            prompts = _tokenize(local.job, local.tok, spec, set())
+        try:
+            summary = _execute(comm, spec, cluster, plan, local, prompts, schedule=schedule,
+                               in_flight=opts.micro_batches or (local.job.micro_batches if rank == 0 else None),
+                               progress=False)
+        finally:
+            if rank == 0:
+                local.writer.close(complete=True)
+        if rank == 0:
+            compute = [st["compute_s"] for st in summary.stages]
+            rows.append({
+                "objective": objective, "schedule": schedule, "plan": plan.to_dict(),
+                "requests": summary.requests, "tokens": summary.tokens, "seconds": summary.seconds,
+                "tokens_per_s": summary.tokens_per_s, "ms_per_token": summary.ms_per_token,
+                "ttft_ms": summary.ttft_ms,
+                "busy": [c / summary.seconds for c in compute],
+                # the rate if the busiest stage never waited: tokens / its compute time, same run
+                "ideal_tokens_per_s": summary.tokens / max(compute) if max(compute) > 0 else 0.0,
+                "stages": summary.stages,
+            })
+    return rows if rank == 0 else None

@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("EDGESHARD_MODELS", str(ROOT / "models"))  # prepare each preset once, reuse it
+os.environ.setdefault("EDGESHARD_PROFILES", tempfile.mkdtemp(prefix="edgeshard-profiles-"))  # not in the repo
 
 
 @pytest.fixture(scope="session")
