@@ -19,16 +19,13 @@ import time
 import traceback
 
 from .cluster import HostfileError, format_bytes
-from .jobs import SCHEDULES, JobError
+from .jobs import BENCH_DEFAULT, SCHEDULES, JobError
 from .models import ModelError
 from .planner import OBJECTIVES, PlanError
 from .profiler import ProfileError
 from .results import ResultsError
 
 __all__ = ["main"]
-
-_BENCH_DEFAULT = (("throughput", "no-bubbles"), ("throughput", "bubbles"), ("throughput", "sequential"),
-                  ("even", "no-bubbles"), ("edge-solo", "no-bubbles"))  # runner.BENCH_DEFAULT, without importing MPI
 
 # Errors that come from what the user gave us: one clear line, no traceback.
 _USER_ERRORS = (JobError, HostfileError, ModelError, PlanError, ProfileError, ResultsError, FileNotFoundError)
@@ -51,15 +48,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue an existing results file: skip the requests it already holds")
     run.add_argument("--schedule", choices=list(SCHEDULES), help="pipeline schedule (default: the job's)")
     run.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, "
-                     "else the number of stages)")
+                     "else twice the plan's stages)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     bench = sub.add_parser("bench", help="run the job's prompts under several plans and schedules (under mpiexec)")
     bench.add_argument("job")
     bench.add_argument("--hostfile")
     bench.add_argument("--configs", help="comma-separated objective:schedule pairs (default: "
-                       + ",".join(f"{o}:{s}" for o, s in _BENCH_DEFAULT) + ")")
-    bench.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, else stages)")
+                       + ",".join(f"{o}:{s}" for o, s in BENCH_DEFAULT) + ")")
+    bench.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, else twice the stages)")
     bench.add_argument("--profile", help="profile JSON to plan from (default: a saved matching one, else measure)")
     bench.add_argument("--json", help="also save the rows as JSON to this file")
 
@@ -116,7 +113,7 @@ def _mpi_command(args) -> int:
         from .runner import RunOptions, SetupFailed, bench_job, profile_job, run_job
 
         if args.command == "bench":
-            configs = _BENCH_DEFAULT
+            configs = BENCH_DEFAULT
             if args.configs:
                 configs = tuple(tuple(c.split(":", 1)) for c in args.configs.split(","))
                 for c in configs:

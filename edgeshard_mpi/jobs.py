@@ -8,7 +8,7 @@ A job file, with paths relative to the job file's folder:
     output = "../results/demo.h5"    # default: results/<job name>.h5 under the current folder
     hostfile = "../hostfiles/local3.hosts"   # optional; --hostfile overrides
     micro_batch_size = 4
-    micro_batches = 4                # in flight at once (default: the number of pipeline stages)
+    micro_batches = 4                # in flight at once (default: twice the pipeline's stages)
     schedule = "no-bubbles"          # no-bubbles (default) | bubbles | sequential
     chat = false                     # apply the chat template to plain "prompt" strings too
 
@@ -38,9 +38,12 @@ from typing import Iterator
 from .planner import OBJECTIVES
 from .sampling import SamplingParams
 
-__all__ = ["JobError", "Generation", "Job", "Request", "read_prompts", "SCHEDULES"]
+__all__ = ["JobError", "Generation", "Job", "Request", "read_prompts", "SCHEDULES", "BENCH_DEFAULT"]
 
 SCHEDULES = ("sequential", "bubbles", "no-bubbles")
+# what `edgeshard bench` runs by default: (plan objective, schedule)
+BENCH_DEFAULT = (("throughput", "no-bubbles"), ("throughput", "bubbles"), ("throughput", "sequential"),
+                 ("even", "no-bubbles"), ("edge-solo", "no-bubbles"))
 
 
 class JobError(ValueError):
@@ -118,7 +121,7 @@ class Job:
     dtype: str = "float32"
     hostfile: str | None = None
     micro_batch_size: int = 1
-    micro_batches: int | None = None  # in flight; None = as many as the plan has stages
+    micro_batches: int | None = None  # in flight; None = twice the plan's stages
     schedule: str = "no-bubbles"
     chat: bool = False
     generation: Generation = Generation()

@@ -274,12 +274,11 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
                 shard.release(slot)
             else:
                 slots[slot] = new
-        if slot not in slots:
-            pass
-        elif schedule == "bubbles":
-            ready.append(slot)
-        else:
-            launch(slot, slots[slot])
+        if slot in slots:
+            if schedule == "bubbles":
+                ready.append(slot)
+            else:
+                launch(slot, slots[slot])
         if schedule == "bubbles" and ready and len(ready) == len(slots):
             for s in sorted(ready):  # the step barrier: everyone in flight has finished this step
                 launch(s, slots[s])
