@@ -15,7 +15,8 @@ plain local device named after its host.
 
 Heterogeneity can be emulated on one machine, visibly and without burning CPU:
     # device: name=slow-board memory=2GiB slowdown=3.5 link=50Mbit latency=2ms
-`slowdown=3.5` stretches each unit's compute to 3.5x its measured time by sleeping afterwards;
+`slowdown=3.5` stretches each forward to 3.5x the CPU time of its compute (on one thread) by
+sleeping afterwards;
 `link=50Mbit latency=2ms` is the device's network attachment: a message from device a to device b
 arrives no earlier than latency_a + latency_b + bytes / min(bw_a, bw_b) after it was sent.
 """

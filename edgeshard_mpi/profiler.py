@@ -185,26 +185,30 @@ def _file_name(model_fp: str, cluster_fp: str, shapes: dict) -> str:
 
 
 # -- measuring (under mpiexec) -----------------------------------------------------------------
-def _median_time(fn, repeats: int, scale: float = 1.0) -> float:
+def _median_time(fn, repeats: int, slowdown: float = 1.0) -> float:
+    """Median time of fn(): wall time on a real device; on an emulated one, slowdown x its CPU time,
+    which is what the device's shard stretches each forward to in a run."""
+    clock = time.perf_counter if slowdown == 1.0 else time.thread_time
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * scale
+        times.append(clock() - t0)
+    return statistics.median(times) * slowdown
 
 
 def _measure_units(spec, device, shapes: dict, repeats: int) -> tuple[list[float], list[float]]:
     """Each unit alone on this rank's device: median prefill and decode step time (emulation applied).
 
-    A slowed-down device is measured at full speed and its times multiplied by its slowdown, which
-    is what its shard's sleeps stretch them to in a run; sleeping between timed repeats would
-    instead let the caches go cold and time something else.
+    A slowed-down device is measured at full speed, by CPU time on one thread, and its times
+    multiplied by its slowdown: what its shard stretches them to in a run (shard.emulated_compute).
+    Sleeping between timed repeats would instead let the caches go cold and time something else.
     """
     import torch
 
-    from .shard import Shard
+    from .shard import Shard, emulated_compute
 
+    emulated_compute(device.slowdown)
     b, p, c = shapes["micro_batch_size"], shapes["prompt_tokens"], shapes["context"]
     hidden = int(spec.config["hidden_size"])
     vocab = int(spec.config["vocab_size"])

@@ -34,7 +34,7 @@ from .planner import Plan, PlanError, even_plan, plan_for
 from .profiler import (Profile, cluster_fingerprint, find_profile, measure_profile, model_fingerprint,
                        profile_shapes, profiles_dir)
 from .results import ResultWriter
-from .shard import Shard
+from .shard import Shard, emulated_compute
 
 __all__ = ["RunOptions", "SetupFailed", "run_job", "profile_job", "bench_job"]
 
@@ -303,6 +303,7 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     shard = None
     if index is not None:
         st = plan.stages[index]
+        emulated_compute(device.slowdown)
         shard = Shard(spec, st.first, st.last, device.torch, slowdown=device.slowdown, memory=device.memory)
     comm.barrier()  # every shard loaded: the clock starts together
 

@@ -19,9 +19,21 @@ import torch
 
 from .models import ModelError, ModelSpec
 
-__all__ = ["Shard", "TORCH_DTYPES"]
+__all__ = ["Shard", "TORCH_DTYPES", "emulated_compute"]
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def emulated_compute(slowdown: float) -> None:
+    """Set up this process for a device emulated with `slowdown` > 1.
+
+    The device's compute time is slowdown x the CPU time of its compute, on one thread: CPU time
+    does not grow when ranks sharing a host compete for its cores (wall time does, and stretching
+    wall time would multiply that contention by the slowdown), and one thread makes the calling
+    thread's CPU time all of the compute's. Real devices (slowdown 1) keep every thread.
+    """
+    if slowdown != 1.0:
+        torch.set_num_threads(1)
 
 
 @dataclasses.dataclass
@@ -36,8 +48,8 @@ class _SlotState:
 class Shard:
     """Units `first..last` of the model at `path`, on `device`, in `dtype`.
 
-    `slowdown` > 1 emulates a slower device: every forward sleeps (slowdown - 1) times its measured
-    time afterwards, so the stage takes slowdown x as long without using more CPU. `memory` (bytes)
+    `slowdown` > 1 emulates a slower device: every forward takes slowdown x the CPU time its compute
+    used, the rest spent asleep, so it costs no more CPU (see `emulated_compute`). `memory` (bytes)
     is the device's budget: a shard whose weights exceed it is refused before anything is read.
     """
 
@@ -162,11 +174,10 @@ class Shard:
         """
         if self.slowdown == 1.0:
             return self._forward(slot, x, prefill_pads)
-        t0 = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.thread_time()
         out = self._forward(slot, x, prefill_pads)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the stretch is of the real compute time
-        time.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
+        target = self.slowdown * (time.thread_time() - cpu)
+        time.sleep(max(0.0, target - (time.perf_counter() - wall)))
         return out
 
     def _forward(self, slot: int, x: torch.Tensor, prefill_pads: list[int] | None) -> torch.Tensor:

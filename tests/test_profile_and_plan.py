@@ -16,22 +16,23 @@ PROMPTS = ["The quick brown fox", "In a distant galaxy, a lone explorer discover
 
 
 def test_profile_measures_the_emulated_slowdown_and_link(tmp_path, smollm_path):
+    # slowdown is relative to one core of this host; two emulated devices 3x apart measure 3x apart
     hosts = tmp_path / "two.hosts"
-    hosts.write_text("# device: name=plain\nlocalhost:1\n"
-                     "# device: name=slow slowdown=3 link=20Mbit latency=5ms\nlocalhost:1\n")
+    hosts.write_text("# device: name=quick slowdown=1.5\nlocalhost:1\n"
+                     "# device: name=slow slowdown=4.5 link=20Mbit latency=5ms\nlocalhost:1\n")
     job = write_job(tmp_path, "smollm2-135m", [{"prompt": p} for p in PROMPTS], generation="max_new_tokens = 8")
     out = tmp_path / "p.json"
     proc = run_mpi(["profile", str(job), "--hostfile", str(hosts), "--out", str(out), "--repeats", "3"], 2,
                    timeout=300)
     assert proc.returncode == 0, proc.stderr
     prof = Profile.load(out)
-    plain, slow = prof.devices
-    ratio = sum(slow["decode_s"]) / sum(plain["decode_s"])
-    assert 2.0 < ratio < 4.5, ratio  # slowdown=3, measured one unit at a time
-    assert 2.0 < sum(slow["prefill_s"]) / sum(plain["prefill_s"]) < 4.5
+    quick, slow = prof.devices
+    ratio = sum(slow["decode_s"]) / sum(quick["decode_s"])
+    assert 2.2 < ratio < 4.0, ratio
+    assert 2.2 < sum(slow["prefill_s"]) / sum(quick["prefill_s"]) < 4.0
     mbit = prof.bandwidth[0][1] * 8 / 1e6
     assert 14 < mbit < 26, mbit  # link=20Mbit
-    assert 0.004 < prof.latency[0][1] < 0.009, prof.latency[0][1]  # latency=5ms (+ 0 on the plain side)
+    assert 0.004 < prof.latency[0][1] < 0.009, prof.latency[0][1]  # latency=5ms (+ 0 on the other side)
     assert prof.shapes["micro_batch_size"] == 1 and prof.model["name"] == "smollm2-135m"
     assert [u["name"] for u in prof.units][:2] == ["embed", "block.0"]
 
