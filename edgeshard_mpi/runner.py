@@ -289,6 +289,11 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
             local.writer.close()  # whatever happened, committed records stay readable
 
 
+def _default_in_flight(plan: Plan) -> int:
+    """Twice the stages (see _execute); a single stage has no pipeline to fill."""
+    return 2 * len(plan.stages) if len(plan.stages) > 1 else 1
+
+
 def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _Local | None, prompts,
              *, schedule: str, in_flight: int | None, progress: bool) -> Summary | None:
     """Load this rank's shard, run the loops, gather every rank's figures; rank 0 returns the Summary.
@@ -313,7 +318,7 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     summary = None
     if rank == 0:
         summary = source_loop(comm, shard, plan, local.job, local.tok, prompts, local.writer, progress, stats,
-                              schedule=schedule, in_flight=in_flight or 2 * len(plan.stages), total=local.total)
+                              schedule=schedule, in_flight=in_flight or _default_in_flight(plan), total=local.total)
     elif shard is not None:
         stage_loop(comm, shard, plan, index, stats)
     comm.barrier()  # ranks done early (or left out) wait here for the last one, without spinning
