@@ -94,10 +94,6 @@ class Device:
     bandwidth: float | None = None  # emulation: bytes/s of the device's link; None = not shaped
     latency: float = 0.0  # emulation: seconds the device's link adds to every message
 
-    @property
-    def emulated(self) -> bool:
-        return self.slowdown != 1.0 or self.bandwidth is not None or self.latency > 0
-
     def __post_init__(self):
         if not self.name:
             raise ValueError("device name must not be empty")

@@ -142,6 +142,8 @@ class Comm:
                 raise ValueError(f"tensor messages carry at most 3 dims, got {tuple(t.shape)}")
             header[3] = t.ndim
             header[4:4 + t.ndim] = t.shape
+            if t.dtype not in _DTYPES:
+                raise ValueError(f"tensor messages carry {', '.join(map(str, _DTYPES))}, not {t.dtype}")
             header[7] |= _DTYPES.index(t.dtype)
             bufs.append((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy())
         requests = [self.comm.Isend(header, dest=dest, tag=tag)]

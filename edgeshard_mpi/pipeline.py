@@ -58,13 +58,23 @@ class Summary:
 __all__ = ["Prompt", "Summary", "source_loop", "stage_loop"]
 
 
+def _parse_fault(text: str | None) -> tuple[int, int | None] | None:
+    if not text:
+        return None
+    r, _, s = text.partition(":")
+    try:
+        return int(r), int(s) if s else None
+    except ValueError:
+        raise ValueError(f"EDGESHARD_FAULT={text!r} is not RANK or RANK:STEP") from None
+
+
+_FAULT = _parse_fault(os.environ.get("EDGESHARD_FAULT"))  # read once, not at every step
+
+
 def _fault_check(rank: int, step: int) -> None:
     """EDGESHARD_FAULT=RANK[:STEP] raises on that rank (at that step): tests use it to check aborts."""
-    fault = os.environ.get("EDGESHARD_FAULT")
-    if fault:
-        r, _, s = fault.partition(":")
-        if int(r) == rank and (not s or int(s) == step):
-            raise RuntimeError(f"injected fault (EDGESHARD_FAULT={fault}) at step {step}")
+    if _FAULT and _FAULT[0] == rank and _FAULT[1] in (None, step):
+        raise RuntimeError(f"injected fault (EDGESHARD_FAULT={os.environ['EDGESHARD_FAULT']}) at step {step}")
 
 
 def _timed_forward(shard: Shard, stats: dict, slot: int, x: torch.Tensor, pads, keep=None) -> torch.Tensor:
@@ -72,6 +82,7 @@ def _timed_forward(shard: Shard, stats: dict, slot: int, x: torch.Tensor, pads, 
     if keep is not None:
         shard.select(slot, keep)
     out = shard.forward(slot, x.to(shard.device), pads)
+    shard.sync()
     stats["compute_s"] += time.perf_counter() - t0
     stats["steps"] += 1
     return out
@@ -133,8 +144,6 @@ class _Row:
         self.t_first = self.t_last = 0.0
 
     def add(self, token: int, now: float, eos: set[int], tok) -> None:
-        if self.finish:
-            return  # finished rows leave their micro-batch; nothing more is recorded for them
         self.tokens.append(token)
         if len(self.tokens) == 1:
             self.t_first = now
@@ -142,10 +151,14 @@ class _Row:
         if token in eos:
             self.finish = "eos"
         elif self.gen.stop:
-            text = tok.decode(self.tokens, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s) for s in self.gen.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.finish, self.text = "stop", text[:cut]
+            # a new stop string must end in the newest tokens: look at a short decoded tail first,
+            # so the check stays O(1) per token; decode everything only on a hit
+            tail = tok.decode(self.tokens[-(max(map(len, self.gen.stop)) + 8):], skip_special_tokens=True)
+            if any(s in tail for s in self.gen.stop):
+                text = tok.decode(self.tokens, skip_special_tokens=True)
+                cut = min((i for i in (text.find(s) for s in self.gen.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    self.finish, self.text = "stop", text[:cut]
         if not self.finish and len(self.tokens) >= self.gen.max_new_tokens:
             self.finish = "length"
 
@@ -175,7 +188,7 @@ class _MicroBatch:
             done = [self.rows[i] for i in self.active if self.rows[i].finish]
             self.keep = still  # the stages drop the finished rows before the next step
             self.active = [self.active[k] for k in still]
-        self.last = torch.tensor([tokens[k] for k in (still if done else range(len(tokens)))], dtype=torch.long)
+        self.last = torch.tensor([tokens[k] for k in still], dtype=torch.long)
         self.step += 1
         return done
 
@@ -206,6 +219,8 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     nxt = plan.stages[1].rank if len(plan.stages) > 1 else None
     head = plan.stages[-1].rank
     eos = _eos_ids(shard.spec.path)
+    if tok.pad_token_id is None and not eos:
+        raise ValueError(f"{shard.spec.path}: the model has no pad token and no eos_token_id to pad with")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
     bar = tqdm(total=total, unit="req", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     counts = {"requests": 0, "tokens": 0}

@@ -24,7 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .planner import Costs, PlanError
+from .planner import Costs
 
 __all__ = ["Profile", "ProfileError", "profile_shapes", "profiles_dir", "find_profile", "model_fingerprint",
            "cluster_fingerprint", "measure_profile"]
@@ -222,11 +222,15 @@ def _measure_units(spec, device, shapes: dict, repeats: int) -> tuple[list[float
                 return torch.randint(vocab, (b, t), generator=gen)
             return torch.randn(b, t, hidden, generator=gen).to(shard.dtype)
 
+        def run(x, pads):
+            shard.forward(0, x, pads)
+            shard.sync()  # on a GPU, time the kernels, not their launch
+
         x_p, x_c, x_d = inputs(p), inputs(c), inputs(1)
-        shard.forward(0, x_p, [0] * b)  # warm-up
-        prefill.append(_median_time(lambda: shard.forward(0, x_p, [0] * b), repeats, device.slowdown))
-        shard.forward(0, x_c, [0] * b)  # a cache holding `context` tokens, then single-token steps
-        decode.append(_median_time(lambda: shard.forward(0, x_d, None), repeats, device.slowdown))
+        run(x_p, [0] * b)  # warm-up
+        prefill.append(_median_time(lambda: run(x_p, [0] * b), repeats, device.slowdown))
+        run(x_c, [0] * b)  # a cache holding `context` tokens, then single-token steps
+        decode.append(_median_time(lambda: run(x_d, None), repeats, device.slowdown))
         del shard
     return prefill, decode
 
@@ -255,7 +259,9 @@ def _ping_pong(comm, peer: int, initiator: bool, repeats: int) -> tuple[float, f
         # the initiator decides whether to grow; it tells the peer with a one-element message
         if initiator:
             results[size] = statistics.median(times)
-            grow = size < 16 * 2**20 and (results[size] < 0.02 or len(results) < 2)
+            # grow until the transfer itself (time beyond the smallest message's) is well above the
+            # polling jitter, whatever the latency: then (large - small) / time gives the bandwidth
+            grow = size < 16 * 2**20 and (len(results) < 2 or results[size] - results[256] < 0.01)
             comm.send(peer, ACT, tensor=torch.tensor([1 if grow else 0], dtype=torch.int64))
         else:
             grow = bool(comm.recv(peer).tensor[0])

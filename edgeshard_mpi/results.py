@@ -94,18 +94,26 @@ class ResultWriter:
 
     def __init__(self, path: str | Path, attrs: dict, *, overwrite: bool = False, resume: bool = False):
         path = Path(path)
-        done = ResultWriter.check_target(path, overwrite=overwrite, resume=resume)
+        ResultWriter.check_target(path, overwrite=overwrite, resume=resume)  # recovers the file on resume
         self.path = path
         if resume and path.exists():
             self.f = h5py.File(path, "a")
             self.group = self.f["requests"]
             self.count = int(self.group.attrs["count"])
-            assert self.count == len(done), (self.count, len(done))
             for name in _COLUMNS:  # rows beyond `count` were half-written before a crash
                 self.group[name].resize((self.count,))
             resumed = json.loads(self.f.attrs.get("resumed", "[]"))
             self.f.attrs["resumed"] = json.dumps(resumed + [attrs.get("created", "")])
-            self.journal = open(_journal(path), "a", encoding="utf-8")
+            # The journal restarts as a full copy of the file (its attributes and every committed
+            # record), so that it can rebuild the file alone whatever came before: a finished run
+            # deleted its journal, and a killed one may have left a torn last line.
+            file_attrs = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in self.f.attrs.items()
+                          if k != "format"}
+            tmp = _journal(path).with_suffix(".tmp")
+            self.journal = open(tmp, "w", encoding="utf-8")
+            self._journal_write({"attrs": file_attrs},
+                                *({"record": dataclasses.asdict(r)} for r in read_results(path, self.f)))
+            os.replace(tmp, _journal(path))
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.f = h5py.File(path, "w")
@@ -166,16 +174,19 @@ def _append(group, n: int, records: list[Record]) -> None:
 
 def _read_journal(path: Path) -> tuple[dict, list[Record]]:
     attrs, records = {}, []
-    with open(_journal(path), encoding="utf-8") as f:
-        for line in f:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                break  # the last line of a killed writer may be cut short
+    journal = _journal(path)
+    lines = journal.read_text(encoding="utf-8").splitlines()
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            obj = json.loads(line)
             if "attrs" in obj:
                 attrs.update(obj["attrs"])
             elif "record" in obj:
                 records.append(Record(**obj["record"]))
+        except (json.JSONDecodeError, TypeError) as e:
+            if lineno == len(lines):
+                break  # the last line of a killed writer may be cut short
+            raise ResultsError(f"{journal}:{lineno}: damaged journal line ({e})") from None
     return attrs, records
 
 
@@ -217,14 +228,16 @@ def read_attrs(path: str | Path) -> dict:
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
 
 
-def read_results(path: str | Path) -> list[Record]:
-    """The committed records, in the order they finished."""
-    with h5py.File(_existing(path), "r") as f:
-        if f.attrs.get("format") != FORMAT or "requests" not in f:
-            raise ResultsError(f"{path}: not an edgeshard results file")
-        g = f["requests"]
-        n = int(g.attrs["count"])
-        cols = {name: g[name][:n] for name in _COLUMNS}
+def read_results(path: str | Path, f: h5py.File | None = None) -> list[Record]:
+    """The committed records, in the order they finished (from `f` if the file is already open)."""
+    if f is None:
+        with h5py.File(_existing(path), "r") as f:
+            return read_results(path, f)
+    if f.attrs.get("format") != FORMAT or "requests" not in f:
+        raise ResultsError(f"{path}: not an edgeshard results file")
+    g = f["requests"]
+    n = int(g.attrs["count"])
+    cols = {name: g[name][:n] for name in _COLUMNS}
     out = []
     for i in range(n):
         row = {}

@@ -160,6 +160,8 @@ class _Local:
     prompts: Iterator[Prompt] = iter(())
     total: int = 0  # prompts still to run (for the progress bar)
     writer: ResultWriter | None = None
+    output: str = ""  # the results file, checked in step 1, opened once the plan is made
+    attrs: dict = dataclasses.field(default_factory=dict)
     objective: str | None = None
     profile: Profile | None = None
     kv_tokens: int = 0  # KV cache each unit must hold: micro-batch x longest request
@@ -209,11 +211,11 @@ def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
         _check_memory(spec, plan, cluster, local.kv_tokens)
     local.total = _count_lines(job.prompts) - len(done)
     if for_run:
-        local.writer = ResultWriter(output, {
-            "job": job.text, "job_path": job.path, "cluster": cluster.to_dict(),
-            "model": {"name": spec.name, "path": spec.path, "dtype": spec.dtype, "config": spec.config},
-            "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }, overwrite=opts.overwrite, resume=opts.resume)
+        # the file itself is opened once the plan is made, so a plan that fails leaves nothing behind
+        local.output = output
+        local.attrs = {"job": job.text, "job_path": job.path, "cluster": cluster.to_dict(),
+                       "model": {"name": spec.name, "path": spec.path, "dtype": spec.dtype, "config": spec.config},
+                       "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     shared = _Shared(str(model_path), job.dtype, cluster.to_dict(), plan.to_dict() if plan else None, measure)
     return shared, local
 
@@ -230,8 +232,8 @@ def _check_memory(spec: ModelSpec, plan: Plan, cluster: Cluster, kv_tokens: int)
 
 
 # -- steps 2 and 3: profile, plan ---------------------------------------------------------------------
-def _profile(comm: Comm, shared: _Shared, local: _Local | None, cluster: Cluster, spec: ModelSpec,
-             repeats: int, out: str | None = None) -> Profile | None:
+def _profile(comm: Comm, shared: _Shared, cluster: Cluster, spec: ModelSpec, repeats: int,
+             out: str | None = None) -> Profile | None:
     """Collective: measure a profile at shared.measure's shapes; rank 0 saves and returns it."""
     prof = measure_profile(comm, spec, list(cluster.devices), shared.measure, repeats=repeats)
     if comm.rank == 0:
@@ -265,15 +267,16 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     plan_dict = shared.plan
     if plan_dict is None:
         if shared.measure is not None:
-            prof = _profile(comm, shared, local, cluster, spec, opts.repeats)
+            prof = _profile(comm, shared, cluster, spec, opts.repeats)
             if rank == 0:
                 local.profile = prof
         plan_dict, _ = _decide(comm, lambda: (_make_plan(local, cluster, world).to_dict(), None))
     plan = Plan.from_dict(plan_dict, spec.num_units)
     if rank == 0:
-        local.writer.set_attr("plan", plan.to_dict())
+        attrs = {**local.attrs, "plan": plan.to_dict()}
         if local.profile is not None:
-            local.writer.set_attr("profile", local.profile.source)
+            attrs["profile"] = local.profile.source
+        local.writer = ResultWriter(local.output, attrs, overwrite=opts.overwrite, resume=opts.resume)
 
     try:
         summary = _execute(comm, spec, cluster, plan, local, local.prompts if rank == 0 else None,
@@ -344,7 +347,7 @@ def profile_job(comm: Comm, job_path: str, opts: RunOptions, out: str | None = N
     cluster = Cluster.from_dict(shared.cluster)
     comm.emulate_links(cluster.devices)
     spec = local.spec if comm.rank == 0 else ModelSpec.load(shared.model_path, shared.dtype)
-    return _profile(comm, shared, local, cluster, spec, opts.repeats, out)
+    return _profile(comm, shared, cluster, spec, opts.repeats, out)
 
 
 def bench_job(comm: Comm, job_path: str, opts: RunOptions,
@@ -363,11 +366,12 @@ def bench_job(comm: Comm, job_path: str, opts: RunOptions,
     comm.emulate_links(cluster.devices)
     spec = local.spec if rank == 0 else ModelSpec.load(shared.model_path, shared.dtype)
     if shared.measure is not None:
-        prof = _profile(comm, shared, local, cluster, spec, opts.repeats)
+        prof = _profile(comm, shared, cluster, spec, opts.repeats)
         if rank == 0:
             local.profile = prof
     rows = []
-    tmp = tempfile.mkdtemp(prefix="edgeshard-bench-") if rank == 0 else None
+    tmpdir = tempfile.TemporaryDirectory(prefix="edgeshard-bench-") if rank == 0 else None
+    tmp = tmpdir.name if tmpdir else None
     for i, (objective, schedule) in enumerate(configs):
         def decide_plan():
             try:
@@ -403,4 +407,6 @@ def bench_job(comm: Comm, job_path: str, opts: RunOptions,
                 "ideal_tokens_per_s": summary.tokens / max(compute) if max(compute) > 0 else 0.0,
                 "stages": summary.stages,
             })
+    if tmpdir:
+        tmpdir.cleanup()
     return rows if rank == 0 else None

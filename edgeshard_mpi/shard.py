@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.masking_utils import create_causal_mask
 
 from .models import ModelError, ModelSpec
 
@@ -160,6 +161,11 @@ class Shard:
             state.mask = state.mask[idx]
         state.last_pos = state.last_pos[idx]
 
+    def sync(self) -> None:
+        """Wait for the device to finish queued work, so that a timer around forward() times the compute."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def release(self, slot: int) -> None:
         self.slots.pop(slot, None)
 
@@ -201,8 +207,6 @@ class Shard:
 
         h = torch.nn.functional.embedding(x, self.embed) if self.has_embed else x  # (B, T, H)
         if self.layers:
-            from transformers.masking_utils import create_causal_mask
-
             first = self.layer_ids[0]
             causal = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=state.mask,
                                         cache=state.cache, position_ids=pos, layer_idx=first)

@@ -52,3 +52,33 @@ def test_nan_time_per_token_for_one_token(tmp_path):
     w.append([Record("a", "w", "p", "t", [5], "length", 2, 1, 3.0, float("nan"))])
     w.close()
     assert math.isnan(read_results(path)[0].ms_per_token)
+
+
+def test_resume_keeps_a_journal_that_can_rebuild_the_whole_file(tmp_path):
+    path = tmp_path / "r.h5"
+    w = ResultWriter(path, {"job": "first"})
+    w.append([_rec(1), _rec(2)])
+    w.close(complete=True)  # a finished run drops its journal
+    assert not (tmp_path / "r.h5.journal").exists()
+    w = ResultWriter(path, {"created": "later"}, resume=True)
+    w.append([_rec(3)])
+    w.close()  # killed: the journal stays
+    path.write_bytes(b"not hdf5 any more")  # and the kill left the file unreadable
+    assert ResultWriter.check_target(path, resume=True) == {"r1", "r2", "r3"}
+    assert read_results(path) == [_rec(1), _rec(2), _rec(3)]
+    assert read_attrs(path)["job"] == "first"
+
+
+def test_a_torn_last_journal_line_loses_nothing_after_it(tmp_path):
+    path = tmp_path / "r.h5"
+    w = ResultWriter(path, {})
+    w.append([_rec(1)])
+    w.close()
+    with open(tmp_path / "r.h5.journal", "a") as f:
+        f.write('{"record": {"id": "r2", "wh')  # a writer killed in the middle of a line
+    w = ResultWriter(path, {}, resume=True)
+    w.append([_rec(2)])
+    w.close()
+    path.write_bytes(b"")
+    assert ResultWriter.check_target(path, resume=True) == {"r1", "r2"}
+    assert read_results(path) == [_rec(1), _rec(2)]
