@@ -162,10 +162,10 @@ def _print_summary(s, args) -> None:
     print(f"edgeshard run: {s.requests} requests, {s.tokens} tokens in {s.seconds:.2f} s: "
           f"{s.tokens_per_s:.1f} tokens/s, {s.ms_per_token:.1f} ms/token (decode), "
           f"{s.ttft_ms:.0f} ms to first token")
-    print(f"{'stage':>5}  {'rank':>4}  {'device':<14} {'units':<22} {'weights':>11}  {'compute s':>9}")
+    print(f"{'stage':>5}  {'rank':>4}  {'device':<14} {'units':<30} {'weights':>11}  {'compute s':>9}")
     for i, st in enumerate(s.stages):
         units = f"{st['units']} ({st['first']}..{st['last']})"
-        print(f"{i:>5}  {st['rank']:>4}  {st['device']:<14} {units:<22} "
+        print(f"{i:>5}  {st['rank']:>4}  {st['device']:<14} {units:<30} "
               f"{format_bytes(st['bytes']):>11}  {st['compute_s']:>9.2f}")
 
 
