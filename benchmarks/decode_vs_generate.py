@@ -86,8 +86,9 @@ def _run_ours(ranks: int, model: str, tokens: int, workdir: Path) -> dict:
     prompts = workdir / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
     job = workdir / f"bench{ranks}.toml"
+    # sequential: one request at a time, so ms/token is a single stream's latency, as generate's is
     job.write_text(f'model = "{model}"\nprompts = "prompts.jsonl"\noutput = "bench{ranks}.h5"\n'
-                   f"[generation]\nmax_new_tokens = {tokens}\n")
+                   f'schedule = "sequential"\n[generation]\nmax_new_tokens = {tokens}\n')
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = ["mpiexec", "-n", str(ranks), sys.executable, "-m", "edgeshard_mpi", "run", str(job), "--overwrite",
            "--no-progress"]
