@@ -164,7 +164,9 @@ class _Local:
     attrs: dict = dataclasses.field(default_factory=dict)
     objective: str | None = None
     profile: Profile | None = None
-    kv_tokens: int = 0  # KV cache each unit must hold: micro-batch x longest request
+    kv_tokens: int = 0  # KV cache the planner budgets per unit: micro-batch x longest request x slots
+    row_tokens: int = 0  # micro-batch x longest request: the KV cache of one slot
+    in_flight: int | None = None  # micro-batches in flight if fixed (options, job, sequential schedule)
 
 
 def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
@@ -185,10 +187,13 @@ def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
     if not sample and not done:
         raise JobError(f"{job.prompts}: no prompts")
     longest = max((len(p.ids) + p.request.generation.max_new_tokens for p in sample), default=1)
-    # every stage keeps a KV cache per micro-batch in flight: budget for the most there can be
-    slots = opts.micro_batches or job.micro_batches or 2 * world
+    # every stage keeps a KV cache per micro-batch in flight; the planner, not knowing the plan yet,
+    # budgets for the most there can be (twice the ranks); a plan is then checked with its own count
+    in_flight = opts.micro_batches or job.micro_batches
     local = _Local(job, spec, tok, itertools.chain(sample, stream),
-                   kv_tokens=longest * job.micro_batch_size * slots)
+                   kv_tokens=longest * job.micro_batch_size * (in_flight or 2 * world))
+    local.row_tokens = longest * job.micro_batch_size
+    local.in_flight = 1 if (opts.schedule or job.schedule) == "sequential" else in_flight
     plan = _given_plan(job, opts, spec, world) if for_run else None
     if mode == "bench":
         local.objective = "throughput"
@@ -208,7 +213,7 @@ def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
             measure = shapes
     else:
         plan.check_world(world)
-        _check_memory(spec, plan, cluster, local.kv_tokens)
+        _check_memory(spec, plan, cluster, local.row_tokens * (local.in_flight or _default_in_flight(plan)))
     local.total = _count_lines(job.prompts) - len(done)
     if for_run:
         # the file itself is opened once the plan is made, so a plan that fails leaves nothing behind
@@ -252,7 +257,7 @@ def _make_plan(local: _Local, cluster: Cluster, world: int, objective: str | Non
         raise PlanError(f"{prof.source}: profile has {len(prof.devices)} devices but {world} ranks run")
     plan = plan_for(prof.costs(kv_tokens=local.kv_tokens), objective or local.objective)
     plan.check_world(world)
-    _check_memory(local.spec, plan, cluster, local.kv_tokens)
+    _check_memory(local.spec, plan, cluster, local.row_tokens * (local.in_flight or _default_in_flight(plan)))
     return plan
 
 
@@ -281,8 +286,7 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     try:
         summary = _execute(comm, spec, cluster, plan, local, local.prompts if rank == 0 else None,
                            schedule=opts.schedule or (local.job.schedule if rank == 0 else ""),
-                           in_flight=opts.micro_batches or (local.job.micro_batches if rank == 0 else None),
-                           progress=opts.progress)
+                           in_flight=local.in_flight if rank == 0 else None, progress=opts.progress)
         if rank == 0:
             local.writer.set_attr("summary", dataclasses.asdict(summary))
             local.writer.close(complete=True)
