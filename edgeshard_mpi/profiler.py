@@ -231,7 +231,6 @@ def _measure_units(spec, device, shapes: dict, repeats: int) -> tuple[list[float
         prefill.append(_median_time(lambda: run(x_p, [0] * b), repeats, device.slowdown))
         run(x_c, [0] * b)  # a cache holding `context` tokens, then single-token steps
         decode.append(_median_time(lambda: run(x_d, None), repeats, device.slowdown))
-        del shard
     return prefill, decode
 
 

@@ -8,6 +8,10 @@ token, so its tokens do not depend on the partition, the micro-batch it shares, 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SamplingParams", "Sampler"]
 
