@@ -105,19 +105,24 @@ def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict) ->
             comm.flush()
             return
         _fault_check(comm.rank, msg.step)
-        pads = None
-        if msg.meta is not None:  # a micro-batch's first step: fresh cache, its rows' settings
-            pads = [int(p) for p in msg.meta[:, 0]]
-            if nxt is None:
-                samplers[msg.slot] = Sampler([SamplingParams.from_row(r) for r in msg.meta[:, 1:]])
+        # a micro-batch's first step carries its rows' left pads (fresh cache) and sampling settings
+        pads = None if msg.meta is None else [int(p) for p in msg.meta[:, 0]]
         out = _timed_forward(shard, stats, msg.slot, msg.tensor, pads, msg.keep)
         if nxt is not None:
             comm.send(nxt, ACT, msg.slot, msg.step, out, msg.meta, msg.keep, wait=False)
         else:
-            sampler = samplers[msg.slot]
-            if msg.keep is not None:
-                sampler.select(msg.keep)
-            comm.send(0, TOKENS, msg.slot, msg.step, sampler(out), wait=False)
+            tokens = _sample_step(samplers, msg.slot, out, msg.meta, msg.keep)
+            comm.send(0, TOKENS, msg.slot, msg.step, tokens, wait=False)
+
+
+def _sample_step(samplers: dict[int, Sampler], slot: int, logits: torch.Tensor, meta, keep) -> torch.Tensor:
+    """The head's part of a step: a new sampler on a micro-batch's first step (from the same row
+    table every stage receives), the finished rows dropped, then one token per row."""
+    if meta is not None:
+        samplers[slot] = Sampler([SamplingParams.from_row(r) for r in meta[:, 1:]])
+    elif keep is not None:
+        samplers[slot].select(keep)
+    return samplers[slot](logits)
 
 
 def _eos_ids(model_path: str) -> set[int]:
@@ -239,15 +244,11 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
         first = mb.step == 0
         if first:
             mb.t_start = time.perf_counter()
-            if nxt is None:
-                samplers[slot] = Sampler([r.gen.sampling() for r in mb.rows])
         x = mb.ids if first else mb.last[:, None]  # (B, T) or (A, 1)
         keep, mb.keep = mb.keep, None
         out = _timed_forward(shard, stats, slot, x, mb.pads if first else None, keep)
         if nxt is None:
-            if keep is not None:
-                samplers[slot].select(keep)
-            local_tokens.append((slot, samplers[slot](out)))
+            local_tokens.append((slot, _sample_step(samplers, slot, out, mb.meta if first else None, keep)))
         else:
             comm.send(nxt, ACT, slot, mb.step, out, mb.meta if first else None,
                       None if keep is None else np.array(keep), wait=False)
