@@ -19,6 +19,9 @@ setup(
         "h5py>=3.8",
         "tqdm",
         "pytest",
+        "hypothesis",  # the parser fuzz tests
     ],
+    # timelines (`edgeshard show --timeline`) and the benchmarks' plots
+    extras_require={"plot": ["matplotlib>=3.7"]},
     entry_points={"console_scripts": ["edgeshard=edgeshard_mpi.cli:main"]},
 )
