@@ -3,7 +3,9 @@
     mpiexec -f hostfiles/local3.hosts -n 3 edgeshard run jobs/demo.toml --overwrite
     mpiexec -f hostfiles/hetero4.hosts -n 4 edgeshard profile jobs/hetero4.toml
     edgeshard plan --profile profiles/paper-llama2-7b.json --objective latency
+    edgeshard simulate --profile profiles/paper-llama2-70b.json --objective throughput --micro-batches 16
     edgeshard show results/demo.h5 [--json]
+    edgeshard show --timeline traces/run.json --out timeline.png
     edgeshard model prepare smollm2-135m
     edgeshard model info smollm2-135m
 """
@@ -24,11 +26,22 @@ from .models import ModelError
 from .planner import OBJECTIVES, PlanError
 from .profiler import ProfileError
 from .results import ResultsError
+from .simulate import default_in_flight
 
 __all__ = ["main"]
 
 # Errors that come from what the user gave us: one clear line, no traceback.
-_USER_ERRORS = (JobError, HostfileError, ModelError, PlanError, ProfileError, ResultsError, FileNotFoundError)
+_USER_ERRORS = (JobError, HostfileError, ModelError, PlanError, ProfileError, ResultsError, FileNotFoundError,
+                ValueError)
+
+
+def _job_shape_args(p: argparse.ArgumentParser) -> None:
+    """The job shape a plan is simulated at; defaults come from the profile's shapes."""
+    p.add_argument("--prompt-tokens", type=int, help="prompt length (default: the profile's)")
+    p.add_argument("--new-tokens", type=int, help="tokens generated per request (default: twice the profile's "
+                   "context minus its prompt, the job it was profiled for)")
+    p.add_argument("--micro-batches", type=int, help="micro-batches in the job (default: those in flight)")
+    p.add_argument("--in-flight", type=int, help="micro-batches in flight (default: twice the stages)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, "
                      "else twice the plan's stages)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--trace", help="write every rank's timeline to this Chrome trace JSON (Perfetto opens it)")
 
     bench = sub.add_parser("bench", help="run the job's prompts under several plans and schedules (under mpiexec)")
     bench.add_argument("job")
@@ -73,10 +87,26 @@ def _parser() -> argparse.ArgumentParser:
                       "(default: micro-batch x context of the profile)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--out", help="save the plan as JSON (for run --plan)")
+    _job_shape_args(plan)
 
-    show = sub.add_parser("show", help="print the requests of a results file")
-    show.add_argument("results")
+    sim = sub.add_parser("simulate", help="replay the schedules on a profile and a plan: predicted figures")
+    sim.add_argument("--profile", required=True)
+    how = sim.add_mutually_exclusive_group()
+    how.add_argument("--objective", choices=list(OBJECTIVES), help="plan for this objective (default: throughput)")
+    how.add_argument("--plan", help="plan JSON to simulate instead")
+    sim.add_argument("--schedule", choices=list(SCHEDULES), help="one schedule (default: all three)")
+    sim.add_argument("--kv-tokens", type=int, help="KV-cache tokens each unit must hold (planning)")
+    _job_shape_args(sim)
+    sim.add_argument("--trace", help="write the simulated timeline (one schedule) as a Chrome trace JSON")
+    sim.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+    show = sub.add_parser("show", help="print the requests of a results file, or draw a timeline")
+    show.add_argument("results", nargs="?", help="results HDF5 file")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
+    show.add_argument("--timeline", metavar="RESULT_OR_TRACE",
+                      help="draw the timeline of a trace JSON (or of the run that wrote a results file)")
+    show.add_argument("--out", help="PNG to draw the timeline into (default: the trace's name with .png)")
+    show.add_argument("--window", help="only START:END seconds of the timeline")
 
     model = sub.add_parser("model", help="prepare or describe a model")
     msub = model.add_subparsers(dest="model_command", required=True)
@@ -97,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             return _show(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "simulate":
+            return _simulate(args)
         if args.command == "model":
             return _model(args)
     except _USER_ERRORS as e:
@@ -136,7 +168,7 @@ def _mpi_command(args) -> int:
             return 0
         opts = RunOptions(hostfile=args.hostfile, plan=args.plan, objective=args.objective, profile=args.profile,
                           output=args.output, overwrite=args.overwrite, resume=args.resume, schedule=args.schedule,
-                          micro_batches=args.micro_batches, progress=not args.no_progress)
+                          micro_batches=args.micro_batches, progress=not args.no_progress, trace=args.trace)
         summary = run_job(comm, args.job, opts)
     except SetupFailed as e:  # every rank knows; all leave normally, nothing to abort
         if not e.quiet:
@@ -162,15 +194,28 @@ def _print_summary(s, args) -> None:
     print(f"edgeshard run: {s.requests} requests, {s.tokens} tokens in {s.seconds:.2f} s: "
           f"{s.tokens_per_s:.1f} tokens/s, {s.ms_per_token:.1f} ms/token (decode), "
           f"{s.ttft_ms:.0f} ms to first token")
-    print(f"{'stage':>5}  {'rank':>4}  {'device':<14} {'units':<30} {'weights':>11}  {'compute s':>9}")
+    p = s.predicted
+    if p:
+        print(f"predicted (simulated on the profile, same plan, schedule and requests): "
+              f"{p['tokens_per_s']:.1f} tokens/s, {p['ms_per_token']:.1f} ms/token, {p['ttft_ms']:.0f} ms to first "
+              f"token; measured / predicted: tokens/s {s.tokens_per_s / p['tokens_per_s']:.2f}, "
+              f"ms/token {s.ms_per_token / p['ms_per_token']:.2f}")
+    print(f"{'stage':>5}  {'rank':>4}  {'device':<14} {'units':<30} {'weights':>11}  {'compute s':>9}  {'busy':>5}"
+          + ("  predicted" if p else ""))
     for i, st in enumerate(s.stages):
         units = f"{st['units']} ({st['first']}..{st['last']})"
         print(f"{i:>5}  {st['rank']:>4}  {st['device']:<14} {units:<30} "
-              f"{format_bytes(st['bytes']):>11}  {st['compute_s']:>9.2f}")
+              f"{format_bytes(st['bytes']):>11}  {st['compute_s']:>9.2f}  {st['compute_s'] / s.seconds:>5.0%}"
+              + (f"  {p['busy'][i]:>9.0%}" if p else ""))
 
 
 def _show(args) -> int:
     from .results import read_results
+
+    if args.timeline:
+        return _timeline(args)
+    if not args.results:
+        raise ValueError("show: give a results file, or --timeline RESULT_OR_TRACE")
 
     for r in read_results(args.results):
         if args.json:
@@ -222,9 +267,95 @@ def _print_profile(prof) -> None:
         print(f"{k:>4}  " + "  ".join(f"{c:>14}" for c in cells))
 
 
+def _timeline(args) -> int:
+    from pathlib import Path
+
+    from .trace import draw_timeline, load_trace
+
+    tracks, meta = load_trace(args.timeline)
+    start = end = None
+    if args.window:
+        try:
+            start, end = (float(x) for x in args.window.split(":"))
+        except ValueError:
+            raise ValueError(f"--window {args.window!r}: expected START:END in seconds") from None
+    out = args.out or str(Path(args.timeline).with_suffix(".png"))
+    title = f"{meta.get('model', '')} {meta.get('schedule', '')}, {meta.get('in_flight', '?')} micro-batches in flight"
+    print(draw_timeline(tracks, out, title.strip(), start, end))
+    return 0
+
+
+def _shape(args, prof, stages: int) -> dict:
+    """The job shape to simulate: the arguments, else the job the profile was measured for."""
+    sh = prof.shapes
+    prompt = args.prompt_tokens or sh["prompt_tokens"]
+    new = args.new_tokens or max(1, 2 * (sh["context"] - sh["prompt_tokens"]))
+    in_flight = args.in_flight or default_in_flight(stages)
+    batches = args.micro_batches or in_flight
+    for name, v in (("--prompt-tokens", prompt), ("--new-tokens", new), ("--in-flight", in_flight),
+                    ("--micro-batches", batches)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    return {"prompt_tokens": prompt, "new_tokens": new, "in_flight": in_flight, "micro_batches": batches,
+            "micro_batch_size": sh["micro_batch_size"]}
+
+
+def _simulate_plan(prof, plan, shape: dict, schedules, trace: bool = False) -> list:
+    from .simulate import StepCosts, simulate, uniform_requests
+
+    costs = StepCosts.from_profile(prof, plan)
+    reqs = uniform_requests(shape["micro_batches"] * shape["micro_batch_size"], shape["prompt_tokens"],
+                            shape["new_tokens"])
+    return [simulate(costs, reqs, micro_batch_size=shape["micro_batch_size"], schedule=sch,
+                     in_flight=shape["in_flight"], ranks=plan.ranks, trace=trace) for sch in schedules]
+
+
+def _print_simulations(sims, shape: dict, plan) -> None:
+    print(f"simulated: {shape['micro_batches']} micro-batches of {shape['micro_batch_size']}, prompt "
+          f"{shape['prompt_tokens']} tokens, {shape['new_tokens']} new tokens, up to {shape['in_flight']} in flight")
+    print(f"{'schedule':<11} {'tokens/s':>9} {'ms/token':>9} {'TTFT ms':>9} {'bubbles':>8}  busy share per stage (rank)")
+    for r in sims:
+        busy = "  ".join(f"r{rank}:{b:.0%}" for rank, b in zip(plan.ranks, r.busy))
+        print(f"{r.schedule:<11} {r.tokens_per_s:>9.2f} {r.ms_per_token:>9.1f} {r.ttft_ms:>9.0f} "
+              f"{r.bubble_share:>8.0%}  {busy}")
+
+
+def _simulate(args) -> int:
+    from .planner import Plan, plan_for
+    from .profiler import Profile
+    from .simulate import SCHEDULES as SIM_SCHEDULES
+
+    prof = Profile.load(args.profile)
+    if args.plan:
+        plan = Plan.load(args.plan, prof.num_units)
+    else:
+        plan = plan_for(prof.costs(kv_tokens=args.kv_tokens), args.objective or "throughput")
+    shape = _shape(args, prof, len(plan.stages))
+    schedules = [args.schedule] if args.schedule else list(SIM_SCHEDULES)
+    if args.trace and len(schedules) != 1:
+        raise ValueError("--trace draws one schedule: give --schedule too")
+    sims = _simulate_plan(prof, plan, shape, schedules, trace=bool(args.trace))
+    if args.trace:
+        from .trace import write_chrome_trace
+
+        tracks = [{"rank": r, "label": f"rank {r} {prof.devices[r]['name']}",
+                   "events": [(e["name"], e["ts"], e["dur"], e["slot"], e["step"]) for e in sims[0].events
+                              if e["rank"] == r]} for r in plan.ranks]
+        write_chrome_trace(args.trace, tracks, {"schedule": schedules[0], "in_flight": shape["in_flight"],
+                                                "plan": plan.to_dict(), "model": prof.model["name"], "simulated": True})
+    if args.json:
+        print(json.dumps({"plan": plan.to_dict(), "shape": shape, "simulations": [r.to_dict() for r in sims]}))
+        return 0
+    print(f"{plan.objective} plan: " + ", ".join(f"rank {s.rank} ({prof.devices[s.rank]['name']}) units "
+                                                f"{s.first}..{s.last}" for s in plan.stages))
+    _print_simulations(sims, shape, plan)
+    return 0
+
+
 def _plan(args) -> int:
     from .planner import plan_for, predict
     from .profiler import Profile
+    from .simulate import SCHEDULES as SIM_SCHEDULES
 
     prof = Profile.load(args.profile)
     costs = prof.costs(kv_tokens=args.kv_tokens)
@@ -256,12 +387,15 @@ def _plan(args) -> int:
             why = ("its memory cannot hold even the smallest unit" if costs.device_memory[j] < smallest
                    else f"the {args.objective} optimum is as good or better without it")
             print(f"left out: rank {j} {costs.device_names[j]}: {why}")
+    shape = _shape(args, prof, len(plan.stages))
+    _print_simulations(_simulate_plan(prof, plan, shape, SIM_SCHEDULES), shape, plan)
     return 0
 
 
 def _print_bench(rows: list[dict]) -> None:
     print(f"{'plan':<20} {'schedule':<11} {'tokens/s':>9} {'ms/token':>9} {'TTFT ms':>8} {'ideal tok/s':>11} "
           f"{'of ideal':>8}  busy share per stage (rank)")
+    predicted = []
     for r in rows:
         if "error" in r:
             print(f"{r['objective']:<20} {r['schedule']:<11} not run: {r['error']}")
@@ -270,3 +404,14 @@ def _print_bench(rows: list[dict]) -> None:
         print(f"{r['objective']:<20} {r['schedule']:<11} {r['tokens_per_s']:>9.2f} {r['ms_per_token']:>9.1f} "
               f"{r['ttft_ms']:>8.0f} {r['ideal_tokens_per_s']:>11.2f} {r['tokens_per_s'] / r['ideal_tokens_per_s']:>8.0%}"
               f"  {busy}")
+        if r.get("predicted"):
+            predicted.append(r)
+    if predicted:
+        print("predicted by the simulator (same plans, schedules and requests), and measured / predicted:")
+        print(f"{'plan':<20} {'schedule':<11} {'tokens/s':>9} {'ms/token':>9} {'TTFT ms':>8}  {'ratio tok/s':>11} "
+              f"{'ratio ms/tok':>12}")
+        for r in predicted:
+            p = r["predicted"]
+            print(f"{r['objective']:<20} {r['schedule']:<11} {p['tokens_per_s']:>9.2f} {p['ms_per_token']:>9.1f} "
+                  f"{p['ttft_ms']:>8.0f}  {r['tokens_per_s'] / p['tokens_per_s']:>11.2f} "
+                  f"{r['ms_per_token'] / p['ms_per_token']:>12.2f}")

@@ -30,6 +30,7 @@ from .planner import Plan
 from .results import Record, ResultWriter
 from .sampling import Sampler, SamplingParams
 from .shard import Shard
+from .trace import Tracer
 
 
 @dataclasses.dataclass
@@ -50,6 +51,8 @@ class Summary:
     ms_per_token: float  # mean decode time per token
     stages: list[dict]  # per stage: rank, device, units, bytes, compute_s, steps, cpu_s, wall_s, peak_rss
     ranks: list[dict] = dataclasses.field(default_factory=list)  # the same figures for every rank
+    shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (prompt, output) tokens, admission order
+    predicted: dict | None = None  # the simulator's figures for the same plan, schedule and requests
 
     @property
     def tokens_per_s(self) -> float:
@@ -77,18 +80,21 @@ def _fault_check(rank: int, step: int) -> None:
         raise RuntimeError(f"injected fault (EDGESHARD_FAULT={os.environ['EDGESHARD_FAULT']}) at step {step}")
 
 
-def _timed_forward(shard: Shard, stats: dict, slot: int, x: torch.Tensor, pads, keep=None) -> torch.Tensor:
+def _timed_forward(shard: Shard, stats: dict, tracer: Tracer, slot: int, step: int, x: torch.Tensor, pads,
+                   keep=None) -> torch.Tensor:
     t0 = time.perf_counter()
     if keep is not None:
         shard.select(slot, keep)
     out = shard.forward(slot, x.to(shard.device), pads)
     shard.sync()
-    stats["compute_s"] += time.perf_counter() - t0
+    t1 = time.perf_counter()
+    stats["compute_s"] += t1 - t0
     stats["steps"] += 1
+    tracer.add("prefill" if pads is not None else "decode", t0, t1, slot, step)
     return out
 
 
-def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict) -> None:
+def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict, tracer: Tracer) -> None:
     """Receive, run this stage's units, send on (or sample and return token ids), until STOP.
 
     Messages are handled in the order they arrive, whatever micro-batch slot they belong to; each
@@ -98,7 +104,9 @@ def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict) ->
     nxt = plan.stages[index + 1].rank if index + 1 < len(plan.stages) else None
     samplers: dict[int, Sampler] = {}
     while True:
+        t0 = time.perf_counter()
         msg = comm.recv(prev)
+        tracer.add("wait", t0, time.perf_counter())
         if msg.kind == STOP:
             if nxt is not None:
                 comm.send(nxt, STOP)
@@ -107,12 +115,14 @@ def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict) ->
         _fault_check(comm.rank, msg.step)
         # a micro-batch's first step carries its rows' left pads (fresh cache) and sampling settings
         pads = None if msg.meta is None else [int(p) for p in msg.meta[:, 0]]
-        out = _timed_forward(shard, stats, msg.slot, msg.tensor, pads, msg.keep)
+        out = _timed_forward(shard, stats, tracer, msg.slot, msg.step, msg.tensor, pads, msg.keep)
+        t0 = time.perf_counter()
         if nxt is not None:
             comm.send(nxt, ACT, msg.slot, msg.step, out, msg.meta, msg.keep, wait=False)
         else:
             tokens = _sample_step(samplers, msg.slot, out, msg.meta, msg.keep)
             comm.send(0, TOKENS, msg.slot, msg.step, tokens, wait=False)
+        tracer.add("send", t0, time.perf_counter(), msg.slot, msg.step)
 
 
 def _sample_step(samplers: dict[int, Sampler], slot: int, logits: torch.Tensor, meta, keep) -> torch.Tensor:
@@ -207,7 +217,7 @@ def _record(r: _Row, t_start: float, tok) -> Record:
 
 
 def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: Iterator[Prompt],
-                writer: ResultWriter, progress: bool, stats: dict, *, schedule: str = "no-bubbles",
+                writer: ResultWriter, progress: bool, stats: dict, tracer: Tracer, *, schedule: str = "no-bubbles",
                 in_flight: int = 1, total: int | None = None) -> Summary:
     """Rank 0: feed micro-batches through the pipeline, results to HDF5 as they finish.
 
@@ -234,8 +244,11 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     samplers: dict[int, Sampler] = {}  # slot -> sampler, when rank 0 holds the head itself
     local_tokens: list[tuple[int, torch.Tensor]] = []  # (slot, tokens) computed here when rank 0 is the head
 
+    admitted: list[_Row] = []  # every request in admission order: the job's shape, for the simulator
+
     def admit() -> _MicroBatch | None:
         rows = [_Row(p) for _, p in zip(range(job.micro_batch_size), prompts)]
+        admitted.extend(rows)
         return _MicroBatch(rows, pad_id) if rows else None
 
     def launch(slot: int, mb: _MicroBatch) -> None:
@@ -246,12 +259,14 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
             mb.t_start = time.perf_counter()
         x = mb.ids if first else mb.last[:, None]  # (B, T) or (A, 1)
         keep, mb.keep = mb.keep, None
-        out = _timed_forward(shard, stats, slot, x, mb.pads if first else None, keep)
+        out = _timed_forward(shard, stats, tracer, slot, mb.step, x, mb.pads if first else None, keep)
         if nxt is None:
             local_tokens.append((slot, _sample_step(samplers, slot, out, mb.meta if first else None, keep)))
         else:
+            t0 = time.perf_counter()
             comm.send(nxt, ACT, slot, mb.step, out, mb.meta if first else None,
                       None if keep is None else np.array(keep), wait=False)
+            tracer.add("send", t0, time.perf_counter(), slot, mb.step)
 
     def finish(rows: list[_Row], t_start: float) -> None:
         records = [_record(r, t_start, tok) for r in rows]
@@ -277,7 +292,9 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
         if local_tokens:
             slot, tokens = local_tokens.pop(0)
         else:
+            t0 = time.perf_counter()
             msg = comm.recv(head, TOKENS)
+            tracer.add("wait", t0, time.perf_counter())
             slot, tokens = msg.slot, msg.tensor
         mb = slots[slot]
         done = mb.take(tokens.tolist(), time.perf_counter(), eos, tok)
@@ -304,4 +321,5 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
         comm.send(nxt, STOP)
     comm.flush()
     return Summary(counts["requests"], counts["tokens"], 0.0, float(np.mean(ttfts)) if ttfts else float("nan"),
-                   float(np.mean(tpots)) if tpots else float("nan"), [])
+                   float(np.mean(tpots)) if tpots else float("nan"), [],
+                   shapes=[(len(r.prompt.ids), len(r.tokens)) for r in admitted])

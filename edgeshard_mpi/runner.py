@@ -35,6 +35,8 @@ from .profiler import (Profile, cluster_fingerprint, find_profile, measure_profi
                        profile_shapes, profiles_dir)
 from .results import ResultWriter
 from .shard import Shard, emulated_compute
+from .simulate import Request, Simulation, StepCosts, default_in_flight, simulate
+from .trace import Tracer, write_chrome_trace
 
 __all__ = ["RunOptions", "SetupFailed", "run_job", "profile_job", "bench_job"]
 
@@ -54,6 +56,7 @@ class RunOptions:
     micro_batches: int | None = None
     progress: bool = True
     repeats: int = 5  # profiling: runs per measurement
+    trace: str | None = None  # write every rank's timeline to this Chrome trace JSON
 
 
 _SAMPLE = 256  # prompts read ahead of the run: they size the profile's shapes and the KV cache
@@ -167,6 +170,8 @@ class _Local:
     kv_tokens: int = 0  # KV cache the planner budgets per unit: micro-batch x longest request x slots
     row_tokens: int = 0  # micro-batch x longest request: the KV cache of one slot
     in_flight: int | None = None  # micro-batches in flight if fixed (options, job, sequential schedule)
+    shapes: dict | None = None  # the shapes this job is profiled at (profiler.profile_shapes)
+    cluster: Cluster | None = None
 
 
 def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
@@ -200,10 +205,11 @@ def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
     if plan is None and not sample:
         plan = even_plan(spec.num_units, world)  # nothing left to run: no need to profile
     measure = None
+    local.cluster = cluster
+    shapes = local.shapes = profile_shapes([len(p.ids) for p in sample] or [1], job.generation.max_new_tokens,
+                                           job.micro_batch_size)
     if plan is None:
         local.objective = opts.objective or (job.plan or {}).get("objective", "throughput")
-        shapes = profile_shapes([len(p.ids) for p in sample], job.generation.max_new_tokens,
-                                job.micro_batch_size)
         if opts.profile:
             local.profile = Profile.load(opts.profile)
         elif mode != "profile":
@@ -213,7 +219,7 @@ def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
             measure = shapes
     else:
         plan.check_world(world)
-        _check_memory(spec, plan, cluster, local.row_tokens * (local.in_flight or _default_in_flight(plan)))
+        _check_memory(spec, plan, cluster, local.row_tokens * (local.in_flight or default_in_flight(len(plan.stages))))
     local.total = _count_lines(job.prompts) - len(done)
     if for_run:
         # the file itself is opened once the plan is made, so a plan that fails leaves nothing behind
@@ -257,7 +263,7 @@ def _make_plan(local: _Local, cluster: Cluster, world: int, objective: str | Non
         raise PlanError(f"{prof.source}: profile has {len(prof.devices)} devices but {world} ranks run")
     plan = plan_for(prof.costs(kv_tokens=local.kv_tokens), objective or local.objective)
     plan.check_world(world)
-    _check_memory(local.spec, plan, cluster, local.row_tokens * (local.in_flight or _default_in_flight(plan)))
+    _check_memory(local.spec, plan, cluster, local.row_tokens * (local.in_flight or default_in_flight(len(plan.stages))))
     return plan
 
 
@@ -286,9 +292,13 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     try:
         summary = _execute(comm, spec, cluster, plan, local, local.prompts if rank == 0 else None,
                            schedule=opts.schedule or (local.job.schedule if rank == 0 else ""),
-                           in_flight=local.in_flight if rank == 0 else None, progress=opts.progress)
+                           in_flight=local.in_flight if rank == 0 else None, progress=opts.progress,
+                           trace=opts.trace)
         if rank == 0:
-            local.writer.set_attr("summary", dataclasses.asdict(summary))
+            if opts.trace:
+                local.writer.set_attr("trace", str(Path(opts.trace).resolve()))
+            kept = {k: v for k, v in dataclasses.asdict(summary).items() if k != "shapes"}  # the file has them
+            local.writer.set_attr("summary", kept)
             local.writer.close(complete=True)
         return summary
     finally:
@@ -296,13 +306,23 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
             local.writer.close()  # whatever happened, committed records stay readable
 
 
-def _default_in_flight(plan: Plan) -> int:
-    """Twice the stages (see _execute); a single stage has no pipeline to fill."""
-    return 2 * len(plan.stages) if len(plan.stages) > 1 else 1
+def _predict(local: _Local, plan: Plan, summary: Summary, schedule: str, in_flight: int) -> Simulation | None:
+    """What the simulator predicts for this run: its plan and schedule, the requests it actually ran
+    (prompt and output lengths, in admission order), from the profile it planned with or a saved one
+    that matches; None when there is no such profile."""
+    prof = local.profile
+    if prof is None and local.shapes is not None:
+        prof = find_profile(model_fingerprint(local.spec),
+                            cluster_fingerprint([d.to_dict() for d in local.cluster.devices]), local.shapes)
+    if prof is None or not summary.shapes:
+        return None
+    requests = [Request(p, n) for p, n in summary.shapes]
+    return simulate(StepCosts.from_profile(prof, plan), requests, micro_batch_size=local.job.micro_batch_size,
+                    schedule=schedule, in_flight=in_flight)
 
 
 def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _Local | None, prompts,
-             *, schedule: str, in_flight: int | None, progress: bool) -> Summary | None:
+             *, schedule: str, in_flight: int | None, progress: bool, trace: str | None = None) -> Summary | None:
     """Load this rank's shard, run the loops, gather every rank's figures; rank 0 returns the Summary.
 
     in_flight defaults to twice the plan's stages. With exactly as many, a micro-batch's trip back to
@@ -318,29 +338,41 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
         emulated_compute(device.slowdown)
         shard = Shard(spec, st.first, st.last, device.torch, slowdown=device.slowdown, memory=device.memory)
     comm.barrier()  # every shard loaded: the clock starts together
+    tracer = Tracer(enabled=trace is not None)
+    tracer.start()
 
     stats = {"rank": rank, "device": device.name, "compute_s": 0.0, "steps": 0,
              "bytes": shard.param_bytes if shard else 0}
     start, cpu_start = time.perf_counter(), time.process_time()
     summary = None
+    schedule = schedule or "no-bubbles"
+    in_flight = 1 if schedule == "sequential" else (in_flight or default_in_flight(len(plan.stages)))
     if rank == 0:
         summary = source_loop(comm, shard, plan, local.job, local.tok, prompts, local.writer, progress, stats,
-                              schedule=schedule, in_flight=in_flight or _default_in_flight(plan), total=local.total)
+                              tracer, schedule=schedule, in_flight=in_flight, total=local.total)
     elif shard is not None:
-        stage_loop(comm, shard, plan, index, stats)
+        stage_loop(comm, shard, plan, index, stats, tracer)
     comm.barrier()  # ranks done early (or left out) wait here for the last one, without spinning
     # CPU time while running or waiting: an idle rank's share shows whether waits spin
     stats["wall_s"] = time.perf_counter() - start
     stats["cpu_s"] = time.process_time() - cpu_start
     stats["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    all_stats = comm.gather(stats)
+    all_stats = comm.gather((stats, tracer.events))
     if rank != 0:
         return None
+    tracks = [{"rank": st["rank"], "label": f"rank {st['rank']} {st['device']}", "events": ev} for st, ev in all_stats]
+    all_stats = [st for st, _ in all_stats]
     by_rank = {st["rank"]: st for st in all_stats}
     summary.seconds = stats["wall_s"]
     summary.ranks = all_stats
     summary.stages = [{**by_rank[s.rank], "first": s.first, "last": s.last,
                        "units": f"{spec.units[s.first].name}..{spec.units[s.last].name}"} for s in plan.stages]
+    sim = _predict(local, plan, summary, schedule, in_flight)
+    summary.predicted = sim.to_dict() if sim else None
+    if trace:
+        write_chrome_trace(trace, tracks, {"schedule": schedule, "in_flight": in_flight, "plan": plan.to_dict(),
+                                           "model": spec.name})
+        print(f"edgeshard: trace written to {trace}", file=sys.stderr, flush=True)
     return summary
 
 
@@ -407,6 +439,7 @@ def bench_job(comm: Comm, job_path: str, opts: RunOptions,
                 "tokens_per_s": summary.tokens_per_s, "ms_per_token": summary.ms_per_token,
                 "ttft_ms": summary.ttft_ms,
                 "busy": [c / summary.seconds for c in compute],
+                "predicted": summary.predicted,
                 # the rate if the busiest stage never waited: tokens / its compute time, same run
                 "ideal_tokens_per_s": summary.tokens / max(compute) if max(compute) > 0 else 0.0,
                 "stages": summary.stages,
