@@ -51,11 +51,16 @@ def test_planned_run_on_hetero4_equals_generate(tmp_path, tiny_path, objective):
     assert plan["objective"] == objective
     by_id = {r.id: r.token_ids for r in read_results(tmp_path / "job.h5")}
     assert [by_id[str(i)] for i in range(len(PROMPTS))] == reference_tokens(tiny_path, PROMPTS, 12, 1)
-    # the same job again reuses the saved profile instead of measuring
+    # the same job again reuses the saved profile instead of measuring, and prints the simulator's
+    # figures for the same plan and requests beside the measured ones
     proc = run_mpi(["run", str(job), "--no-progress", "--overwrite"], 4, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert "profile saved" not in proc.stderr
-    assert read_attrs(tmp_path / "job.h5")["profile"] == attrs["profile"]
+    attrs2 = read_attrs(tmp_path / "job.h5")
+    assert attrs2["profile"] == attrs["profile"]
+    assert "predicted (simulated on the profile" in proc.stdout
+    predicted = json.loads(attrs2["summary"])["predicted"]
+    assert predicted["requests"] == len(PROMPTS) and predicted["tokens"] == sum(map(len, by_id.values()))
 
 
 def test_a_profile_of_another_model_is_refused(tmp_path, tiny_path):

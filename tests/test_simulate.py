@@ -1,0 +1,112 @@
+"""The schedule simulator against hand-worked timelines, the planner's closed forms, and its own invariants."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from edgeshard_mpi.planner import plan_for, predict
+from edgeshard_mpi.profiler import Profile
+from edgeshard_mpi.simulate import Request, StepCosts, simulate, uniform_requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _two_stages(bandwidth=math.inf, latency=0.001) -> StepCosts:
+    # stage 0: decode 10 ms, prefill of 5 tokens 30 ms; stage 1: decode 20 ms, prefill 60 ms
+    return StepCosts(decode_s=(0.010, 0.020), prefill_s=(0.030, 0.060), prompt_tokens=5,
+                     out_bytes=(1000.0, 8.0), latency=(latency, latency), bandwidth=(bandwidth, bandwidth))
+
+
+def test_one_request_by_hand():
+    sim = simulate(_two_stages(), [Request(5, 3)], micro_batch_size=1, schedule="sequential", trace=True)
+    # prefill: 30 + 1 + 60 + 1 = 92 ms to the first token; each decode step 10 + 1 + 20 + 1 = 32 ms
+    assert sim.ttft_ms == pytest.approx(92.0)
+    assert sim.ms_per_token == pytest.approx(32.0)
+    assert sim.seconds == pytest.approx(0.092 + 2 * 0.032)
+    assert sim.tokens == 3
+    assert [(e["rank"], e["name"], round(e["ts"] * 1e3, 6)) for e in sim.events] == [
+        (0, "prefill", 0.0), (1, "prefill", 31.0), (0, "decode", 92.0), (1, "decode", 103.0),
+        (0, "decode", 124.0), (1, "decode", 135.0)]
+
+
+def test_prefill_interpolates_between_decode_and_profiled_prefill():
+    c = _two_stages()
+    assert c.compute(0, 1) == pytest.approx(0.010)
+    assert c.compute(0, 5) == pytest.approx(0.030)
+    assert c.compute(0, 3) == pytest.approx(0.020)
+
+
+def test_no_bubbles_reaches_the_bottleneck_rate():
+    c = _two_stages()
+    sim = simulate(c, uniform_requests(8, 5, 400), micro_batch_size=1, schedule="no-bubbles", in_flight=8)
+    # the 20 ms stage is the bottleneck: at most 50 steps (tokens) per second, and close to it
+    assert sim.tokens_per_s <= 50.0 + 1e-9
+    assert sim.tokens_per_s > 0.97 * 50.0
+    assert sim.busy[1] > 0.97
+
+
+def test_schedules_order_and_bubbles():
+    c = _two_stages()
+    reqs = uniform_requests(8, 5, 50)
+    seq, bub, nob = (simulate(c, reqs, micro_batch_size=1, schedule=s, in_flight=4)
+                     for s in ("sequential", "bubbles", "no-bubbles"))
+    assert seq.tokens_per_s < bub.tokens_per_s <= nob.tokens_per_s
+    assert seq.bubble_share > bub.bubble_share >= nob.bubble_share
+    # every schedule runs the same work
+    assert seq.tokens == bub.tokens == nob.tokens == 400
+
+
+def test_a_slow_link_limits_throughput():
+    # 1000 bytes per step on a 10 kB/s link: 0.1 s per step whatever the compute
+    c = _two_stages(bandwidth=10_000.0, latency=0.0)
+    sim = simulate(c, uniform_requests(8, 1, 200), micro_batch_size=1, schedule="no-bubbles", in_flight=8)
+    assert sim.tokens_per_s == pytest.approx(10.0, rel=0.03)
+    assert sim.tokens_per_s <= 10.0 + 1e-9
+
+
+def test_rows_leave_and_slots_take_new_prompts():
+    c = _two_stages()
+    reqs = [Request(5, n) for n in (1, 7, 3, 3, 0, 9, 2)]  # a request with no tokens to make is not run
+    sim = simulate(c, reqs, micro_batch_size=2, schedule="no-bubbles", in_flight=2, trace=True)
+    assert sim.requests == 6
+    assert sim.tokens == 25
+    prefills = [e for e in sim.events if e["name"] == "prefill" and e["rank"] == 0]
+    assert len(prefills) == 3  # micro-batches of (1, 7), (3, 3), (9, 2)
+    # stage 0 steps: each micro-batch runs as many steps as its longest row
+    assert len([e for e in sim.events if e["rank"] == 0]) == 7 + 3 + 9
+    for r in (0, 1):  # a stage does one thing at a time
+        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in sim.events if e["rank"] == r)
+        assert all(a[1] <= b[0] + 1e-12 for a, b in zip(spans, spans[1:]))
+    busy = [sum(e["dur"] for e in sim.events if e["rank"] == r) / sim.seconds for r in (0, 1)]
+    assert sim.busy == pytest.approx(busy)
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput", "edge-solo", "cloud-edge-even"])
+def test_sequential_equals_the_planners_latency(objective):
+    prof = Profile.load(ROOT / "profiles" / "paper-llama2-7b.json")
+    costs = prof.costs()
+    plan = plan_for(costs, objective)
+    sim = simulate(StepCosts.from_profile(prof, plan), uniform_requests(3, 32, 96), micro_batch_size=1,
+                   schedule="sequential")
+    assert sim.ms_per_token / 1e3 == pytest.approx(predict(costs, plan)["latency_s"], rel=1e-9)
+
+
+def test_throughput_plan_pipelines_to_its_predicted_bottleneck():
+    prof = Profile.load(ROOT / "profiles" / "paper-llama2-7b.json")
+    costs = prof.costs()
+    plan = plan_for(costs, "throughput")
+    p = predict(costs, plan)
+    sim = simulate(StepCosts.from_profile(prof, plan), uniform_requests(64, 32, 400), micro_batch_size=1,
+                   schedule="no-bubbles", in_flight=2 * len(plan.stages))
+    assert sim.tokens_per_s <= 1 / p["bottleneck_s"] * (1 + 1e-9)
+    assert sim.tokens_per_s > 0.85 / p["bottleneck_s"]  # prefills and the ramp cost the rest
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="schedule"):
+        simulate(_two_stages(), [Request(5, 3)], micro_batch_size=1, schedule="fast")
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        simulate(_two_stages(), [Request(5, 3)], micro_batch_size=0)
