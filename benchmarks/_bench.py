@@ -1,0 +1,33 @@
+"""Run `edgeshard bench` under mpiexec from a benchmark script and return its rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def slots(hostfile: Path) -> int:
+    """Ranks a hostfile offers: one per slot of each `host[:slots]` line."""
+    n = 0
+    for line in hostfile.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            n += int(line.partition(":")[2] or 1)
+    return n
+
+
+def run_bench(hostfile: str, job: str, configs: list[str], out: Path) -> list[dict]:
+    """`mpiexec -f HOSTFILE -n SLOTS python -m edgeshard_mpi bench JOB --configs ... --json OUT`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    hosts = ROOT / hostfile
+    cmd = ["mpiexec", "-f", str(hosts), "-n", str(slots(hosts)), sys.executable, "-m", "edgeshard_mpi", "bench",
+           str(ROOT / job), "--hostfile", str(hosts), "--configs", ",".join(configs), "--json", str(out)]
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    return json.loads(out.read_text())

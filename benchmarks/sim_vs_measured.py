@@ -1,0 +1,57 @@
+"""The simulator's predictions against measured runs: three emulated clusters, each schedule.
+
+    python benchmarks/sim_vs_measured.py [--clusters hetero4,paper-mini,trio3] [--out results/sim]
+
+For each cluster, `edgeshard bench` runs the job's 16 prompts (smollm2-135m, micro-batches of 2,
+24 new tokens) under the throughput plan with the `sequential`, `bubbles` and `no-bubbles`
+schedules, one after the other in one launch, from one profile (measured first if none is saved).
+At the end of each run the simulator replays the same plan and schedule over the same requests
+(their prompt and output lengths, in admission order) on that profile; this prints the measured
+figures beside the predicted ones and their ratio. Target: within 15% (ratio 0.85 to 1.15).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench import ROOT, run_bench  # noqa: E402
+
+CLUSTERS = {  # name: (hostfile, job)
+    "hetero4": ("hostfiles/hetero4.hosts", "jobs/bench-hetero4.toml"),
+    "paper-mini": ("hostfiles/paper-mini.hosts", "jobs/paper-mini.toml"),
+    "trio3": ("hostfiles/trio3.hosts", "jobs/trio3.toml"),
+}
+SCHEDULES = ("sequential", "bubbles", "no-bubbles")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clusters", default=",".join(CLUSTERS))
+    ap.add_argument("--out", default=str(ROOT / "results" / "sim"))
+    args = ap.parse_args()
+    table = []
+    for name in args.clusters.split(","):
+        hostfile, job = CLUSTERS[name]
+        rows = run_bench(hostfile, job, [f"throughput:{s}" for s in SCHEDULES], Path(args.out) / f"{name}.json")
+        table += [(name, r) for r in rows]
+    print(f"\n{'cluster':<11} {'schedule':<11} {'tok/s meas':>10} {'pred':>7} {'ratio':>6}   "
+          f"{'ms/tok meas':>11} {'pred':>7} {'ratio':>6}   {'TTFT ms meas':>12} {'pred':>7}")
+    worst = 0.0
+    for name, r in table:
+        p = r.get("predicted")
+        if "error" in r or not p:
+            print(f"{name:<11} {r['schedule']:<11} {r.get('error', 'no prediction')}")
+            continue
+        a, b = r["tokens_per_s"] / p["tokens_per_s"], r["ms_per_token"] / p["ms_per_token"]
+        worst = max(worst, abs(a - 1), abs(b - 1))
+        print(f"{name:<11} {r['schedule']:<11} {r['tokens_per_s']:>10.2f} {p['tokens_per_s']:>7.2f} {a:>6.2f}   "
+              f"{r['ms_per_token']:>11.1f} {p['ms_per_token']:>7.1f} {b:>6.2f}   {r['ttft_ms']:>12.0f} {p['ttft_ms']:>7.0f}")
+    print(f"largest error: {worst:.0%} (target: within 15%)")
+
+
+if __name__ == "__main__":
+    main()
