@@ -185,12 +185,45 @@ def _file_name(model_fp: str, cluster_fp: str, shapes: dict) -> str:
 
 
 # -- measuring (under mpiexec) -----------------------------------------------------------------
-def _median_time(fn, repeats: int, slowdown: float = 1.0) -> float:
+def _cache_bytes() -> int:
+    """The last-level cache of this host's CPU (Linux sysfs), 64 MiB when it cannot be read."""
+    from .cluster import parse_bytes
+
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            sizes.append(parse_bytes(f.read_text().strip().replace("K", "KiB").replace("M", "MiB")))
+        except (OSError, ValueError):
+            pass
+    return max(sizes, default=64 * 2**20)
+
+
+class _Evictor:
+    """Writes a buffer twice the last-level cache, so the next timed step finds no weights in cache.
+
+    In a run a stage's units (tens of MB and more) stream from memory at every step, and between
+    steps the rank waits while others run; a unit timed over and over would stay in cache and time
+    out too fast (on a 2-core host with 32 MiB of L3, smollm2's decode blocks 1.8-2x too fast).
+    """
+
+    def __init__(self):
+        import torch
+
+        self.buf = torch.zeros(2 * _cache_bytes() // 4)
+
+    def __call__(self) -> None:
+        self.buf.add_(1.0)
+
+
+def _median_time(fn, repeats: int, slowdown: float = 1.0, before=None) -> float:
     """Median time of fn(): wall time on a real device; on an emulated one, slowdown x its CPU time,
-    which is what the device's shard stretches each forward to in a run."""
+    which is what the device's shard stretches each forward to in a run. before() runs untimed
+    ahead of each repeat."""
     clock = time.perf_counter if slowdown == 1.0 else time.thread_time
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         t0 = clock()
         fn()
         times.append(clock() - t0)
@@ -209,6 +242,7 @@ def _measure_units(spec, device, shapes: dict, repeats: int) -> tuple[list[float
     from .shard import Shard, emulated_compute
 
     emulated_compute(device.slowdown)
+    evict = _Evictor() if torch.device(device.torch).type == "cpu" else None  # GPU memory has no such cache
     b, p, c = shapes["micro_batch_size"], shapes["prompt_tokens"], shapes["context"]
     hidden = int(spec.config["hidden_size"])
     vocab = int(spec.config["vocab_size"])
@@ -228,9 +262,9 @@ def _measure_units(spec, device, shapes: dict, repeats: int) -> tuple[list[float
 
         x_p, x_c, x_d = inputs(p), inputs(c), inputs(1)
         run(x_p, [0] * b)  # warm-up
-        prefill.append(_median_time(lambda: run(x_p, [0] * b), repeats, device.slowdown))
+        prefill.append(_median_time(lambda: run(x_p, [0] * b), repeats, device.slowdown, evict))
         run(x_c, [0] * b)  # a cache holding `context` tokens, then single-token steps
-        decode.append(_median_time(lambda: run(x_d, None), repeats, device.slowdown))
+        decode.append(_median_time(lambda: run(x_d, None), repeats, device.slowdown, evict))
     return prefill, decode
 
 
