@@ -27,7 +27,7 @@ from typing import Iterator
 
 from .cluster import Cluster, format_bytes, parse_hostfile
 from .comm import Comm, versions
-from .jobs import BENCH_DEFAULT, Job, JobError, read_prompts
+from .jobs import BENCH_DEFAULT, Job, JobError, count_prompts, read_prompts
 from .models import ModelSpec, prepare
 from .pipeline import Prompt, Summary, source_loop, stage_loop
 from .planner import Plan, PlanError, even_plan, plan_for
@@ -135,8 +135,7 @@ def _tokenize(job: Job, tok, spec: ModelSpec, skip: set[str]) -> Iterator[Prompt
 
 
 def _count_lines(path: str) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
+    return count_prompts(path)  # in chunks: a huge line further on must not be read into memory whole
 
 
 @dataclasses.dataclass(frozen=True)
