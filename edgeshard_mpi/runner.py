@@ -212,6 +212,7 @@ def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
             measure = shapes
     else:
         plan.check_world(world)
+        plan.check_for(model_fingerprint(spec), cluster_fingerprint([d.to_dict() for d in cluster.devices]))
         _check_memory(spec, plan, cluster, local.row_tokens * (local.in_flight or _default_in_flight(plan)))
     local.total = _count_lines(job.prompts) - len(done)
     if for_run:
@@ -249,11 +250,8 @@ def _profile(comm: Comm, shared: _Shared, cluster: Cluster, spec: ModelSpec, rep
 
 def _make_plan(local: _Local, cluster: Cluster, world: int, objective: str | None = None) -> Plan:
     prof = local.profile
-    if prof.model.get("fingerprint") != model_fingerprint(local.spec):
-        raise PlanError(f"{prof.source}: profile is for model {prof.model.get('name')!r} "
-                        f"({prof.model.get('fingerprint')}), not {local.spec.name} ({model_fingerprint(local.spec)})")
-    if len(prof.devices) != world:
-        raise PlanError(f"{prof.source}: profile has {len(prof.devices)} devices but {world} ranks run")
+    devices = [d.to_dict() for d in cluster.devices]
+    prof.check_for(local.spec.name, model_fingerprint(local.spec), cluster_fingerprint(devices), devices, cluster.source)
     plan = plan_for(prof.costs(kv_tokens=local.kv_tokens), objective or local.objective)
     plan.check_world(world)
     _check_memory(local.spec, plan, cluster, local.row_tokens * (local.in_flight or _default_in_flight(plan)))
