@@ -55,24 +55,29 @@ class HostfileError(ValueError):
     """A hostfile that cannot be used; the message names the file, line and field."""
 
 
+def _short(text: str, limit: int = 40) -> str:
+    """repr of a field value, cut so that an error stays one readable line."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def parse_bytes(text: str) -> int:
     """'8GiB' -> 8589934592, '8GB' -> 8000000000, '512MiB', '1024' (bytes)."""
     m = _BYTES_RE.match(text)
     if not m or (m.group(2).lower() or "b") not in _UNITS:
-        raise ValueError(f"{text!r} is not a size (use e.g. 512MiB, 8GiB, 8GB)")
+        raise ValueError(f"{_short(text)} is not a size (use e.g. 512MiB, 8GiB, 8GB)")
     value = float(m.group(1)) * _UNITS[m.group(2).lower() or "b"]
     if not math.isfinite(value):  # "9" * 400 parses to inf, which int() cannot hold
-        raise ValueError(f"{text!r} is too large a size")
+        raise ValueError(f"{_short(text)} is too large a size")
     return int(value)
 
 
 def _number_with_unit(text: str, units: dict, what: str, example: str) -> float:
     m = _BYTES_RE.match(text)
     if not m or m.group(2).lower() not in units:
-        raise ValueError(f"{text!r} is not a {what} (use e.g. {example})")
+        raise ValueError(f"{_short(text)} is not a {what} (use e.g. {example})")
     value = float(m.group(1)) * units[m.group(2).lower()]
     if not math.isfinite(value):
-        raise ValueError(f"{text!r} is too large a {what}")
+        raise ValueError(f"{_short(text)} is too large a {what}")
     return value
 
 
@@ -166,10 +171,10 @@ def _parse_declaration(text: str, where: str) -> dict:
     for item in text.split():
         key, eq, value = item.partition("=")
         if not eq or not key or not value:
-            raise HostfileError(f"{where}: device field {item!r} is not key=value")
+            raise HostfileError(f"{where}: device field {_short(item)} is not key=value")
         if key not in _DEVICE_FIELDS:
             raise HostfileError(
-                f"{where}: unknown device field {key!r} (known: {', '.join(sorted(_DEVICE_FIELDS))})")
+                f"{where}: unknown device field {_short(key)} (known: {', '.join(sorted(_DEVICE_FIELDS))})")
         if key in fields:
             raise HostfileError(f"{where}: device field {key!r} given twice")
         if key == "memory":
@@ -180,7 +185,7 @@ def _parse_declaration(text: str, where: str) -> dict:
             if value <= 0:
                 raise HostfileError(f"{where}: field memory must be positive")
         elif key == "torch" and not _TORCH_RE.fullmatch(value):
-            raise HostfileError(f"{where}: field torch={value!r} is not cpu, cuda, cuda:N or mps")
+            raise HostfileError(f"{where}: field torch={_short(value)} is not cpu, cuda, cuda:N or mps")
         elif key in ("slowdown", "link", "latency"):
             try:
                 value = {"slowdown": float, "link": parse_rate, "latency": parse_duration}[key](value)
@@ -238,10 +243,10 @@ def parse_hostfile(path: str | Path) -> Cluster:
         host, colon, slots_text = line.partition(":")
         host, slots_text = host.strip(), slots_text.strip()
         if not host or len(host.split()) != 1:
-            raise HostfileError(f"{where}: {line!r} is not 'host' or 'host:slots'")
+            raise HostfileError(f"{where}: {_short(line)} is not 'host' or 'host:slots'")
         if colon:
             if not _SLOTS_RE.fullmatch(slots_text) or not 1 <= int(slots_text) <= MAX_SLOTS:
-                raise HostfileError(f"{where}: slots {slots_text!r} is not a positive integer "
+                raise HostfileError(f"{where}: slots {_short(slots_text)} is not a positive integer "
                                     f"(1 to {MAX_SLOTS})")
             slots = int(slots_text)
         else:

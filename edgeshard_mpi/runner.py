@@ -178,7 +178,7 @@ def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
     spec = ModelSpec.load(model_path, job.dtype, name=Path(job.model).name)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path)
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)  # never run code shipped with a model
     output = opts.output or job.output
     done = ResultWriter.check_target(output, overwrite=opts.overwrite, resume=opts.resume) if for_run else set()
     stream = _tokenize(job, tok, spec, done)
