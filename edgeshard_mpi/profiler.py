@@ -172,15 +172,17 @@ class Profile:
         if not path.is_file():
             raise ProfileError(f"{path}: profile not found")
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ProfileError(f"{path}: not JSON ({e})") from None
-        if d.pop("format", None) != FORMAT:
+            d = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ProfileError(f"{path}: not JSON ({str(e).splitlines()[0]})") from None
+        if not isinstance(d, dict) or d.pop("format", None) != FORMAT:
             raise ProfileError(f"{path}: not an edgeshard profile (no format {FORMAT!r})")
         try:
             return cls(**d, source=str(path))
-        except TypeError as e:
-            raise ProfileError(f"{path}: {e}") from None
+        except ProfileError:
+            raise
+        except (TypeError, KeyError, AttributeError, ValueError) as e:  # a field of the wrong shape
+            raise ProfileError(f"{path}: not a valid profile ({type(e).__name__}: {e})") from None
 
 
 def _device_difference(profiled: list[dict], running: list[dict]) -> str:

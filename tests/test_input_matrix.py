@@ -380,3 +380,18 @@ def test_plan_file_errors(tmp_path, data, needle):
         Plan.load(p, 8)
     assert needle in str(e.value)
 
+
+
+@pytest.mark.parametrize("data,needle", [
+    (b"\xff", "p.json: not JSON"),
+    (b"[]", "p.json: not an edgeshard profile"),
+    (b'{"format": "edgeshard-profile/1", "model": 3}', "p.json: not a valid profile"),
+    (b'{"format": "edgeshard-profile/1", "model": {"num_units": 1}, "units": [{}], "devices": 5, '
+     b'"bandwidth": [], "latency": [], "shapes": {}}', "p.json: not a valid profile"),
+])
+def test_profile_file_errors(tmp_path, data, needle):
+    p = tmp_path / "p.json"
+    p.write_bytes(data)
+    with pytest.raises(ProfileError) as e:
+        Profile.load(p)
+    assert needle in str(e.value)
