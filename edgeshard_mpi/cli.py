@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -360,6 +361,8 @@ def _plan(args) -> int:
     prof = Profile.load(args.profile)
     costs = prof.costs(kv_tokens=args.kv_tokens)
     plan = plan_for(costs, args.objective)
+    # recorded so that `run --plan` refuses the plan on another model or cluster
+    plan = dataclasses.replace(plan, model=prof.model.get("fingerprint", ""), cluster=prof.cluster)
     if args.out:
         plan.save(args.out)
     if args.json:

@@ -24,6 +24,7 @@ arrives no earlier than latency_a + latency_b + bytes / min(bw_a, bw_b) after it
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -42,26 +43,42 @@ _RATE_UNITS = {
     "b/s": 1, "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9, "kib/s": 2**10, "mib/s": 2**20, "gib/s": 2**30,
 }
 _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
-_TORCH_RE = re.compile(r"^(cpu|cuda(:[0-9]+)?|mps)$")
+_TORCH_RE = re.compile(r"cpu|cuda(:[0-9]+)?|mps")  # used with fullmatch: "$" would accept a trailing newline
+_SLOTS_RE = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts "²", which int() rejects
+# More slots than any pipeline of an LLM's units could use; the limit keeps a typo like `host:99999999`
+# from building millions of devices before the rank count is checked.
+MAX_SLOTS = 65536
+_BOM = "\ufeff"
 
 
 class HostfileError(ValueError):
     """A hostfile that cannot be used; the message names the file, line and field."""
 
 
+def _short(text: str, limit: int = 40) -> str:
+    """repr of a field value, cut so that an error stays one readable line."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def parse_bytes(text: str) -> int:
     """'8GiB' -> 8589934592, '8GB' -> 8000000000, '512MiB', '1024' (bytes)."""
     m = _BYTES_RE.match(text)
     if not m or (m.group(2).lower() or "b") not in _UNITS:
-        raise ValueError(f"{text!r} is not a size (use e.g. 512MiB, 8GiB, 8GB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower() or "b"])
+        raise ValueError(f"{_short(text)} is not a size (use e.g. 512MiB, 8GiB, 8GB)")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower() or "b"]
+    if not math.isfinite(value):  # "9" * 400 parses to inf, which int() cannot hold
+        raise ValueError(f"{_short(text)} is too large a size")
+    return int(value)
 
 
 def _number_with_unit(text: str, units: dict, what: str, example: str) -> float:
     m = _BYTES_RE.match(text)
     if not m or m.group(2).lower() not in units:
-        raise ValueError(f"{text!r} is not a {what} (use e.g. {example})")
-    return float(m.group(1)) * units[m.group(2).lower()]
+        raise ValueError(f"{_short(text)} is not a {what} (use e.g. {example})")
+    value = float(m.group(1)) * units[m.group(2).lower()]
+    if not math.isfinite(value):
+        raise ValueError(f"{_short(text)} is too large a {what}")
+    return value
 
 
 def parse_rate(text: str) -> float:
@@ -99,15 +116,15 @@ class Device:
             raise ValueError("device name must not be empty")
         if self.memory is not None and self.memory <= 0:
             raise ValueError(f"device {self.name}: memory must be positive, got {self.memory}")
-        if not _TORCH_RE.match(self.torch):
+        if not isinstance(self.torch, str) or not _TORCH_RE.fullmatch(self.torch):
             raise ValueError(f"device {self.name}: torch={self.torch!r} is not cpu, cuda, cuda:N or mps")
-        if not self.slowdown >= 1.0:
-            raise ValueError(f"device {self.name}: slowdown must be >= 1 (a device cannot be made faster), "
-                             f"got {self.slowdown}")
-        if self.bandwidth is not None and not self.bandwidth > 0:
-            raise ValueError(f"device {self.name}: link bandwidth must be positive, got {self.bandwidth}")
-        if not self.latency >= 0:
-            raise ValueError(f"device {self.name}: latency must be >= 0, got {self.latency}")
+        if not 1.0 <= self.slowdown < math.inf:  # an infinite slowdown would sleep forever
+            raise ValueError(f"device {self.name}: slowdown must be a finite number >= 1 (a device cannot "
+                             f"be made faster), got {self.slowdown}")
+        if self.bandwidth is not None and not 0 < self.bandwidth < math.inf:
+            raise ValueError(f"device {self.name}: link bandwidth must be positive and finite, got {self.bandwidth}")
+        if not 0 <= self.latency < math.inf:
+            raise ValueError(f"device {self.name}: latency must be finite and >= 0, got {self.latency}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -154,10 +171,10 @@ def _parse_declaration(text: str, where: str) -> dict:
     for item in text.split():
         key, eq, value = item.partition("=")
         if not eq or not key or not value:
-            raise HostfileError(f"{where}: device field {item!r} is not key=value")
+            raise HostfileError(f"{where}: device field {_short(item)} is not key=value")
         if key not in _DEVICE_FIELDS:
             raise HostfileError(
-                f"{where}: unknown device field {key!r} (known: {', '.join(sorted(_DEVICE_FIELDS))})")
+                f"{where}: unknown device field {_short(key)} (known: {', '.join(sorted(_DEVICE_FIELDS))})")
         if key in fields:
             raise HostfileError(f"{where}: device field {key!r} given twice")
         if key == "memory":
@@ -167,8 +184,8 @@ def _parse_declaration(text: str, where: str) -> dict:
                 raise HostfileError(f"{where}: field memory: {e}") from None
             if value <= 0:
                 raise HostfileError(f"{where}: field memory must be positive")
-        elif key == "torch" and not _TORCH_RE.match(value):
-            raise HostfileError(f"{where}: field torch={value!r} is not cpu, cuda, cuda:N or mps")
+        elif key == "torch" and not _TORCH_RE.fullmatch(value):
+            raise HostfileError(f"{where}: field torch={_short(value)} is not cpu, cuda, cuda:N or mps")
         elif key in ("slowdown", "link", "latency"):
             try:
                 value = {"slowdown": float, "link": parse_rate, "latency": parse_duration}[key](value)
@@ -182,14 +199,35 @@ def _parse_declaration(text: str, where: str) -> dict:
     return fields
 
 
+def _hostfile_lines(path: Path):
+    """(lineno, text) of each line; a UTF-8 byte-order mark is dropped, other undecodable bytes are an error.
+
+    Lines end at "\n" only (as mpiexec reads them), so line numbers match what an editor shows.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise HostfileError(f"{path}: cannot read the hostfile ({e.strerror})") from None
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise HostfileError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") \
+                from None
+        if lineno == 1 and line.startswith(_BOM):
+            line = line[1:]
+        yield lineno, line
+
+
 def parse_hostfile(path: str | Path) -> Cluster:
     """Read an MPICH hostfile with `# device:` declarations into a Cluster (one Device per slot)."""
     path = Path(path)
     if not path.is_file():
         raise HostfileError(f"{path}: hostfile not found")
     devices: list[Device] = []
+    declared_at: dict[str, str] = {}  # device name -> the line that declared it (or its host line)
     pending: list[tuple[dict, str]] = []  # declarations waiting for their host line
-    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, raw in _hostfile_lines(path):
         where = f"{path}:{lineno}"
         line = raw.strip()
         if not line:
@@ -203,18 +241,22 @@ def parse_hostfile(path: str | Path) -> Cluster:
             raise HostfileError(f"{where}: trailing comments are not allowed (MPICH rejects them); "
                                 "put '# device: ...' on its own line above the host")
         host, colon, slots_text = line.partition(":")
-        host = host.strip()
-        if not host or " " in host:
-            raise HostfileError(f"{where}: {line!r} is not 'host' or 'host:slots'")
+        host, slots_text = host.strip(), slots_text.strip()
+        if not host or len(host.split()) != 1:
+            raise HostfileError(f"{where}: {_short(line)} is not 'host' or 'host:slots'")
         if colon:
-            if not slots_text.strip().isdigit() or int(slots_text) < 1:
-                raise HostfileError(f"{where}: slots {slots_text.strip()!r} is not a positive integer")
+            if not _SLOTS_RE.fullmatch(slots_text) or not 1 <= int(slots_text) <= MAX_SLOTS:
+                raise HostfileError(f"{where}: slots {_short(slots_text)} is not a positive integer "
+                                    f"(1 to {MAX_SLOTS})")
             slots = int(slots_text)
         else:
             slots = 1
+        if len(devices) + slots > MAX_SLOTS:
+            raise HostfileError(f"{where}: the hostfile declares more than {MAX_SLOTS} slots")
         if len(pending) not in (0, 1, slots):
+            lines = ", ".join(w.rsplit(":", 1)[1] for _, w in pending)
             raise HostfileError(f"{where}: host {host} has {slots} slot(s) but {len(pending)} "
-                                "device declarations above it (give one, or one per slot)")
+                                f"device declarations above it, on lines {lines} (give one, or one per slot)")
         for s in range(slots):
             if pending:
                 fields, decl_where = pending[s] if len(pending) == slots else pending[0]
@@ -224,14 +266,17 @@ def parse_hostfile(path: str | Path) -> Cluster:
                 except ValueError as e:
                     raise HostfileError(f"{decl_where}: {e}") from None
             else:
-                devices.append(Device(name=host if slots == 1 else f"{host}-{s}", host=host))
+                decl_where = where
+                name = host if slots == 1 else f"{host}-{s}"
+                devices.append(Device(name=name, host=host))
+            if name in declared_at:
+                # each device is one slot; the same name twice would make profiles and plans ambiguous
+                raise HostfileError(f"{decl_where}: device name {name} declared more than once "
+                                    f"(also at line {declared_at[name].rsplit(':', 1)[1]})")
+            declared_at[name] = decl_where
         pending = []
     if pending:
         raise HostfileError(f"{pending[0][1]}: device declaration is not followed by a host line")
     if not devices:
         raise HostfileError(f"{path}: no host lines")
-    names = [d.name for d in devices]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise HostfileError(f"{path}: device name(s) {', '.join(dup)} declared more than once")
     return Cluster(tuple(devices), str(path))

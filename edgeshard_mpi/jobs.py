@@ -30,7 +30,9 @@ Pure Python: no MPI, no torch.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Iterator
@@ -38,7 +40,8 @@ from typing import Iterator
 from .planner import OBJECTIVES
 from .sampling import SamplingParams
 
-__all__ = ["JobError", "Generation", "Job", "Request", "read_prompts", "SCHEDULES", "BENCH_DEFAULT"]
+__all__ = ["JobError", "Generation", "Job", "Request", "read_prompts", "count_prompts", "SCHEDULES", "BENCH_DEFAULT",
+           "MAX_LINE_BYTES"]
 
 SCHEDULES = ("sequential", "bubbles", "no-bubbles")
 # what `edgeshard bench` runs by default: (plan objective, schedule)
@@ -48,6 +51,22 @@ BENCH_DEFAULT = (("throughput", "no-bubbles"), ("throughput", "bubbles"), ("thro
 
 class JobError(ValueError):
     """A job or prompt file that cannot be used; the message names the file, line and field."""
+
+
+# A prompt line longer than this is refused before it is held in memory whole: no model this tool
+# runs has a context anywhere near 1 MiB of text, and an unbounded line could exhaust rank 0's memory.
+MAX_LINE_BYTES = 2**20
+_BOM = b"\xef\xbb\xbf"
+
+
+def _decode(raw: bytes, path, lineno: int = 1) -> str:
+    """UTF-8 text of `raw` (which starts at line `lineno` of `path`); an error names the line and column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = lineno + raw.count(b"\n", 0, e.start)
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise JobError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {column})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +93,16 @@ def _field(table: dict, key: str, typ, default, where: str):
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
     if not ok:
-        raise JobError(f"{where}: field {key!r} must be {_TYPES[typ]}, got {value!r}")
+        raise JobError(f"{where}: field {key!r} must be {_TYPES[typ]}, got {_short(value)}")
+    if typ is float and not math.isfinite(value):  # TOML and JSON both allow nan and inf
+        raise JobError(f"{where}: field {key!r} must be a finite number, got {value!r}")
     return value
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr of a value, cut so that an error stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_keys(table: dict, known: set[str], where: str) -> None:
@@ -137,7 +164,10 @@ class Job:
         path = Path(path)
         if not path.is_file():
             raise JobError(f"{path}: job file not found")
-        text = path.read_text()
+        data = path.read_bytes()
+        if data.startswith(_BOM):  # editors on Windows write one; TOML itself does not allow it
+            data = data[len(_BOM):]
+        text = _decode(data, path)
         try:
             d = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -221,6 +251,8 @@ def _request_from_json(obj, where: str, default: Generation) -> Request:
         rid = where.rsplit(":", 1)[1]  # the line number
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
         raise JobError(f"{where}: field 'id' must be a string or an integer")
+    if rid == "":
+        raise JobError(f"{where}: field 'id' is empty")
     gen = _generation({k: obj[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed") if k in obj},
                       where, default)
     if ("prompt" in obj) == ("messages" in obj):
@@ -242,30 +274,87 @@ def _request_from_json(obj, where: str, default: Generation) -> Request:
     return Request(str(rid), where, messages=tuple(msgs), generation=gen)
 
 
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(lineno, bytes without the line end) of each line, never holding more than MAX_LINE_BYTES of one.
+
+    Lines end at "\n"; a "\r" before it (CRLF) and a UTF-8 byte-order mark at the start are dropped.
+    """
+    with open(path, "rb") as f:
+        for lineno in itertools.count(1):
+            raw = f.readline(MAX_LINE_BYTES + 2)  # room for the line end after a line of exactly the limit
+            if not raw:
+                return
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            line = line[:-1] if line.endswith(b"\r") else line
+            if len(line) > MAX_LINE_BYTES:
+                raise JobError(f"{path}:{lineno}: line longer than the {MAX_LINE_BYTES // 2**20} MiB limit "
+                               f"({MAX_LINE_BYTES} bytes)")
+            yield lineno, line
+
+
+def _parse_json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise JobError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise JobError(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # an integer of more than 4300 digits; the rest of the message is advice for Python code
+        raise JobError(f"{where}: not valid JSON ({str(e).split(':')[0]})") from None
+
+
 def read_prompts(path: str | Path, default: Generation = Generation()) -> Iterator[Request]:
-    """Yield requests one line at a time (files are streamed, never read whole)."""
+    """Yield requests one line at a time (files are streamed, never read whole).
+
+    Blank lines are skipped; each line is at most MAX_LINE_BYTES of UTF-8. Lines are only parsed as
+    JSON (or taken as text): nothing in a prompt file is ever evaluated.
+    """
     path = Path(path)
     if not path.is_file():
         raise JobError(f"{path}: prompt file not found")
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".txt"):
         raise JobError(f"{path}: prompt files must be .jsonl or .txt, got {suffix or 'no suffix'!r}")
-    seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if suffix == ".txt":
-                req = Request(str(lineno), where, prompt=line, generation=default)
-            else:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise JobError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                req = _request_from_json(obj, where, default)
-            if req.id in seen:
-                raise JobError(f"{where}: id {req.id!r} appears twice in the prompt file")
-            seen.add(req.id)
-            yield req
+    seen: dict[str, int] = {}  # id -> the line it came from
+    for lineno, raw in _lines(path):
+        where = f"{path}:{lineno}"
+        line = _decode(raw, path, lineno)
+        if not line.strip():
+            continue
+        if suffix == ".txt":
+            req = Request(str(lineno), where, prompt=line, generation=default)
+        else:
+            obj = _parse_json(line, where)
+            try:
+                # JSON may spell a lone surrogate ("\ud800"): valid JSON, but not text that can be
+                # tokenised or written to the results file, so refuse it here rather than mid-run
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise JobError(f"{where}: a string holds an unpaired surrogate (\\ud800-\\udfff), "
+                               "which is not text") from None
+            req = _request_from_json(obj, where, default)
+        if req.id in seen:
+            raise JobError(f"{where}: id {req.id!r} appears twice in the prompt file "
+                           f"(lines {seen[req.id]} and {lineno})")
+        seen[req.id] = lineno
+        yield req
+
+
+def count_prompts(path: str | Path) -> int:
+    """Lines with something other than whitespace, counted in fixed-size chunks (a long line costs no memory)."""
+    count, content = 0, False  # content: the current line has a non-blank byte so far
+    with open(path, "rb") as f:
+        first = True
+        while chunk := f.read(2**20):
+            if first and chunk.startswith(_BOM):
+                chunk = chunk[len(_BOM):]
+            first = False
+            parts = chunk.split(b"\n")
+            for i, part in enumerate(parts):
+                content = content or bool(part.strip())
+                if i < len(parts) - 1:  # the line ends in this chunk
+                    count += content
+                    content = False
+    return count + content

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -103,12 +104,20 @@ def resolve_model(name_or_path: str, *, must_exist: bool = True) -> Path:
     return path
 
 
+# Weight formats that are Python pickles: loading one can run any code its author put in it.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
 def _check_folder(path: Path) -> None:
     if not path.is_dir():
         raise ModelError(f"{path}: model folder not found (presets: {', '.join(PRESETS)})")
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json in the model folder")
     if not list(path.glob("*.safetensors")):
+        pickles = sorted(f.name for f in path.iterdir() if f.suffix.lower() in _PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelError(f"{path / pickles[0]}: weights in pickle format are never loaded (unpickling can run "
+                             "arbitrary code); give the model as *.safetensors (convert it where you trust the file)")
         raise ModelError(f"{path}: no *.safetensors in the model folder (only safetensors weights are loaded)")
 
 
@@ -134,6 +143,119 @@ def prepare(name_or_path: str) -> Path:
             raise
     _check_folder(path)
     return path
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        d = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelError(f"{file}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise ModelError(f"{file}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _check_config(path: Path, config: dict) -> None:
+    """Refuse what the shard loader cannot run as written, naming the file and field."""
+    cfile = path / "config.json"
+    mtype = config.get("model_type")
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(f"{cfile}: model_type {mtype!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    # Custom code is never run (trust_remote_code is never set): refuse rather than half-load such a model.
+    for file in (cfile, path / "tokenizer_config.json"):
+        if file.is_file() and "auto_map" in _read_json(file):
+            raise ModelError(f"{file}: field 'auto_map' points to custom code, which is never run; "
+                             "use a model that plain transformers classes load")
+    if config.get("quantization_config"):
+        raise ModelError(f"{cfile}: field 'quantization_config' is set; quantized weights are not supported")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "max_position_embeddings", "intermediate_size"):
+        if key not in config:
+            raise ModelError(f"{cfile}: field {key!r} is missing")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "max_position_embeddings", "intermediate_size", "num_key_value_heads", "head_dim"):
+        value = config.get(key)
+        if value is None and key in ("num_key_value_heads", "head_dim"):
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelError(f"{cfile}: field {key!r} must be a positive integer, got {value!r}")
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if heads % kv_heads:
+        raise ModelError(f"{cfile}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    from transformers.activations import ACT2FN
+
+    act = config.get("hidden_act", "silu")
+    if not isinstance(act, str) or act not in ACT2FN:
+        raise ModelError(f"{cfile}: field 'hidden_act' {act!r} is not an activation transformers knows")
+
+
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _read_headers(path: Path) -> tuple[dict[str, list[int]], dict[str, str], dict[str, str]]:
+    """Shape, dtype and file of every tensor, from the safetensors headers only (no weights read).
+
+    With a model.safetensors.index.json, exactly the files it names (and each tensor must be where it
+    says, since shards read through it); otherwise every *.safetensors file in the folder.
+    """
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    weight_map = None
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise ModelError(f"{index}: field 'weight_map' must map tensor names to file names")
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            # a plain file of this folder: the index must not reach outside it
+            if Path(name).name != name or name.startswith(".") or not (path / name).is_file():
+                raise ModelError(f"{index}: weight_map names {name!r}, which is not a file in {path}")
+        files = [path / n for n in names]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    shape, dtype, file_of = {}, {}, {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    if key in file_of:
+                        raise ModelError(f"{f}: tensor {key} is also in {file_of[key]}")
+                    sl = sf.get_slice(key)
+                    shape[key], dtype[key], file_of[key] = list(sl.get_shape()), sl.get_dtype(), f.name
+        except ModelError:
+            raise
+        except Exception as e:  # safetensors raises its own error type for a damaged header
+            raise ModelError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if weight_map is not None:
+        for key, name in weight_map.items():
+            if file_of.get(key) != name:
+                where = f"it is in {file_of[key]}" if key in file_of else "no file holds it"
+                raise ModelError(f"{index}: weight_map puts tensor {key} in {name}, but {where}")
+    return shape, dtype, file_of
+
+
+def _block_shapes(config: dict, i: int) -> dict[str, list[int]]:
+    """The tensors of decoder block i (transformers' LlamaDecoderLayer) and their shapes."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    hd = config.get("head_dim") or hidden // heads
+    p = f"model.layers.{i}."
+    out = {p + "input_layernorm.weight": [hidden], p + "post_attention_layernorm.weight": [hidden],
+           p + "self_attn.q_proj.weight": [heads * hd, hidden], p + "self_attn.k_proj.weight": [kv * hd, hidden],
+           p + "self_attn.v_proj.weight": [kv * hd, hidden], p + "self_attn.o_proj.weight": [hidden, heads * hd],
+           p + "mlp.gate_proj.weight": [inter, hidden], p + "mlp.up_proj.weight": [inter, hidden],
+           p + "mlp.down_proj.weight": [hidden, inter]}
+    if config.get("attention_bias"):
+        out.update({p + "self_attn.q_proj.bias": [heads * hd], p + "self_attn.k_proj.bias": [kv * hd],
+                    p + "self_attn.v_proj.bias": [kv * hd], p + "self_attn.o_proj.bias": [hidden]})
+    if config.get("mlp_bias"):
+        out.update({p + "mlp.gate_proj.bias": [inter], p + "mlp.up_proj.bias": [inter],
+                    p + "mlp.down_proj.bias": [hidden]})
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,54 +301,67 @@ class ModelSpec:
 
     @classmethod
     def load(cls, path: str | Path, dtype: str = "float32", name: str | None = None) -> "ModelSpec":
-        """Read config.json and the safetensors headers (no weights) into units."""
-        from safetensors import safe_open
+        """Read config.json and the safetensors headers (no weights) into units.
 
+        Every tensor the units need must be there with the shape config.json implies, in a float
+        dtype, and no block may hold a tensor the config does not describe: a model the shards could
+        not load is refused here, on rank 0, naming the file, before any rank starts loading.
+        """
         path = Path(path)
         _check_folder(path)
         if dtype not in DTYPE_BYTES:
             raise ModelError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
-        config = json.loads((path / "config.json").read_text())
-        mtype = config.get("model_type")
-        if mtype not in SUPPORTED_MODEL_TYPES:
-            raise ModelError(f"{path / 'config.json'}: model_type {mtype!r} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                    "max_position_embeddings"):
-            if key not in config:
-                raise ModelError(f"{path / 'config.json'}: field {key!r} is missing")
-        numel: dict[str, int] = {}
-        for f in sorted(path.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as sf:
-                for key in sf.keys():
-                    shape = sf.get_slice(key).get_shape()
-                    n = 1
-                    for s in shape:
-                        n *= s
-                    numel[key] = n
+        config = _read_json(path / "config.json")
+        _check_config(path, config)
+        shape, tdtype, file_of = _read_headers(path)
         layers = int(config["num_hidden_layers"])
         hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
         kv_heads = int(config.get("num_key_value_heads") or heads)
         head_dim = int(config.get("head_dim") or hidden // heads)
+        vocab = int(config["vocab_size"])
         nb = DTYPE_BYTES[dtype]
         embed_key = "model.embed_tokens.weight"
-        head_key = "lm_head.weight" if "lm_head.weight" in numel else embed_key  # tied head
-        groups: list[tuple[str, list[str]]] = [("embed", [embed_key])]
-        for i in range(layers):
-            prefix = f"model.layers.{i}."
-            groups.append((f"block.{i}", sorted(k for k in numel if k.startswith(prefix))))
-        groups.append(("head", ["model.norm.weight", head_key]))
+        head_key = "lm_head.weight"
+        if head_key not in shape and config.get("tie_word_embeddings", False):
+            head_key = embed_key  # tied head: it reads the embedding matrix
         units = []
-        for idx, (uname, keys) in enumerate(groups):
-            missing = [k for k in keys if k not in numel]
-            if missing or not keys:
-                raise ModelError(f"{path}: unit {uname} is missing tensor(s) {missing or ['model.layers.*']}")
+        expected_all: set[str] = set()
+
+        def unit(idx: int, uname: str, expected: dict[str, list[int]]) -> Unit:
+            missing = sorted(k for k in expected if k not in shape)
+            if missing:
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                raise ModelError(f"{path}: unit {uname} is missing tensor(s) {', '.join(missing[:3])}{more} "
+                                 f"(in no safetensors file)")
+            for k, want in expected.items():
+                if shape[k] != want:
+                    raise ModelError(f"{path / file_of[k]}: tensor {k} has shape {shape[k]}, "
+                                     f"config.json implies {want}")
+                if tdtype[k] not in _FLOAT_DTYPES:
+                    raise ModelError(f"{path / file_of[k]}: tensor {k} has dtype {tdtype[k]}; only "
+                                     f"{', '.join(_FLOAT_DTYPES)} weights are loaded (no quantized weights)")
+            expected_all.update(expected)
             is_block = uname.startswith("block.")
-            units.append(Unit(
-                index=idx, name=uname, tensors=tuple(keys),
-                param_bytes=sum(numel[k] for k in keys) * nb,
+            return Unit(
+                index=idx, name=uname, tensors=tuple(sorted(expected)) if is_block else tuple(expected),
+                param_bytes=sum(math.prod(shape[k]) for k in expected) * nb,
                 kv_bytes_per_token=2 * kv_heads * head_dim * nb if is_block else 0,
                 out_bytes_per_token=8 if uname == "head" else hidden * nb,  # the head sends a token id
-            ))
+            )
+
+        units.append(unit(0, "embed", {embed_key: [vocab, hidden]}))
+        for i in range(layers):  # stops at the first block with a missing tensor, however large `layers` is
+            units.append(unit(i + 1, f"block.{i}", _block_shapes(config, i)))
+        units.append(unit(layers + 1, "head", {"model.norm.weight": [hidden], head_key: [vocab, hidden]}))
+        # a block tensor the config does not describe (a bias, a layer beyond num_hidden_layers) means the
+        # config is not the one these weights were made with; old checkpoints' rotary buffers are harmless
+        extra = sorted(k for k in shape if k.startswith("model.layers.") and k not in expected_all
+                       and not k.endswith("rotary_emb.inv_freq"))
+        if extra:
+            more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+            raise ModelError(f"{path / file_of[extra[0]]}: tensor(s) {', '.join(extra[:3])}{more} are not in the "
+                             f"model config.json describes (num_hidden_layers={layers}, "
+                             f"attention_bias={bool(config.get('attention_bias'))}, "
+                             f"mlp_bias={bool(config.get('mlp_bias'))})")
         return cls(str(path), name or path.name, config, dtype, tuple(units))

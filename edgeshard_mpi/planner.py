@@ -49,6 +49,10 @@ class Plan:
     num_units: int
     objective: str = "manual"  # how the plan was made: manual, even, latency, throughput, ...
     source: str = "<plan>"  # file or job field it came from, for error messages
+    # content hashes of the model and cluster of the profile it was planned from ("" = not recorded:
+    # hand-written, even split); a run refuses a plan recorded for another model or cluster
+    model: str = ""
+    cluster: str = ""
 
     def __post_init__(self):
         where = self.source
@@ -96,12 +100,21 @@ class Plan:
         if bad:
             raise PlanError(f"{self.source}: plan uses rank(s) {bad} but only {world_size} rank(s) run")
 
+    def check_for(self, model_fp: str, cluster_fp: str) -> None:
+        """Refuse a plan made from a profile of another model or cluster, naming both content hashes."""
+        for what, planned, running in (("model", self.model, model_fp), ("cluster", self.cluster, cluster_fp)):
+            if planned and planned != running:
+                raise PlanError(f"{self.source}: plan was made for {what} {planned}, not this {what} ({running}); "
+                                f"plan again from a profile of this {what}")
+
     def to_dict(self) -> dict:
-        return {
+        d = {
             "objective": self.objective,
             "num_units": self.num_units,
             "stages": [dataclasses.asdict(s) for s in self.stages],
         }
+        d.update({k: v for k, v in (("model", self.model), ("cluster", self.cluster)) if v})
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, num_units: int | None = None, source: str = "<plan>") -> "Plan":
@@ -112,7 +125,10 @@ class Plan:
         n = num_units if num_units is not None else int(d["num_units"])
         if "num_units" in d and num_units is not None and int(d["num_units"]) != num_units:
             raise PlanError(f"{source}: plan is for {d['num_units']} units, the model has {num_units}")
-        return cls(stages, n, d.get("objective", "manual"), source)
+        hashes = {k: d.get(k, "") for k in ("model", "cluster")}
+        if not all(isinstance(v, str) for v in hashes.values()):
+            raise PlanError(f"{source}: model and cluster must be content hashes (strings)")
+        return cls(stages, n, d.get("objective", "manual"), source, **hashes)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -123,9 +139,11 @@ class Plan:
         if not path.is_file():
             raise PlanError(f"{path}: plan file not found")
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{path}: not JSON ({e})") from None
+            d = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise PlanError(f"{path}: not JSON ({str(e).splitlines()[0]})") from None
+        if not isinstance(d, dict):
+            raise PlanError(f"{path}: expected a JSON object with stages, got {type(d).__name__}")
         return cls.from_dict(d, num_units, str(path))
 
 

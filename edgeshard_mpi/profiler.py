@@ -138,6 +138,21 @@ class Profile:
     def matches(self, model_fp: str, cluster_fp: str, shapes: dict) -> bool:
         return self.model.get("fingerprint") == model_fp and self.cluster == cluster_fp and self.shapes == shapes
 
+    def check_for(self, model_name: str, model_fp: str, cluster_fp: str, devices: list[dict],
+                  cluster_source: str = "this cluster") -> None:
+        """Refuse a profile made for another model or another cluster, naming both content hashes.
+
+        Its times would plan shards for units or devices that are not the ones running; shapes may
+        differ (a profile at other shapes is still this model on these devices).
+        """
+        if self.model.get("fingerprint") != model_fp:
+            raise ProfileError(f"{self.source}: profile is for model {self.model.get('name')!r} "
+                               f"({self.model.get('fingerprint')}), not {model_name} ({model_fp})")
+        if self.cluster != cluster_fp:
+            raise ProfileError(f"{self.source}: profile is for cluster {self.cluster or '(none)'}, not "
+                               f"{cluster_source} ({cluster_fp}){_device_difference(self.devices, devices)}; "
+                               "profile this cluster, or leave out --profile")
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source")
@@ -157,15 +172,28 @@ class Profile:
         if not path.is_file():
             raise ProfileError(f"{path}: profile not found")
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ProfileError(f"{path}: not JSON ({e})") from None
-        if d.pop("format", None) != FORMAT:
+            d = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ProfileError(f"{path}: not JSON ({str(e).splitlines()[0]})") from None
+        if not isinstance(d, dict) or d.pop("format", None) != FORMAT:
             raise ProfileError(f"{path}: not an edgeshard profile (no format {FORMAT!r})")
         try:
             return cls(**d, source=str(path))
-        except TypeError as e:
-            raise ProfileError(f"{path}: {e}") from None
+        except ProfileError:
+            raise
+        except (TypeError, KeyError, AttributeError, ValueError) as e:  # a field of the wrong shape
+            raise ProfileError(f"{path}: not a valid profile ({type(e).__name__}: {e})") from None
+
+
+def _device_difference(profiled: list[dict], running: list[dict]) -> str:
+    """The first way the profiled devices differ from the running ones, for the error message."""
+    if len(profiled) != len(running):
+        return f": {len(profiled)} devices profiled, {len(running)} running"
+    for rank, (a, b) in enumerate(zip(profiled, running)):
+        for key in sorted(set(a) | set(b)):
+            if key not in ("prefill_s", "decode_s") and a.get(key) != b.get(key):
+                return f": rank {rank} {key} was {a.get(key)!r}, is {b.get(key)!r}"
+    return ""
 
 
 def find_profile(model_fp: str, cluster_fp: str, shapes: dict, folder: Path | None = None) -> Profile | None:

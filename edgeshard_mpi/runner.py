@@ -27,7 +27,7 @@ from typing import Iterator
 
 from .cluster import Cluster, format_bytes, parse_hostfile
 from .comm import Comm, versions
-from .jobs import BENCH_DEFAULT, Job, JobError, read_prompts
+from .jobs import BENCH_DEFAULT, Job, JobError, count_prompts, read_prompts
 from .models import ModelSpec, prepare
 from .pipeline import Prompt, Summary, source_loop, stage_loop
 from .planner import Plan, PlanError, even_plan, plan_for
@@ -137,11 +137,6 @@ def _tokenize(job: Job, tok, spec: ModelSpec, skip: set[str]) -> Iterator[Prompt
         yield Prompt(req, ids, text)
 
 
-def _count_lines(path: str) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
 @dataclasses.dataclass(frozen=True)
 class _Shared:
     """What rank 0 decides in step 1 and every rank needs."""
@@ -184,7 +179,7 @@ def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
     spec = ModelSpec.load(model_path, job.dtype, name=Path(job.model).name)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path)
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)  # never run code shipped with a model
     output = opts.output or job.output
     done = ResultWriter.check_target(output, overwrite=opts.overwrite, resume=opts.resume) if for_run else set()
     stream = _tokenize(job, tok, spec, done)
@@ -219,8 +214,9 @@ def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
             measure = shapes
     else:
         plan.check_world(world)
+        plan.check_for(model_fingerprint(spec), cluster_fingerprint([d.to_dict() for d in cluster.devices]))
         _check_memory(spec, plan, cluster, local.row_tokens * (local.in_flight or default_in_flight(len(plan.stages))))
-    local.total = _count_lines(job.prompts) - len(done)
+    local.total = count_prompts(job.prompts) - len(done)  # read in chunks, never a whole line
     if for_run:
         # the file itself is opened once the plan is made, so a plan that fails leaves nothing behind
         local.output = output
@@ -256,11 +252,8 @@ def _profile(comm: Comm, shared: _Shared, cluster: Cluster, spec: ModelSpec, rep
 
 def _make_plan(local: _Local, cluster: Cluster, world: int, objective: str | None = None) -> Plan:
     prof = local.profile
-    if prof.model.get("fingerprint") != model_fingerprint(local.spec):
-        raise PlanError(f"{prof.source}: profile is for model {prof.model.get('name')!r} "
-                        f"({prof.model.get('fingerprint')}), not {local.spec.name} ({model_fingerprint(local.spec)})")
-    if len(prof.devices) != world:
-        raise PlanError(f"{prof.source}: profile has {len(prof.devices)} devices but {world} ranks run")
+    devices = [d.to_dict() for d in cluster.devices]
+    prof.check_for(local.spec.name, model_fingerprint(local.spec), cluster_fingerprint(devices), devices, cluster.source)
     plan = plan_for(prof.costs(kv_tokens=local.kv_tokens), objective or local.objective)
     plan.check_world(world)
     _check_memory(local.spec, plan, cluster, local.row_tokens * (local.in_flight or default_in_flight(len(plan.stages))))

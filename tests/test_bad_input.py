@@ -83,3 +83,74 @@ def test_shard_larger_than_its_device_memory(tmp_path, tiny_path):
     hosts.write_text("# device: name=big memory=1GiB\nlocalhost:1\n# device: name=tiny-board memory=1MiB\nlocalhost:1\n")
     job = write_job(tmp_path, "tiny-random", OK)
     _fails(run_mpi(["run", str(job), "--hostfile", str(hosts)], 2, timeout=60), "tiny-board", "1.00 MiB", "need")
+
+
+def _tiny_copy(tmp_path, tiny_path):
+    import shutil
+
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_path, dst)
+    return dst
+
+
+def test_model_with_a_missing_tensor(tmp_path, tiny_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny_copy(tmp_path, tiny_path)
+    tensors = load_file(model / "model.safetensors")
+    del tensors["model.layers.3.mlp.up_proj.weight"]
+    save_file(tensors, model / "model.safetensors")
+    job = write_job(tmp_path, model, OK)
+    _fails(run_mpi(["run", str(job)], 2, timeout=60), f"{model}: unit block.3 is missing tensor(s) "
+                                                      "model.layers.3.mlp.up_proj.weight")
+
+
+def test_model_with_an_unsupported_config(tmp_path, tiny_path):
+    import json
+
+    model = _tiny_copy(tmp_path, tiny_path)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    job = write_job(tmp_path, model, OK)
+    _fails(run_mpi(["run", str(job)], 2, timeout=60), f"{model / 'config.json'}: model_type 'mistral' is not supported")
+
+
+def test_a_profile_of_another_cluster_is_refused_naming_both_hashes(tmp_path, tiny_path):
+    from edgeshard_mpi.cluster import Cluster, Device
+    from edgeshard_mpi.models import ModelSpec
+    from edgeshard_mpi.profiler import Profile, cluster_fingerprint, model_fingerprint
+
+    spec = ModelSpec.load(tiny_path)
+    n = spec.num_units
+    boards = [Device(name=f"board{r}").to_dict() for r in range(2)]  # this model, two other devices
+    prof = Profile(model={"name": spec.name, "fingerprint": model_fingerprint(spec), "dtype": spec.dtype, "num_units": n},
+                   units=[{"name": u.name, "param_bytes": u.param_bytes, "kv_bytes_per_token": u.kv_bytes_per_token,
+                           "out_bytes_per_token": u.out_bytes_per_token} for u in spec.units],
+                   devices=[{**d, "prefill_s": [1e-3] * n, "decode_s": [1e-4] * n} for d in boards],
+                   bandwidth=[[None, 1e9], [1e9, None]], latency=[[0.0, 0.0], [0.0, 0.0]],
+                   shapes={"prompt_tokens": 8, "context": 16, "micro_batch_size": 1}, cluster=cluster_fingerprint(boards))
+    path = prof.save(tmp_path / "other-cluster.json")
+    here = cluster_fingerprint([d.to_dict() for d in Cluster.local(2).devices])
+    job = write_job(tmp_path, "tiny-random", OK)
+    _fails(run_mpi(["run", str(job), "--objective", "throughput", "--profile", str(path)], 2, timeout=60),
+           f"{path}: profile is for cluster {prof.cluster}, not <no hostfile> ({here})", "rank 0 name was 'board0'")
+    assert not (tmp_path / "job.h5").exists()  # refused before the results file is made
+
+
+def test_a_bad_prompt_line_after_the_read_ahead_keeps_the_results_so_far(tmp_path, tiny_path):
+    from edgeshard_mpi.results import read_results
+
+    good = [{"id": f"q{i}", "prompt": f"Number {i}"} for i in range(260)]  # more than the 256 read ahead
+    job = write_job(tmp_path, "tiny-random", good + ["{\"id\": \"bad\", \"prompt\": \"caf\u00e9\"}"],
+                    extra="micro_batch_size = 16", generation="max_new_tokens = 1")
+    prompts = tmp_path / "job-prompts.jsonl"
+    data = prompts.read_bytes()
+    prompts.write_bytes(data.replace("caf\u00e9".encode(), b"caf\xe9"))  # line 261: Latin-1, not UTF-8
+    _fails(run_mpi(["run", str(job), "--no-progress"], 2, timeout=120), "job-prompts.jsonl:261: not UTF-8")
+    kept = {r.id for r in read_results(tmp_path / "job.h5")}
+    assert kept and kept <= {p["id"] for p in good}
+    prompts.write_bytes(data)  # the line fixed: --resume runs only what is missing
+    proc = run_mpi(["run", str(job), "--no-progress", "--resume"], 2, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    ids = [r.id for r in read_results(tmp_path / "job.h5")]
+    assert sorted(ids) == sorted([p["id"] for p in good] + ["bad"]) and len(ids) == len(set(ids))

@@ -48,7 +48,7 @@ def test_one_declaration_per_slot(tmp_path):
     ("# device: name=a torch=tpu\nh:1\n", "torch='tpu'"),
     ("h:1 # the fast one\n", "c.hosts:1: trailing comments"),
     ("# device: name=a\n# device: name=b\n# device: name=c\nh:2\n", "c.hosts:4: host h has 2 slot(s) but 3"),
-    ("# device: name=a\nh:1\n# device: name=a\nh:1\n", "name(s) a declared more than once"),
+    ("# device: name=a\nh:1\n# device: name=a\nh:1\n", "c.hosts:3: device name a declared more than once (also at line 1)"),
     ("# device: name=a\n", "not followed by a host line"),
     ("# only comments\n", "no host lines"),
 ])
