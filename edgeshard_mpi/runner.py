@@ -54,7 +54,7 @@ class RunOptions:
     micro_batches: int | None = None
     progress: bool = True
     repeats: int = 5  # profiling: runs per measurement
-    step_timeout: float | None = 30.0  # rank 0 declares a rank lost after this long without tokens
+    step_timeout: float | None = 25.0  # rank 0 declares a rank lost after this long without tokens
 
 
 _SAMPLE = 256  # prompts read ahead of the run: they size the profile's shapes and the KV cache
@@ -176,13 +176,15 @@ def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
     for_run = mode == "run"
     job = Job.load(job_path)
     cluster = _cluster(job, opts, world)
+    output = opts.output or job.output
+    # before the model is prepared (a preset's first conversion takes a while): a target that
+    # cannot be written fails at once
+    done = ResultWriter.check_target(output, overwrite=opts.overwrite, resume=opts.resume) if for_run else set()
     model_path = prepare(job.model)  # a preset is prepared once, here, while the others wait
     spec = ModelSpec.load(model_path, job.dtype, name=Path(job.model).name)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    output = opts.output or job.output
-    done = ResultWriter.check_target(output, overwrite=opts.overwrite, resume=opts.resume) if for_run else set()
     stream = _tokenize(job, tok, spec, done)
     sample = list(itertools.islice(stream, _SAMPLE))  # sizes the profile and the KV cache; the rest streams
     if not sample and not done:
