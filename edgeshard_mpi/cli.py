@@ -50,9 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, "
                      "else twice the plan's stages)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--step-timeout", type=_seconds, default=30.0, metavar="S",
+    run.add_argument("--step-timeout", type=_seconds, default=25.0, metavar="S",
                      help="end the job when no tokens reach rank 0 for S seconds, naming the lost rank "
-                          "(default 30; 0 = wait forever)")
+                          "(default 25, so that a lost rank ends the job within 30 s; 0 = wait forever)")
 
     bench = sub.add_parser("bench", help="run the job's prompts under several plans and schedules (under mpiexec)")
     bench.add_argument("job")
@@ -62,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, else twice the stages)")
     bench.add_argument("--profile", help="profile JSON to plan from (default: a saved matching one, else measure)")
     bench.add_argument("--json", help="also save the rows as JSON to this file")
-    bench.add_argument("--step-timeout", type=_seconds, default=30.0, metavar="S",
-                       help="end the job when no tokens reach rank 0 for S seconds (default 30; 0 = never)")
+    bench.add_argument("--step-timeout", type=_seconds, default=25.0, metavar="S",
+                       help="end the job when no tokens reach rank 0 for S seconds (default 25; 0 = never)")
 
     prof = sub.add_parser("profile", help="measure units and links on every rank (under mpiexec)")
     prof.add_argument("job", help="job file: model, dtype, prompts (for shapes), micro-batch size, hostfile")

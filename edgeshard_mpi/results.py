@@ -152,8 +152,10 @@ class ResultWriter:
             self.count = int(self.group.attrs["count"])
             for name in _COLUMNS:  # rows beyond `count` were half-written before a crash
                 self.group[name].resize((self.count,))
+            # a resumed run may run on other devices (one was lost) under another plan: keep each
             resumed = json.loads(self.f.attrs.get("resumed", "[]"))
-            self.f.attrs["resumed"] = json.dumps(resumed + [attrs.get("created", "")])
+            self.f.attrs["resumed"] = json.dumps(resumed + [{k: attrs[k] for k in ("created", "cluster", "plan", "ranks")
+                                                             if k in attrs}])
             # The journal restarts as a full copy of the file (its attributes and every committed
             # record), so that it can rebuild the file alone whatever came before: a finished run
             # deleted its journal, and a killed one may have left a torn last line.
