@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                      "else twice the plan's stages)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--trace", help="write every rank's timeline to this Chrome trace JSON (Perfetto opens it)")
+    run.add_argument("--step-timeout", type=_seconds, default=25.0, metavar="S",
+                     help="end the job when no tokens reach rank 0 for S seconds, naming the lost rank "
+                          "(default 25, so that a lost rank ends the job within 30 s; 0 = wait forever)")
 
     bench = sub.add_parser("bench", help="run the job's prompts under several plans and schedules (under mpiexec)")
     bench.add_argument("job")
@@ -74,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, else twice the stages)")
     bench.add_argument("--profile", help="profile JSON to plan from (default: a saved matching one, else measure)")
     bench.add_argument("--json", help="also save the rows as JSON to this file")
+    bench.add_argument("--step-timeout", type=_seconds, default=25.0, metavar="S",
+                       help="end the job when no tokens reach rank 0 for S seconds (default 25; 0 = never)")
 
     prof = sub.add_parser("profile", help="measure units and links on every rank (under mpiexec)")
     prof.add_argument("job", help="job file: model, dtype, prompts (for shapes), micro-batch size, hostfile")
@@ -119,6 +124,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("run", "profile", "bench"):
@@ -139,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _mpi_command(args) -> int:
-    from .comm import Comm
+    from .comm import Comm, RankLost
 
     comm = Comm()
     try:
@@ -155,7 +170,8 @@ def _mpi_command(args) -> int:
                                           f"(objectives: {', '.join(OBJECTIVES)}; schedules: {', '.join(SCHEDULES)})",
                                           quiet=comm.rank != 0)
             rows = bench_job(comm, args.job, RunOptions(hostfile=args.hostfile, profile=args.profile,
-                                                        micro_batches=args.micro_batches), configs)
+                                                        micro_batches=args.micro_batches,
+                                                        step_timeout=args.step_timeout or None), configs)
             if rows is not None:
                 _print_bench(rows)
                 if args.json:
@@ -169,15 +185,16 @@ def _mpi_command(args) -> int:
             return 0
         opts = RunOptions(hostfile=args.hostfile, plan=args.plan, objective=args.objective, profile=args.profile,
                           output=args.output, overwrite=args.overwrite, resume=args.resume, schedule=args.schedule,
-                          micro_batches=args.micro_batches, progress=not args.no_progress, trace=args.trace)
+                          micro_batches=args.micro_batches, progress=not args.no_progress, trace=args.trace,
+                          step_timeout=args.step_timeout or None)
         summary = run_job(comm, args.job, opts)
     except SetupFailed as e:  # every rank knows; all leave normally, nothing to abort
         if not e.quiet:
             print(f"edgeshard: error: {e}", file=sys.stderr, flush=True)
         return 1
     except BaseException as e:  # any rank's failure ends the whole job, never a hang
-        if isinstance(e, _USER_ERRORS):
-            msg = str(e)
+        if isinstance(e, _USER_ERRORS + (RankLost, OSError)):
+            msg = str(e)  # the message names the rank, device or file; a traceback would add nothing
         else:
             msg = f"{type(e).__name__}: {e}"
             if os.environ.get("EDGESHARD_DEBUG"):

@@ -15,12 +15,21 @@ Waiting never spins: ranks on one host share its cores, and MPICH's blocking cal
 Every wait here tests its requests and sleeps between tests with a short, growing back-off
 (50 us up to EDGESHARD_POLL_MAX_US, default 1000 us), so an idle rank costs almost no CPU while
 a busy pipeline still hears of a message within a fraction of a millisecond.
+
+Lost ranks: mpiexec (hydra) ends the whole job at once when a rank dies, but a rank that hangs
+(stopped, stuck in a step, its host gone silent) would hold the pipeline forever. So rank 0's
+waits on the pipeline stop after `step_timeout` seconds without a message (runner.py sets it on
+rank 0 for the run). Halfway through such a silence rank 0 pings every other rank; any rank
+waiting in this module answers at once, so at the timeout the ranks that have not answered are
+the lost ones, and RankLost names them with their devices. Only rank 0 times out: the other
+ranks may wait on it as long as it works (a slow prefill, an idle end) and die with its abort.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 import time
 
@@ -28,10 +37,11 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-__all__ = ["Comm", "Message", "ACT", "TOKENS", "STOP", "versions"]
+__all__ = ["Comm", "Message", "RankLost", "ACT", "TOKENS", "STOP", "versions"]
 
 ACT, TOKENS, STOP = 1, 2, 3  # message kinds
 _TAG_PIPE, _TAG_TOKENS = 11, 12  # stage -> next stage, head -> source
+_TAG_PING, _TAG_PONG = 13, 14  # rank 0 -> a rank it suspects, and the answer (liveness checks)
 _HEADER = 10  # kind, slot, step, ndim, d0, d1, d2, dtype code | meta rows << 8, send time (ns), kept rows
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
 # numpy has no bfloat16: its raw 2-byte words travel as int16 and are viewed back on arrival
@@ -51,12 +61,12 @@ class Message:
     keep: np.ndarray | None = None  # int64 rows still generating, when some finished since the last step
 
 
-def _wait(requests: list) -> None:
-    """Wait for all requests without spinning: test, then sleep a growing while."""
-    delay = _POLL_MIN
-    while not MPI.Request.Testall(requests):
-        time.sleep(delay)
-        delay = min(delay * 1.5, _POLL_MAX)
+class RankLost(RuntimeError):
+    """Rank 0 heard nothing from the pipeline for the step timeout; `ranks` did not answer a check."""
+
+    def __init__(self, message: str, ranks: list[int]):
+        super().__init__(message)
+        self.ranks = ranks
 
 
 class Comm:
@@ -68,10 +78,87 @@ class Comm:
         self.size = self.comm.Get_size()
         self._links: dict[int, tuple[float, float]] = {}  # source rank -> (latency s, bytes/s)
         self._link_free: dict[int, float] = {}  # source rank -> when its link finishes the last message
-        self._pending: list = []  # sends in flight: (requests, buffers kept alive until done)
+        self._pending: list = []  # sends in flight: (requests, buffers kept alive until done, dest)
+        self.step_timeout: float | None = None  # rank 0, during a run: seconds of pipeline silence allowed
+        self.names = [f"rank{r}" for r in range(self.size)]  # device names, for messages
+        self._pongs: dict[int, tuple] = {}  # rank 0: rank -> (answer request, buffers) of a pending check
+        # mpiexec names a process that died by its pid and host only: keep them to map it to a rank
+        self.barrier()
+        self.where: list[tuple[str, int]] = self.comm.allgather((socket.gethostname(), os.getpid()))
+
+    def _wait(self, requests: list, peer: int | None = None) -> None:
+        """Wait for all requests without spinning: test, then sleep a growing while.
+
+        Other ranks answer rank 0's liveness checks while they wait. Rank 0, when it waits on
+        `peer` with a step timeout set, checks the other ranks halfway and raises RankLost at the end.
+        """
+        delay = _POLL_MIN
+        limit = self.step_timeout if peer is not None else None
+        start = time.monotonic()
+        checked = False
+        while not MPI.Request.Testall(requests):
+            if self.rank != 0:
+                self._answer_checks()
+            elif limit:
+                silent = time.monotonic() - start
+                if not checked and silent >= limit / 2:
+                    self._check_ranks()
+                    checked = True
+                if silent >= limit:
+                    raise self._lost(peer, limit)
+            time.sleep(delay)
+            delay = min(delay * 1.5, _POLL_MAX)
+
+    # -- liveness checks (rank 0 asks, every other rank answers from its waits) -----------------
+    def _answer_checks(self) -> None:
+        if self.comm.Iprobe(source=0, tag=_TAG_PING):
+            buf = np.empty(1, dtype=np.int64)
+            self.comm.Recv(buf, source=0, tag=_TAG_PING)
+            self.comm.Send(buf, dest=0, tag=_TAG_PONG)  # 8 bytes: sent eagerly, returns at once
+
+    def _check_ranks(self) -> None:
+        """Ask every other rank to answer (those asked before and still silent are not asked again)."""
+        for r in range(1, self.size):
+            if r in self._pongs:
+                continue
+            ping, pong = np.zeros(1, dtype=np.int64), np.empty(1, dtype=np.int64)
+            try:
+                reqs = [self.comm.Irecv(pong, source=r, tag=_TAG_PONG), self.comm.Isend(ping, dest=r, tag=_TAG_PING)]
+            except MPI.Exception:
+                continue  # the library already knows it is gone: it counts as silent
+            self._pongs[r] = (reqs, (ping, pong))
+
+    def _silent(self) -> list[int]:
+        """Ranks that have not answered their check; the ones that did are forgotten."""
+        for r in [r for r, (reqs, _) in self._pongs.items() if MPI.Request.Testall(reqs)]:
+            del self._pongs[r]
+        return sorted(self._pongs)
+
+    def _lost(self, peer: int, limit: float) -> RankLost:
+        silent = self._silent()
+        if silent:
+            who = ", ".join(f"rank {r} (device {self.names[r]})" for r in silent)
+            return RankLost(f"{who} sent nothing for {limit:g} s: lost (no answer to a check after "
+                            f"{limit / 2:g} s; --step-timeout {limit:g}). The results finished so far are kept: "
+                            "run again with --resume (without the lost device if it is gone)", silent)
+        return RankLost(f"rank {peer} (device {self.names[peer]}) sent nothing for {limit:g} s, yet every rank "
+                        f"answers: a step takes longer than --step-timeout {limit:g}, or the pipeline is stuck", [])
+
+    def _drop_checks(self) -> None:
+        """Withdraw the answers still awaited, so no receive outlives the run."""
+        for reqs, _ in self._pongs.values():
+            if not reqs[0].Test():
+                reqs[0].Cancel()
+            self._wait(reqs)
+        self._pongs = {}
+
+    def rank_table(self) -> str:
+        """Each rank's device, host and pid: what mpiexec's report of a failed process names."""
+        return ", ".join(f"{r} {self.names[r]} (pid {pid} on {host})" for r, (host, pid) in enumerate(self.where))
 
     def emulate_links(self, devices) -> None:
         """Shape messages between ranks as the devices' declared links (cluster.Device per rank)."""
+        self.names = [d.name for d in devices]  # to name a lost rank by its device
         me = devices[self.rank]
         self._links = {}
         for r, d in enumerate(devices):
@@ -95,7 +182,7 @@ class Comm:
 
     # -- control data (pickled, small) -------------------------------------------------------
     def barrier(self) -> None:
-        _wait([self.comm.Ibarrier()])
+        self._wait([self.comm.Ibarrier()])
 
     def bcast(self, obj=None, root: int = 0):
         """Broadcast a small object once the root is ready; the others wait without spinning."""
@@ -148,39 +235,40 @@ class Comm:
             bufs.append((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy())
         requests = [self.comm.Isend(header, dest=dest, tag=tag)]
         requests += [self.comm.Isend(b, dest=dest, tag=tag) for b in bufs]
-        self._pending = [(r, b) for r, b in self._pending if not MPI.Request.Testall(r)]
+        self._pending = [p for p in self._pending if not MPI.Request.Testall(p[0])]
         if wait:
-            _wait(requests)
+            self._wait(requests, peer=dest)
         else:
-            self._pending.append((requests, (header, bufs)))
+            self._pending.append((requests, (header, bufs), dest))
 
     def flush(self) -> None:
-        """Wait for every send still in flight."""
-        for requests, _ in self._pending:
-            _wait(requests)
+        """Wait for every send still in flight (and drop liveness checks still open)."""
+        for requests, _, dest in self._pending:
+            self._wait(requests, peer=dest)
         self._pending = []
+        self._drop_checks()
 
     def recv(self, source: int, kind_expected: int | None = None) -> Message:
         """Receive one message from `source` (header, then what the header announces)."""
         tag = _TAG_TOKENS if kind_expected == TOKENS else _TAG_PIPE
         header = np.empty(_HEADER, dtype=np.int64)
-        _wait([self.comm.Irecv(header, source=source, tag=tag)])
+        self._wait([self.comm.Irecv(header, source=source, tag=tag)], peer=source)
         kind, slot, step, ndim = (int(x) for x in header[:4])
         code, rows, nkeep = int(header[7]) & 0xFF, int(header[7]) >> 8, int(header[9])
         msg = Message(kind, slot, step)
         nbytes = header.nbytes
         if rows:
             msg.meta = np.empty((rows, _META_COLS), dtype=np.float64)
-            _wait([self.comm.Irecv(msg.meta, source=source, tag=tag)])
+            self._wait([self.comm.Irecv(msg.meta, source=source, tag=tag)], peer=source)
             nbytes += msg.meta.nbytes
         if nkeep:
             msg.keep = np.empty(nkeep, dtype=np.int64)
-            _wait([self.comm.Irecv(msg.keep, source=source, tag=tag)])
+            self._wait([self.comm.Irecv(msg.keep, source=source, tag=tag)], peer=source)
             nbytes += msg.keep.nbytes
         if ndim >= 0:
             dtype = _DTYPES[code]
             arr = np.empty(tuple(int(x) for x in header[4:4 + ndim]), dtype=_NP[dtype])
-            _wait([self.comm.Irecv(arr, source=source, tag=tag)])
+            self._wait([self.comm.Irecv(arr, source=source, tag=tag)], peer=source)
             nbytes += arr.nbytes
             t = torch.from_numpy(arr)
             msg.tensor = t.view(torch.bfloat16) if dtype == torch.bfloat16 else t

@@ -62,13 +62,13 @@ __all__ = ["Prompt", "Summary", "source_loop", "stage_loop"]
 
 
 def _parse_fault(text: str | None) -> tuple[int, int | None] | None:
-    if not text:
+    if not text or text.startswith("write:"):  # write:N is the results writer's (results.py)
         return None
     r, _, s = text.partition(":")
     try:
         return int(r), int(s) if s else None
     except ValueError:
-        raise ValueError(f"EDGESHARD_FAULT={text!r} is not RANK or RANK:STEP") from None
+        raise ValueError(f"EDGESHARD_FAULT={text!r} is not RANK, RANK:STEP or write:N") from None
 
 
 _FAULT = _parse_fault(os.environ.get("EDGESHARD_FAULT"))  # read once, not at every step

@@ -23,13 +23,21 @@ the file unreadable. So each finished batch is first appended to `<file>.journal
 fsync'ed), then to the HDF5 file. `--resume` recovers: it rebuilds an unreadable file from the
 journal and adds any records the journal has beyond `count`. A run that ends normally deletes the
 journal.
+
+A failed write (a full disk, a lost mount) ends the run with a ResultsError naming the file and
+the error; every batch committed before it stays readable, and `--resume` continues. The folder
+is probed with a real write before any compute starts, so an unwritable or full target fails
+at once. `EDGESHARD_FAULT=write:N` makes the N-th batch's HDF5 write fail with ENOSPC after its
+journal line is on disk, as a disk that fills up between the two would (tests use it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -70,6 +78,48 @@ def _journal(path: Path) -> Path:
     return path.with_name(path.name + ".journal")
 
 
+def _why(e: OSError) -> str:
+    code = errno.errorcode.get(e.errno or 0)
+    return f"{e.strerror or e}" + (f" ({code})" if code else "")
+
+
+_PROBE_BYTES = 64 * 1024  # a write this size must reach the disk, or the target is full
+
+
+def _probe(path: Path) -> None:
+    """Write, sync and remove a small file beside `path`, and open an existing `path` for writing.
+
+    Permission bits alone do not tell (root ignores them; a read-only mount or a full disk does
+    not show in them), so this asks the file system itself, before any compute starts.
+    """
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.probe-") as f:
+            f.write(b"\0" * _PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ResultsError(f"{path}: cannot write results in {folder}: {_why(e)}") from None
+    for existing in (path, _journal(path)):
+        if existing.exists():
+            try:
+                open(existing, "r+b").close()
+            except OSError as e:
+                raise ResultsError(f"{existing}: cannot write to it: {_why(e)}") from None
+
+
+def _write_fault() -> int | None:
+    """EDGESHARD_FAULT=write:N: the batch number whose HDF5 write fails (tests use it)."""
+    text = os.environ.get("EDGESHARD_FAULT", "")
+    if not text.startswith("write:"):
+        return None
+    try:
+        return int(text[len("write:"):])
+    except ValueError:
+        raise ValueError(f"EDGESHARD_FAULT={text!r} is not RANK, RANK:STEP or write:N") from None
+
+
 class ResultWriter:
     """Appends records to an HDF5 results file (new, replaced with `overwrite`, or continued with `resume`)."""
 
@@ -80,30 +130,32 @@ class ResultWriter:
         if overwrite and resume:
             raise ResultsError(f"{path}: pass --resume or --overwrite, not both")
         if not (path.exists() or _journal(path).exists()):
-            if not path.parent.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(path.parent, os.W_OK):
-                raise ResultsError(f"{path}: folder {path.parent} is not writable")
+            _probe(path)
             return set()
-        if overwrite:
-            return set()
-        if not resume:
+        if not (overwrite or resume):
             raise ResultsError(f"{path}: results file exists; pass --resume to skip the requests it holds, "
                                "or --overwrite to replace it")
+        _probe(path)
+        if overwrite:
+            return set()
         return {r.id for r in _recover(path)}
 
     def __init__(self, path: str | Path, attrs: dict, *, overwrite: bool = False, resume: bool = False):
         path = Path(path)
         ResultWriter.check_target(path, overwrite=overwrite, resume=resume)  # recovers the file on resume
         self.path = path
+        self._batches = 0
+        self._fail_at = _write_fault()
         if resume and path.exists():
             self.f = h5py.File(path, "a")
             self.group = self.f["requests"]
             self.count = int(self.group.attrs["count"])
             for name in _COLUMNS:  # rows beyond `count` were half-written before a crash
                 self.group[name].resize((self.count,))
+            # a resumed run may run on other devices (one was lost) under another plan: keep each
             resumed = json.loads(self.f.attrs.get("resumed", "[]"))
-            self.f.attrs["resumed"] = json.dumps(resumed + [attrs.get("created", "")])
+            self.f.attrs["resumed"] = json.dumps(resumed + [{k: attrs[k] for k in ("created", "cluster", "plan", "ranks")
+                                                             if k in attrs}])
             # The journal restarts as a full copy of the file (its attributes and every committed
             # record), so that it can rebuild the file alone whatever came before: a finished run
             # deleted its journal, and a killed one may have left a torn last line.
@@ -136,13 +188,27 @@ class ResultWriter:
         os.fsync(self.journal.fileno())
 
     def append(self, records: list[Record]) -> None:
+        """Journal the batch, then add it to the HDF5 file; a failed write raises ResultsError."""
         if not records:
             return
-        self._journal_write(*({"record": dataclasses.asdict(r)} for r in records))
-        _append(self.group, self.count, records)
-        self.count += len(records)
-        self.group.attrs["count"] = self.count
-        self.f.flush()
+        try:
+            self._journal_write(*({"record": dataclasses.asdict(r)} for r in records))
+        except OSError as e:
+            raise self._failed(_journal(self.path), e) from None
+        self._batches += 1
+        try:
+            if self._batches == self._fail_at:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+            _append(self.group, self.count, records)
+            self.count += len(records)
+            self.group.attrs["count"] = self.count
+            self.f.flush()
+        except OSError as e:
+            raise self._failed(self.path, e) from None
+
+    def _failed(self, path: Path, e: OSError) -> ResultsError:
+        return ResultsError(f"{path}: writing results failed: {_why(e)}. The {self.count} requests written "
+                            "before are kept; make room, then run again with --resume")
 
     def set_attr(self, key: str, value) -> None:
         value = value if isinstance(value, str) else json.dumps(value)
@@ -151,11 +217,21 @@ class ResultWriter:
         self.f.flush()
 
     def close(self, complete: bool = False) -> None:
-        """Close the file; `complete` (the run ended normally) also drops the journal."""
+        """Close the file; `complete` (the run ended normally) also drops the journal.
+
+        Without `complete` this runs on the way out of a failed run: on a full disk closing fails
+        too, and that must not hide the error that ended the run (the journal has every batch).
+        """
         if self.f:
-            self.f.close()
-            self.f = None
-            self.journal.close()
+            f, self.f = self.f, None
+            failed = None
+            for part, close in ((self.path, f.close), (_journal(self.path), self.journal.close)):
+                try:
+                    close()
+                except OSError as e:
+                    failed = failed or self._failed(part, e)
+            if failed and complete:
+                raise failed
             if complete:
                 _journal(self.path).unlink(missing_ok=True)
 

@@ -57,6 +57,7 @@ class RunOptions:
     progress: bool = True
     repeats: int = 5  # profiling: runs per measurement
     trace: str | None = None  # write every rank's timeline to this Chrome trace JSON
+    step_timeout: float | None = 25.0  # rank 0 declares a rank lost after this long without tokens
 
 
 _SAMPLE = 256  # prompts read ahead of the run: they size the profile's shapes and the KV cache
@@ -175,13 +176,15 @@ def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
     for_run = mode == "run"
     job = Job.load(job_path)
     cluster = _cluster(job, opts, world)
+    output = opts.output or job.output
+    # before the model is prepared (a preset's first conversion takes a while): a target that
+    # cannot be written fails at once
+    done = ResultWriter.check_target(output, overwrite=opts.overwrite, resume=opts.resume) if for_run else set()
     model_path = prepare(job.model)  # a preset is prepared once, here, while the others wait
     spec = ModelSpec.load(model_path, job.dtype, name=Path(job.model).name)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)  # never run code shipped with a model
-    output = opts.output or job.output
-    done = ResultWriter.check_target(output, overwrite=opts.overwrite, resume=opts.resume) if for_run else set()
     stream = _tokenize(job, tok, spec, done)
     sample = list(itertools.islice(stream, _SAMPLE))  # sizes the profile and the KV cache; the rest streams
     if not sample and not done:
@@ -267,6 +270,8 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     shared, local = _decide(comm, lambda: _read(job_path, opts, world, mode="run"))
     cluster = Cluster.from_dict(shared.cluster)
     comm.emulate_links(cluster.devices)
+    if rank == 0:  # mpiexec reports a rank that died by its pid and host: this maps them to devices
+        print(f"edgeshard: ranks: {comm.rank_table()}", file=sys.stderr, flush=True)
     spec = local.spec if rank == 0 else ModelSpec.load(shared.model_path, shared.dtype)
     plan_dict = shared.plan
     if plan_dict is None:
@@ -277,10 +282,13 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
         plan_dict, _ = _decide(comm, lambda: (_make_plan(local, cluster, world).to_dict(), None))
     plan = Plan.from_dict(plan_dict, spec.num_units)
     if rank == 0:
-        attrs = {**local.attrs, "plan": plan.to_dict()}
+        attrs = {**local.attrs, "plan": plan.to_dict(),
+                 "ranks": [{"rank": r, "device": n, "host": h, "pid": pid}
+                           for r, (n, (h, pid)) in enumerate(zip(comm.names, comm.where))]}
         if local.profile is not None:
             attrs["profile"] = local.profile.source
         local.writer = ResultWriter(local.output, attrs, overwrite=opts.overwrite, resume=opts.resume)
+        comm.step_timeout = opts.step_timeout  # from here on a silent pipeline means a lost rank
 
     try:
         summary = _execute(comm, spec, cluster, plan, local, local.prompts if rank == 0 else None,
@@ -398,6 +406,8 @@ def bench_job(comm: Comm, job_path: str, opts: RunOptions,
         prof = _profile(comm, shared, cluster, spec, opts.repeats)
         if rank == 0:
             local.profile = prof
+    if rank == 0:
+        comm.step_timeout = opts.step_timeout  # a silent pipeline means a lost rank (profiling may be slower)
     rows = []
     tmpdir = tempfile.TemporaryDirectory(prefix="edgeshard-bench-") if rank == 0 else None
     tmp = tmpdir.name if tmpdir else None
