@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import sys
 import time
 
@@ -84,7 +83,7 @@ class Comm:
         self._pongs: dict[int, tuple] = {}  # rank 0: rank -> (answer request, buffers) of a pending check
         # mpiexec names a process that died by its pid and host only: keep them to map it to a rank
         self.barrier()
-        self.where: list[tuple[str, int]] = self.comm.allgather((socket.gethostname(), os.getpid()))
+        self.where: list[tuple[str, int]] = self.comm.allgather((os.uname().nodename, os.getpid()))
 
     def _wait(self, requests: list, peer: int | None = None) -> None:
         """Wait for all requests without spinning: test, then sleep a growing while.

@@ -90,10 +90,10 @@ def _tbf_sent_bytes(ns: str) -> int:
 
 
 def _job(tmp_path):
-    # micro-batches of 16 rows: 4 KiB of activations a decode step, 1.7 ms over the shaped link,
+    # micro-batches of 64 rows: 16 KiB of activations a decode step, 6.6 ms over the shaped link,
     # more than the fast host's lead over the other (see hostfiles/netns3.hosts)
     return write_job(tmp_path, "tiny-random", [{"id": str(i), "prompt": p} for i, p in enumerate(PROMPTS)],
-                     extra="micro_batch_size = 16")
+                     extra="micro_batch_size = 64")
 
 
 def test_the_hostfile_declares_three_hosts_without_link_emulation():
