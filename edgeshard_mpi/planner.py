@@ -122,6 +122,11 @@ class Plan:
             stages = tuple(Stage(int(s["rank"]), int(s["first"]), int(s["last"])) for s in d["stages"])
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"{source}: stages must be a list of {{rank, first, last}} ({e})") from None
+        for i, s in enumerate(d["stages"]):  # a misspelt key (say "frist") must not pass unseen
+            extra = sorted(set(s) - {"rank", "first", "last"})
+            if extra:
+                raise PlanError(f"{source}: stage {i} has unknown key(s) {', '.join(extra)} "
+                                f"(a stage is {{rank, first, last}})")
         n = num_units if num_units is not None else int(d["num_units"])
         if "num_units" in d and num_units is not None and int(d["num_units"]) != num_units:
             raise PlanError(f"{source}: plan is for {d['num_units']} units, the model has {num_units}")

@@ -36,3 +36,9 @@ def test_plan_roundtrip(tmp_path):
         Plan.load(tmp_path / "p.json", 9)
     with pytest.raises(PlanError, match="rank.*only 2 rank"):
         p.check_world(2)
+
+
+def test_a_stage_with_an_unknown_key_is_refused():
+    d = {"stages": [{"rank": 0, "first": 0, "last": 3}, {"rank": 1, "frist": 4, "first": 4, "last": 7}]}
+    with pytest.raises(PlanError, match=r"job.toml: \[plan\]: stage 1 has unknown key\(s\) frist"):
+        Plan.from_dict(d, 8, "job.toml: [plan]")
