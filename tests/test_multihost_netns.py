@@ -89,11 +89,9 @@ def _tbf_sent_bytes(ns: str) -> int:
     return int(re.search(r"Sent (\d+) bytes", out).group(1))
 
 
-def _job(tmp_path):
-    # micro-batches of 64 rows: 16 KiB of activations a decode step, 6.6 ms over the shaped link,
-    # more than the fast host's lead over the other (see hostfiles/netns3.hosts)
+def _job(tmp_path, micro_batch_size: int = 16):
     return write_job(tmp_path, "tiny-random", [{"id": str(i), "prompt": p} for i, p in enumerate(PROMPTS)],
-                     extra="micro_batch_size = 64")
+                     extra=f"micro_batch_size = {micro_batch_size}")
 
 
 def test_the_hostfile_declares_three_hosts_without_link_emulation():
@@ -134,7 +132,9 @@ def test_a_run_across_the_hosts_gives_the_tokens_of_one_host(hosts, tmp_path, ti
 
 
 def test_profile_measures_the_shaped_link_and_the_plan_goes_around_it(hosts, tmp_path, tiny_path):
-    job = _job(tmp_path)
+    # planned for micro-batches of 64 rows: 16 KiB of activations a decode step, 6.6 ms over the
+    # shaped link, well above the fast host's lead over the other (see hostfiles/netns3.hosts)
+    job = _job(tmp_path, micro_batch_size=64)
     out = tmp_path / "profile.json"
     proc = _netns_mpiexec(["profile", str(job), "--hostfile", str(HOSTFILE), "--out", str(out), "--repeats", "5"])
     assert proc.returncode == 0, proc.stderr
