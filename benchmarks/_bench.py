@@ -21,13 +21,19 @@ def slots(hostfile: Path) -> int:
     return n
 
 
-def run_bench(hostfile: str, job: str, configs: list[str], out: Path) -> list[dict]:
-    """`mpiexec -f HOSTFILE -n SLOTS python -m edgeshard_mpi bench JOB --configs ... --json OUT`."""
+def run_bench(hostfile: str, job: str, configs: list[str], out: Path, profiles: Path | None = None) -> list[dict]:
+    """`mpiexec -f HOSTFILE -n SLOTS python -m edgeshard_mpi bench JOB --configs ... --json OUT`.
+
+    profiles: the folder for saved profiles (EDGESHARD_PROFILES); a benchmark gives a fresh one, so
+    that the profile is measured minutes before the runs it predicts, on the host as it is now.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     hosts = ROOT / hostfile
     cmd = ["mpiexec", "-f", str(hosts), "-n", str(slots(hosts)), sys.executable, "-m", "edgeshard_mpi", "bench",
            str(ROOT / job), "--hostfile", str(hosts), "--configs", ",".join(configs), "--json", str(out)]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
+    if profiles is not None:
+        env["EDGESHARD_PROFILES"] = str(profiles)
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     return json.loads(out.read_text())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,9 +38,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / "paper-mini"))
     args = ap.parse_args()
     out = Path(args.out)
+    profiles = Path(tempfile.mkdtemp(prefix="edgeshard-profiles-"))  # measured now, shared by both jobs
     lat = run_bench(HOSTS, "jobs/paper-mini-latency.toml", [f"{m[1]}:sequential" for m in METHODS],
-                    out / "latency.json")
-    thr = run_bench(HOSTS, "jobs/paper-mini.toml", [f"{m[2]}:no-bubbles" for m in METHODS], out / "throughput.json")
+                    out / "latency.json", profiles)
+    thr = run_bench(HOSTS, "jobs/paper-mini.toml", [f"{m[2]}:no-bubbles" for m in METHODS], out / "throughput.json",
+                    profiles)
     print(f"\n{'method':<16} {'ms/token':>9} {'(sim)':>7}  {'tokens/s':>9} {'(sim)':>7}  plans (rank: units)")
     figures = {}
     for (name, _, _), lr, tr in zip(METHODS, lat, thr):

@@ -5,7 +5,8 @@
 For each cluster, `edgeshard bench` runs the job's 16 prompts (smollm2-135m, micro-batches of 2,
 24 new tokens) under the throughput plan with the `sequential`, `bubbles` and `no-bubbles`
 schedules, one after the other in one launch, from one profile (measured first if none is saved).
-At the end of each run the simulator replays the same plan and schedule over the same requests
+Each cluster is profiled afresh first (a saved profile of an hour ago may have been
+measured while the host ran faster or slower). At the end of each run the simulator replays the same plan and schedule over the same requests
 (their prompt and output lengths, in admission order) on that profile; this prints the measured
 figures beside the predicted ones and their ratio. Target: within 15% (ratio 0.85 to 1.15).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,9 +36,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / "sim"))
     args = ap.parse_args()
     table = []
+    fresh = Path(tempfile.mkdtemp(prefix="edgeshard-profiles-"))  # each cluster profiled now, not reused
     for name in args.clusters.split(","):
         hostfile, job = CLUSTERS[name]
-        rows = run_bench(hostfile, job, [f"throughput:{s}" for s in SCHEDULES], Path(args.out) / f"{name}.json")
+        rows = run_bench(hostfile, job, [f"throughput:{s}" for s in SCHEDULES], Path(args.out) / f"{name}.json",
+                         profiles=fresh / name)
         table += [(name, r) for r in rows]
     print(f"\n{'cluster':<11} {'schedule':<11} {'tok/s meas':>10} {'pred':>7} {'ratio':>6}   "
           f"{'ms/tok meas':>11} {'pred':>7} {'ratio':>6}   {'TTFT ms meas':>12} {'pred':>7}")

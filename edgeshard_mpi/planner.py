@@ -215,6 +215,11 @@ class Costs:
     device_names: Sequence[str] | None = None
     """device_names[j]: a name for messages; defaults to "device j"."""
 
+    stage_s: Sequence[float] | None = None
+    """stage_s[j]: seconds a stage on device j costs per step beyond its units' compute[i][j] (the
+    cold start of a step, paid once however many units the stage holds); finite and >= 0; shape
+    (M,); None: 0 on every device."""
+
     def __post_init__(self):
         def table(name, rows, n_rows, n_cols):
             rows = [list(r) for r in rows]
@@ -255,6 +260,8 @@ class Costs:
               ">= 0 bytes (None or inf for unlimited)")
         check("bandwidth", off_diag(bandwidth), lambda x: x > 0, "> 0 bytes/s (inf allowed)")
         check("latency", off_diag(latency), finite_nonneg, "finite and >= 0 seconds")
+        stage_s = vector("stage_s", [0.0] * m if self.stage_s is None else self.stage_s, m)
+        check("stage_s", [(f"[{j}]", x) for j, x in enumerate(stage_s)], finite_nonneg, "finite and >= 0 seconds")
         if self.device_names is None:
             names = tuple(f"device {j}" for j in range(m))
         else:
@@ -263,7 +270,7 @@ class Costs:
                 raise PlanError(f"costs: device_names has {len(names)} entries, expected {m}")
         for field, value in [("compute", compute), ("unit_bytes", unit_bytes), ("device_memory", memory),
                              ("out_bytes", out_bytes), ("bandwidth", bandwidth), ("latency", latency),
-                             ("device_names", names)]:
+                             ("device_names", names), ("stage_s", stage_s)]:
             object.__setattr__(self, field, value)
 
     @property
@@ -278,6 +285,11 @@ class Costs:
         """Device j for messages: its name and index."""
         default = f"device {j}"
         return default if self.device_names[j] == default else f"{self.device_names[j]!r} (device {j})"
+
+    def stage_compute(self, j: int, first: int, last: int) -> float:
+        """Seconds of one step of a stage holding units first..last on device j: its step cost,
+        then each unit's, added left to right (the order the DPs add them in)."""
+        return _fold([self.stage_s[j]] + [self.compute[i][j] for i in range(first, last + 1)])
 
     def transfer(self, k: int, j: int, nbytes: float) -> float:
         """Seconds to send nbytes over the link k->j: latency + bytes / bandwidth; 0 on one device."""
@@ -367,7 +379,7 @@ def predict(costs: Costs, plan: Plan) -> dict:
         raise PlanError(f"{plan.source}: plan uses rank(s) {bad}, the costs have {m} device(s)")
     compute, send, used = [], [], []
     for s, nxt in zip(plan.stages, list(plan.stages[1:]) + [None]):
-        compute.append(_fold(costs.compute[i][s.rank] for i in s.units))
+        compute.append(costs.stage_compute(s.rank, s.first, s.last))
         send.append(costs.transfer(s.rank, nxt.rank if nxt else 0, costs.out_bytes[s.last]))
         used.append(_stage_bytes(costs, s.first, s.last))
     latency = 0.0
@@ -389,7 +401,7 @@ def predict(costs: Costs, plan: Plan) -> dict:
 def _interchangeable(costs: Costs, a: int, b: int) -> bool:
     """Whether swapping devices a and b maps the problem onto itself (same compute column, memory,
     links to and from every other device, and the same link both ways between them)."""
-    if costs.device_memory[a] != costs.device_memory[b]:
+    if costs.device_memory[a] != costs.device_memory[b] or costs.stage_s[a] != costs.stage_s[b]:
         return False
     if any(row[a] != row[b] for row in costs.compute):
         return False
@@ -447,7 +459,7 @@ def _shard_dp(costs: Costs, objective: str) -> Plan:
 
       G(i, c, k) = min over the start i' of that last shard, and over the type k' before it, of
                    combine( G(i', c - e_k, k'), T(k', k, O[i'-1]), S_k(i', i-1) )
-                   where S_k(i', i-1) = sum t[i'..i-1] on type k, bytes(i'..i-1) <= Mem[k];
+                   where S_k(i', i-1) = stage_s[k] + sum t[i'..i-1] on type k, bytes(i'..i-1) <= Mem[k];
       the source shard: G(i, 0, source) = S_source(0, i-1) if bytes(0..i-1) <= Mem[source];
       the end: min over (c, k) of combine( G(N, c, k), T(k, source, O[N-1]) ), and G(N, 0, source).
 
@@ -499,8 +511,8 @@ def _shard_dp(costs: Costs, objective: str) -> Plan:
     lo = [[0] * n_units for _ in types]
     for t, rep in enumerate(reps):
         column = np.array([row[rep] for row in costs.compute])
-        for i in range(n_units):
-            S[t, i, i:] = np.cumsum(column[i:])
+        for i in range(n_units):  # each shard's sum starts from its device's step cost
+            S[t, i, i:] = np.cumsum(np.concatenate(([costs.stage_s[rep]], column[i:])))[1:]
         for j in range(n_units):
             i = j + 1
             while i > 0 and shard_bytes[i - 1, j] <= costs.device_memory[rep]:

@@ -118,17 +118,23 @@ class Profile:
 
         kv_tokens: tokens of KV cache each unit must hold (micro-batch x longest request); memory
         is checked with it, so a plan fits the job's longest request, not only the average.
+
+        Each unit was timed alone from a cold start, so its time includes the cold start of a step
+        (`decode_step_s` / `prefill_step_s` of its device, when measured), which a stage pays once
+        whatever its units: the costs take it out of every unit and charge it per stage.
         """
         key = {"decode": "decode_s", "prefill": "prefill_s"}[phase]
+        step = [float(d.get(f"{phase}_step_s", 0.0)) for d in self.devices]
         tokens = self.shapes["micro_batch_size"] * (1 if phase == "decode" else self.shapes["prompt_tokens"])
         out = [u["out_bytes_per_token"] * tokens for u in self.units]
         out[-1] = 8 * self.shapes["micro_batch_size"]  # the head returns one token id per row
         m = len(self.devices)
         bw = [[math.inf if (k == j or self.bandwidth[k][j] is None) else self.bandwidth[k][j] for j in range(m)]
               for k in range(m)]
-        return Costs(compute=[[d[key][i] for d in self.devices] for i in range(self.num_units)],
+        return Costs(compute=[[max(0.0, d[key][i] - step[j]) for j, d in enumerate(self.devices)]
+                              for i in range(self.num_units)],
                      unit_bytes=self.unit_bytes(kv_tokens), device_memory=[d.get("memory") for d in self.devices],
-                     out_bytes=out, bandwidth=bw, latency=self.latency, device_names=self.device_names)
+                     out_bytes=out, bandwidth=bw, latency=self.latency, device_names=self.device_names, stage_s=step)
 
     @property
     def file_name(self) -> str:
@@ -185,13 +191,16 @@ class Profile:
             raise ProfileError(f"{path}: not a valid profile ({type(e).__name__}: {e})") from None
 
 
+_MEASURED = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s")  # a profile's own device fields
+
+
 def _device_difference(profiled: list[dict], running: list[dict]) -> str:
     """The first way the profiled devices differ from the running ones, for the error message."""
     if len(profiled) != len(running):
         return f": {len(profiled)} devices profiled, {len(running)} running"
     for rank, (a, b) in enumerate(zip(profiled, running)):
         for key in sorted(set(a) | set(b)):
-            if key not in ("prefill_s", "decode_s") and a.get(key) != b.get(key):
+            if key not in _MEASURED and a.get(key) != b.get(key):
                 return f": rank {rank} {key} was {a.get(key)!r}, is {b.get(key)!r}"
     return ""
 
@@ -258,8 +267,14 @@ def _median_time(fn, repeats: int, slowdown: float = 1.0, before=None) -> float:
     return statistics.median(times) * slowdown
 
 
-def _measure_units(spec, device, shapes: dict, repeats: int) -> tuple[list[float], list[float]]:
-    """Each unit alone on this rank's device: median prefill and decode step time (emulation applied).
+def _measure_units(spec, device, shapes: dict, repeats: int) -> dict:
+    """Each unit alone on this rank's device: median prefill and decode step time (emulation applied),
+    and the step cost a stage pays once however many units it holds.
+
+    Returns {"prefill_s": [per unit], "decode_s": [per unit], "prefill_step_s": s, "decode_step_s": s}.
+    Every unit is timed from a cold start (see _Evictor), so each unit's time holds the cold start of
+    a step; a stage of several units pays it once. Timing a run of k blocks together against the
+    sum of their own times gives it: (sum - together) / (k - 1).
 
     A slowed-down device is measured at full speed, by CPU time on one thread, and its times
     multiplied by its slowdown: what its shard stretches them to in a run (shard.emulated_compute).
@@ -276,8 +291,10 @@ def _measure_units(spec, device, shapes: dict, repeats: int) -> tuple[list[float
     vocab = int(spec.config["vocab_size"])
     gen = torch.Generator().manual_seed(0)
     prefill, decode = [], []
-    for u in range(spec.num_units):
-        shard = Shard(spec, u, u, device.torch)
+
+    def measure(first: int, last: int) -> tuple[float, float]:
+        shard = Shard(spec, first, last, device.torch)
+        u = first
 
         def inputs(t):
             if u == 0:
@@ -290,10 +307,22 @@ def _measure_units(spec, device, shapes: dict, repeats: int) -> tuple[list[float
 
         x_p, x_c, x_d = inputs(p), inputs(c), inputs(1)
         run(x_p, [0] * b)  # warm-up
-        prefill.append(_median_time(lambda: run(x_p, [0] * b), repeats, device.slowdown, evict))
+        t_prefill = _median_time(lambda: run(x_p, [0] * b), repeats, device.slowdown, evict)
         run(x_c, [0] * b)  # a cache holding `context` tokens, then single-token steps
-        decode.append(_median_time(lambda: run(x_d, None), repeats, device.slowdown, evict))
-    return prefill, decode
+        return t_prefill, _median_time(lambda: run(x_d, None), repeats, device.slowdown, evict)
+
+    for u in range(spec.num_units):
+        t_prefill, t_decode = measure(u, u)
+        prefill.append(t_prefill)
+        decode.append(t_decode)
+    out = {"prefill_s": prefill, "decode_s": decode, "prefill_step_s": 0.0, "decode_step_s": 0.0}
+    first, last = 1, min(4, spec.num_units - 2)  # up to four blocks (neither embedding nor head)
+    if last > first:
+        together = measure(first, last)
+        for key, alone, t in (("prefill", prefill, together[0]), ("decode", decode, together[1])):
+            step = (sum(alone[first:last + 1]) - t) / (last - first)
+            out[f"{key}_step_s"] = max(0.0, step)  # Profile.costs keeps every unit's share >= 0
+    return out
 
 
 def _ping_pong(comm, peer: int, initiator: bool, repeats: int) -> tuple[float, float] | None:
@@ -342,10 +371,10 @@ def _ping_pong(comm, peer: int, initiator: bool, repeats: int) -> tuple[float, f
 def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5, notes: str = "") -> Profile | None:
     """Collective: every rank measures its units, every pair its link; rank 0 returns the Profile."""
     me = devices[comm.rank]
-    prefill = decode = None
+    measured = {}
     for r in range(comm.size):  # one rank at a time: ranks on one host must not share cores while timed
         if r == comm.rank:
-            prefill, decode = _measure_units(spec, me, shapes, repeats)
+            measured = _measure_units(spec, me, shapes, repeats)
         comm.barrier()
     links = {}
     for a in range(comm.size):
@@ -355,7 +384,7 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
                 if res is not None:
                     links[(a, b)] = res
             comm.barrier()
-    gathered = comm.gather({"rank": comm.rank, "prefill_s": prefill, "decode_s": decode, "links": links})
+    gathered = comm.gather({"rank": comm.rank, **measured, "links": links})
     if comm.rank != 0:
         return None
     m = comm.size
@@ -363,7 +392,8 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
     latency = [[0.0] * m for _ in range(m)]
     dev_dicts = []
     for g in sorted(gathered, key=lambda g: g["rank"]):
-        dev_dicts.append({**devices[g["rank"]].to_dict(), "prefill_s": g["prefill_s"], "decode_s": g["decode_s"]})
+        dev_dicts.append({**devices[g["rank"]].to_dict(),
+                          **{k: g[k] for k in _MEASURED}})
         for (a, b), (lat, bw) in g["links"].items():
             for k, j in ((a, b), (b, a)):  # ping-pong measures both directions together
                 latency[k][j] = lat

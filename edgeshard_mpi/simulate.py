@@ -12,8 +12,8 @@ or waits for every micro-batch in flight to finish the step (`bubbles`), or runs
 a time (`sequential`). Rows leave their micro-batch when they have their tokens, and a micro-batch
 whose rows have all finished is replaced by the next prompts at once, as in a run.
 
-Step costs come from the profile: a decode step of a stage is the sum of its units' decode times; a
-prefill of width w is interpolated between the decode step (w = 1) and the profiled prefill (w =
+Step costs come from the profile: a decode step of a stage is its device's step cost plus its
+units' decode times (Profile.costs, Costs.stage_compute); a prefill of width w is interpolated between the decode step (w = 1) and the profiled prefill (w =
 the profile's prompt length), which keeps the fixed cost of a step in both. Figures are those a run
 reports (pipeline.Summary): tokens/s over the whole job, mean decode ms/token per request (first to
 last token), mean time to first token, and each stage's busy share.
@@ -76,11 +76,11 @@ class StepCosts:
         bad = [s.rank for s in plan.stages if s.rank >= m]
         if bad:
             raise PlanError(f"{plan.source}: plan uses rank(s) {bad}, the profile has {m} device(s)")
+        decode_costs, prefill_costs = profile.costs("decode"), profile.costs("prefill")
         decode, prefill, out, lat, bw = [], [], [], [], []
         for s, nxt in zip(plan.stages, list(plan.stages[1:]) + [None]):
-            d = profile.devices[s.rank]
-            decode.append(sum(d["decode_s"][i] for i in s.units))
-            prefill.append(sum(d["prefill_s"][i] for i in s.units))
+            decode.append(decode_costs.stage_compute(s.rank, s.first, s.last))
+            prefill.append(prefill_costs.stage_compute(s.rank, s.first, s.last))
             head = nxt is None
             out.append(8.0 if head else float(profile.units[s.last]["out_bytes_per_token"]))
             to = 0 if head else nxt.rank

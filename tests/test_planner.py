@@ -35,8 +35,10 @@ def exhaustive(c: dict) -> tuple[float, float]:
     memory = [INF if x is None else x for x in c["device_memory"]]
     best = [INF, INF]
 
+    step = c.get("stage_s") or [0.0] * m
+
     def go(first, dev, used, lat, bot):
-        comp, mem = 0.0, 0
+        comp, mem = step[dev], 0
         for last in range(first, n):
             comp += c["compute"][last][dev]
             mem += c["unit_bytes"][last]
@@ -63,7 +65,7 @@ def evaluate(c: dict, plan: Plan) -> tuple[float, float, bool]:
     memory = [INF if x is None else x for x in c["device_memory"]]
     lat, bot, fits = 0.0, 0.0, True
     for s, nxt in zip(plan.stages, list(plan.stages[1:]) + [None]):
-        comp = sum(c["compute"][i][s.rank] for i in s.units)
+        comp = (c.get("stage_s") or [0.0] * len(c["device_memory"]))[s.rank] + sum(c["compute"][i][s.rank] for i in s.units)
         send = _transfer(c, s.rank, nxt.rank if nxt else 0, c["out_bytes"][s.last])
         lat += comp + send
         bot = max(bot, comp, send)
@@ -110,6 +112,9 @@ def random_problem(rng: random.Random, max_devices: int = 6, max_units: int = 12
         "bandwidth": [[bw[kind[k]][kind[j]] for j in range(m)] for k in range(m)],
         "latency": [[lt[kind[k]][kind[j]] for j in range(m)] for k in range(m)],
     }
+    if rng.random() < 0.4:  # a step cost per stage, by type: long stages pay it once
+        step = [rng.choice([0.0, 0.05, 0.5, 2.0]) for _ in range(n_types)]
+        problem["stage_s"] = [step[kind[j]] for j in range(m)]
     if m > 2 and rng.random() < 0.2:
         # break one clone's symmetry by one link, so near-identical devices must stay apart
         k, j = rng.sample(range(m), 2)

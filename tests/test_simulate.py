@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeshard_mpi.planner import plan_for, predict
+from edgeshard_mpi.planner import Plan, Stage, plan_for, predict
 from edgeshard_mpi.profiler import Profile
 from edgeshard_mpi.simulate import Request, StepCosts, simulate, uniform_requests
 
@@ -110,3 +110,24 @@ def test_bad_arguments():
         simulate(_two_stages(), [Request(5, 3)], micro_batch_size=1, schedule="fast")
     with pytest.raises(ValueError, match="micro_batch_size"):
         simulate(_two_stages(), [Request(5, 3)], micro_batch_size=0)
+
+
+def test_a_stage_pays_its_devices_step_cost_once():
+    # each unit was timed alone from a cold start, 0.5 s of which is the step's cold start: a stage
+    # of three units costs 0.5 + 3 x 0.5, not 3 x 1.0
+    prof = Profile.load(ROOT / "profiles" / "paper-llama2-7b.json")
+    d = prof.to_dict()
+    d.pop("format")
+    n = prof.num_units
+    for dev in d["devices"]:
+        dev["decode_s"] = [1.0] * n
+        dev["decode_step_s"] = 0.5
+    prof = Profile(**d, source="<test>")
+    costs = prof.costs()
+    assert costs.stage_s[0] == 0.5 and costs.compute[0][0] == 0.5
+    assert costs.stage_compute(0, 0, 0) == 1.0  # one unit: as timed alone
+    assert costs.stage_compute(3, 1, 3) == 2.0
+    plan = Plan((Stage(0, 0, 2), Stage(1, 3, n - 1)), n)
+    sc = StepCosts.from_profile(prof, plan)
+    assert sc.decode_s == (2.0, 0.5 + 0.5 * (n - 3))
+    assert predict(costs, plan)["stage_compute_s"] == list(sc.decode_s)
