@@ -267,7 +267,13 @@ def _read_journal(path: Path) -> tuple[dict, list[Record]]:
 
 
 def _recover(path: Path) -> list[Record]:
-    """Make the results file hold every record the journal has; returns the committed records."""
+    """Make the results file hold every record the journal has; returns the committed records.
+
+    A journal left behind means the writer did not close: it was killed, or a write failed. Its
+    file may then be readable yet damaged inside (a kill in the middle of a write once left a
+    heap that reads but cannot be written to again), so it is never appended to: the records
+    (the journal's, or the file's if it holds more) go into a new file that replaces it.
+    """
     try:
         records = read_results(path)
     except Exception:
@@ -276,27 +282,23 @@ def _recover(path: Path) -> list[Record]:
         records = None
     if not _journal(path).exists():
         return records
-    attrs, journaled = _read_journal(path)
-    if records is not None and len(journaled) <= len(records):
-        return records
-    if records is None:  # unreadable: rebuild it whole from the journal
-        with h5py.File(path, "w") as f:
-            f.attrs["format"] = FORMAT
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            g = f.create_group("requests")
-            for name, dtype in _COLUMNS.items():
-                g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
-            _append(g, 0, journaled)
-            g.attrs["count"] = len(journaled)
-        return journaled
-    with h5py.File(path, "a") as f:  # the journal got further than the file before the crash
-        g = f["requests"]
-        for name in _COLUMNS:
-            g[name].resize((len(records),))
-        _append(g, len(records), journaled[len(records):])
-        g.attrs["count"] = len(journaled)
-    return journaled
+    attrs, keep = _read_journal(path)
+    if records is not None and len(records) > len(keep):  # a journal cut short: the file has more
+        attrs, keep = {k: v for k, v in read_attrs(path).items() if k != "format"}, records
+    tmp = path.with_name(path.name + ".rebuild")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        for k, v in attrs.items():
+            f.attrs[k] = v if isinstance(v, str) else json.dumps(v)
+        g = f.create_group("requests")
+        for name, dtype in _COLUMNS.items():
+            g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+        _append(g, 0, keep)
+        g.attrs["count"] = len(keep)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # a reader sees the old file or the whole new one
+    return keep
 
 
 def read_attrs(path: str | Path) -> dict:
