@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from .jsonfile import read_object
 
 __all__ = ["ModelError", "Unit", "ModelSpec", "PRESETS", "models_dir", "resolve_model", "prepare",
            "DTYPE_BYTES", "SUPPORTED_MODEL_TYPES"]
@@ -146,13 +147,7 @@ def prepare(name_or_path: str) -> Path:
 
 
 def _read_json(file: Path) -> dict:
-    try:
-        d = json.loads(file.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ModelError(f"{file}: not valid JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(d, dict):
-        raise ModelError(f"{file}: expected a JSON object, got {type(d).__name__}")
-    return d
+    return read_object(file, ModelError)
 
 
 def _check_config(path: Path, config: dict) -> None:

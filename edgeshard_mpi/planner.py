@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .jsonfile import read_object
+
 __all__ = [
     "Stage", "Plan", "PlanError", "even_plan",
     "Costs", "plan_latency", "plan_throughput", "predict",
@@ -143,13 +145,7 @@ class Plan:
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"{path}: plan file not found")
-        try:
-            d = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise PlanError(f"{path}: not JSON ({str(e).splitlines()[0]})") from None
-        if not isinstance(d, dict):
-            raise PlanError(f"{path}: expected a JSON object with stages, got {type(d).__name__}")
-        return cls.from_dict(d, num_units, str(path))
+        return cls.from_dict(read_object(path, PlanError, "a JSON object with stages"), num_units, str(path))
 
 
 def even_plan(num_units: int, ranks: int) -> Plan:

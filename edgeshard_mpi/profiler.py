@@ -24,6 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
+from .jsonfile import read_object
 from .planner import Costs
 
 __all__ = ["Profile", "ProfileError", "profile_shapes", "profiles_dir", "find_profile", "model_fingerprint",
@@ -177,11 +178,8 @@ class Profile:
         path = Path(path)
         if not path.is_file():
             raise ProfileError(f"{path}: profile not found")
-        try:
-            d = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise ProfileError(f"{path}: not JSON ({str(e).splitlines()[0]})") from None
-        if not isinstance(d, dict) or d.pop("format", None) != FORMAT:
+        d = read_object(path, ProfileError, "an edgeshard profile (a JSON object)")
+        if d.pop("format", None) != FORMAT:
             raise ProfileError(f"{path}: not an edgeshard profile (no format {FORMAT!r})")
         try:
             return cls(**d, source=str(path))

@@ -369,8 +369,8 @@ def test_saved_plan_carries_its_hashes_and_is_refused_elsewhere(tmp_path):
 
 @pytest.mark.parametrize("data,needle", [
     (b"[1, 2]", "plan.json: expected a JSON object with stages, got list"),
-    (b"{oops", "plan.json: not JSON"),
-    (b"\xff", "plan.json: not JSON"),
+    (b"{oops", "plan.json: not valid JSON"),
+    (b"\xff", "plan.json: not valid JSON"),
     (b'{"stages": [{"rank": 0, "first": 0, "last": 7}], "model": 5}', "plan.json: model and cluster must be"),
 ])
 def test_plan_file_errors(tmp_path, data, needle):
@@ -383,8 +383,8 @@ def test_plan_file_errors(tmp_path, data, needle):
 
 
 @pytest.mark.parametrize("data,needle", [
-    (b"\xff", "p.json: not JSON"),
-    (b"[]", "p.json: not an edgeshard profile"),
+    (b"\xff", "p.json: not valid JSON"),
+    (b"[]", "p.json: expected an edgeshard profile"),
     (b'{"format": "edgeshard-profile/1", "model": 3}', "p.json: not a valid profile"),
     (b'{"format": "edgeshard-profile/1", "model": {"num_units": 1}, "units": [{}], "devices": 5, '
      b'"bandwidth": [], "latency": [], "shapes": {}}', "p.json: not a valid profile"),
