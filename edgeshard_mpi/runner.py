@@ -60,6 +60,7 @@ class RunOptions:
     step_timeout: float | None = 25.0  # rank 0 declares a rank lost after this long without tokens
 
 
+_MAX_REPLAY_EVENTS = 2_000_000  # stage steps the end-of-run prediction replays at most (about 2 s)
 _SAMPLE = 256  # prompts read ahead of the run: they size the profile's shapes and the KV cache
 
 
@@ -316,6 +317,12 @@ def _predict(local: _Local, plan: Plan, summary: Summary, schedule: str, in_flig
         prof = find_profile(model_fingerprint(local.spec),
                             cluster_fingerprint([d.to_dict() for d in local.cluster.devices]), local.shapes)
     if prof is None or not summary.shapes:
+        return None
+    # the replay costs about a microsecond an event (a stage's step): a job of millions is not
+    # worth the wait at the end of a run (edgeshard simulate gives its shape's figures at once)
+    mb = local.job.micro_batch_size
+    steps = sum(max(n for _, n in summary.shapes[i:i + mb]) for i in range(0, len(summary.shapes), mb))
+    if steps * len(plan.stages) > _MAX_REPLAY_EVENTS:
         return None
     requests = [Request(p, n) for p, n in summary.shapes]
     return simulate(StepCosts.from_profile(prof, plan), requests, micro_batch_size=local.job.micro_batch_size,
