@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from array import array
 from pathlib import Path
 from typing import Iterator
 
@@ -150,8 +151,9 @@ def _eos_ids(model_path: str) -> set[int]:
 class _Row:
     """One request's progress inside a micro-batch, on the source."""
 
-    def __init__(self, prompt: Prompt):
+    def __init__(self, prompt: Prompt, index: int):
         self.prompt = prompt
+        self.index = index  # its place in admission order
         self.gen = prompt.request.generation
         self.tokens: list[int] = []
         self.finish: str | None = None
@@ -244,11 +246,15 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     samplers: dict[int, Sampler] = {}  # slot -> sampler, when rank 0 holds the head itself
     local_tokens: list[tuple[int, torch.Tensor]] = []  # (slot, tokens) computed here when rank 0 is the head
 
-    admitted: list[_Row] = []  # every request in admission order: the job's shape, for the simulator
+    # the job's shape for the simulator: (prompt, output) tokens of each request in admission order,
+    # 16 bytes a request (a finished row itself, with its prompt and text, is not kept)
+    prompt_lens, output_lens = array("q"), array("q")
 
     def admit() -> _MicroBatch | None:
-        rows = [_Row(p) for _, p in zip(range(job.micro_batch_size), prompts)]
-        admitted.extend(rows)
+        rows = [_Row(p, len(prompt_lens) + i) for i, p in zip(range(job.micro_batch_size), prompts)]
+        for r in rows:
+            prompt_lens.append(len(r.prompt.ids))
+            output_lens.append(0)
         return _MicroBatch(rows, pad_id) if rows else None
 
     def launch(slot: int, mb: _MicroBatch) -> None:
@@ -271,6 +277,8 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     def finish(rows: list[_Row], t_start: float) -> None:
         records = [_record(r, t_start, tok) for r in rows]
         writer.append(records)
+        for r in rows:
+            output_lens[r.index] = len(r.tokens)
         for rec in records:
             counts["tokens"] += rec.output_tokens
             ttfts.append(rec.ttft_ms)
@@ -322,4 +330,4 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     comm.flush()
     return Summary(counts["requests"], counts["tokens"], 0.0, float(np.mean(ttfts)) if ttfts else float("nan"),
                    float(np.mean(tpots)) if tpots else float("nan"), [],
-                   shapes=[(len(r.prompt.ids), len(r.tokens)) for r in admitted])
+                   shapes=list(zip(prompt_lens, output_lens)))
