@@ -32,8 +32,7 @@ from .simulate import default_in_flight
 __all__ = ["main"]
 
 # Errors that come from what the user gave us: one clear line, no traceback.
-_USER_ERRORS = (JobError, HostfileError, ModelError, PlanError, ProfileError, ResultsError, FileNotFoundError,
-                ValueError)
+_USER_ERRORS = (JobError, HostfileError, ModelError, PlanError, ProfileError, ResultsError, FileNotFoundError)
 
 
 def _job_shape_args(p: argparse.ArgumentParser) -> None:
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             return _simulate(args)
         if args.command == "model":
             return _model(args)
-    except _USER_ERRORS as e:
+    except (*_USER_ERRORS, ValueError) as e:  # these commands run no model: a ValueError is a bad argument
         print(f"edgeshard: error: {e}", file=sys.stderr)
         return 1
     raise AssertionError(args.command)
