@@ -18,17 +18,18 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
+from .families import SUPPORTED_MODEL_TYPES
 from .jsonfile import read_object
 
 __all__ = ["ModelError", "Unit", "ModelSpec", "PRESETS", "models_dir", "resolve_model", "prepare",
            "DTYPE_BYTES", "SUPPORTED_MODEL_TYPES"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SUPPORTED_MODEL_TYPES = ("llama",)
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -154,7 +155,7 @@ def _check_config(path: Path, config: dict) -> None:
     """Refuse what the shard loader cannot run as written, naming the file and field."""
     cfile = path / "config.json"
     mtype = config.get("model_type")
-    if mtype not in SUPPORTED_MODEL_TYPES:
+    if mtype not in SUPPORTED_MODEL_TYPES or isinstance(mtype, bool):
         raise ModelError(f"{cfile}: model_type {mtype!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     # Custom code is never run (trust_remote_code is never set): refuse rather than half-load such a model.
@@ -183,6 +184,35 @@ def _check_config(path: Path, config: dict) -> None:
     act = config.get("hidden_act", "silu")
     if not isinstance(act, str) or act not in ACT2FN:
         raise ModelError(f"{cfile}: field 'hidden_act' {act!r} is not an activation transformers knows")
+    if config.get("use_bidirectional_attention"):  # Gemma 3 as an embedding model: not a generator
+        raise ModelError(f"{cfile}: field 'use_bidirectional_attention' is set; only causal models generate")
+
+
+def _hf_config(path: Path, config: dict):
+    """The family's transformers config, with transformers' own checks as a ModelError naming the file."""
+    from .families import hf_config
+
+    try:
+        return hf_config(config)
+    except Exception as e:
+        raise ModelError(f"{path / 'config.json'}: transformers refuses it as a {config['model_type']} config: "
+                         f"{type(e).__name__}: {e}") from None
+
+
+def _check_layer_count(path: Path, config: dict, shape: dict) -> None:
+    """More layers in config.json than in the weights is refused before a skeleton of them is built."""
+    found = [int(m.group(2)) for k in shape if (m := re.match(r"(.*\.)?layers\.(\d+)\.", k))]
+    layers, have = config["num_hidden_layers"], max(found, default=-1) + 1
+    if layers > have:
+        raise ModelError(f"{path}: unit block.{have} is missing tensor(s) model.layers.{have}.* (in no safetensors "
+                         f"file: config.json has num_hidden_layers={layers}, the weights {have} layers)")
+
+
+SOURCE_FILE = "source.json"  # written by a conversion: what the folder was made from
+
+
+def _read_source(path: Path) -> dict | None:
+    return _read_json(path / SOURCE_FILE) if (path / SOURCE_FILE).is_file() else None
 
 
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -232,25 +262,12 @@ def _read_headers(path: Path) -> tuple[dict[str, list[int]], dict[str, str], dic
     return shape, dtype, file_of
 
 
-def _block_shapes(config: dict, i: int) -> dict[str, list[int]]:
-    """The tensors of decoder block i (transformers' LlamaDecoderLayer) and their shapes."""
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads") or heads
-    hd = config.get("head_dim") or hidden // heads
-    p = f"model.layers.{i}."
-    out = {p + "input_layernorm.weight": [hidden], p + "post_attention_layernorm.weight": [hidden],
-           p + "self_attn.q_proj.weight": [heads * hd, hidden], p + "self_attn.k_proj.weight": [kv * hd, hidden],
-           p + "self_attn.v_proj.weight": [kv * hd, hidden], p + "self_attn.o_proj.weight": [hidden, heads * hd],
-           p + "mlp.gate_proj.weight": [inter, hidden], p + "mlp.up_proj.weight": [inter, hidden],
-           p + "mlp.down_proj.weight": [hidden, inter]}
-    if config.get("attention_bias"):
-        out.update({p + "self_attn.q_proj.bias": [heads * hd], p + "self_attn.k_proj.bias": [kv * hd],
-                    p + "self_attn.v_proj.bias": [kv * hd], p + "self_attn.o_proj.bias": [hidden]})
-    if config.get("mlp_bias"):
-        out.update({p + "mlp.gate_proj.bias": [inter], p + "mlp.up_proj.bias": [inter],
-                    p + "mlp.down_proj.bias": [hidden]})
-    return out
+def kv_unit_bytes(per_token: int, window: int | None, tokens: int, row_tokens: int | None) -> int:
+    """One unit's KV cache for `tokens` tokens in sequences of `row_tokens`; a window caps each sequence."""
+    row_tokens = row_tokens or tokens
+    if window is not None and row_tokens > window:
+        tokens = -(-tokens * window // row_tokens)  # rows x window, rounded up
+    return per_token * tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +280,7 @@ class Unit:
     param_bytes: int  # weights at the job dtype
     kv_bytes_per_token: int  # KV cache per token per sequence (blocks only)
     out_bytes_per_token: int  # what the unit sends on, per token per sequence
+    kv_window: int | None = None  # a sliding layer's cache holds at most this many tokens a sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +292,11 @@ class ModelSpec:
     config: dict
     dtype: str
     units: tuple[Unit, ...]
+    source: dict | None = None  # where the folder came from, when converted (a GGUF file and its tensor types)
+
+    @property
+    def family(self) -> str:
+        return self.config["model_type"]
 
     @property
     def num_units(self) -> int:
@@ -290,18 +313,23 @@ class ModelSpec:
     def bytes_of(self, first: int, last: int) -> int:
         return sum(u.param_bytes for u in self.units[first:last + 1])
 
-    def kv_bytes(self, first: int, last: int, tokens: int) -> int:
-        """KV cache of units first..last for `tokens` cached tokens (summed over sequences)."""
-        return sum(u.kv_bytes_per_token for u in self.units[first:last + 1]) * tokens
+    def kv_bytes(self, first: int, last: int, tokens: int, row_tokens: int | None = None) -> int:
+        """KV cache of units first..last for `tokens` cached tokens, summed over sequences of
+        `row_tokens` each (default: one sequence); a sliding layer holds at most its window a sequence."""
+        return sum(kv_unit_bytes(u.kv_bytes_per_token, u.kv_window, tokens, row_tokens)
+                   for u in self.units[first:last + 1])
 
     @classmethod
     def load(cls, path: str | Path, dtype: str = "float32", name: str | None = None) -> "ModelSpec":
         """Read config.json and the safetensors headers (no weights) into units.
 
-        Every tensor the units need must be there with the shape config.json implies, in a float
-        dtype, and no block may hold a tensor the config does not describe: a model the shards could
-        not load is refused here, on rank 0, naming the file, before any rank starts loading.
+        The units, their tensors and shapes come from the family's transformers class built on the
+        meta device. Every tensor they need must be in the checkpoint with that shape, in a float
+        dtype, and the checkpoint may hold nothing else: a model the shards could not load is refused
+        here, on rank 0, naming the file, before any rank starts loading.
         """
+        from .families import build_skeleton, sliding_windows, unit_modules
+
         path = Path(path)
         _check_folder(path)
         if dtype not in DTYPE_BYTES:
@@ -309,54 +337,64 @@ class ModelSpec:
         config = _read_json(path / "config.json")
         _check_config(path, config)
         shape, tdtype, file_of = _read_headers(path)
+        _check_layer_count(path, config, shape)
+        hf = _hf_config(path, config)
+        try:
+            skeleton = build_skeleton(hf)
+        except Exception as e:  # a config transformers accepts but cannot build a model from
+            raise ModelError(f"{path / 'config.json'}: transformers cannot build a {config['model_type']} model "
+                             f"from it: {type(e).__name__}: {e}") from None
+        want = {k: list(t.shape) for k, t in skeleton.state_dict().items()}
+        embed, layers_name, norm, head = unit_modules(skeleton)
         layers = int(config["num_hidden_layers"])
         hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or hidden // heads)
-        vocab = int(config["vocab_size"])
+        kv_heads = int(getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads)
+        head_dim = int(skeleton.get_decoder().layers[0].self_attn.head_dim)  # explicit head_dim or hidden / heads
+        windows = sliding_windows(hf)
         nb = DTYPE_BYTES[dtype]
-        embed_key = "model.embed_tokens.weight"
-        head_key = "lm_head.weight"
-        if head_key not in shape and config.get("tie_word_embeddings", False):
-            head_key = embed_key  # tied head: it reads the embedding matrix
-        units = []
-        expected_all: set[str] = set()
+        head_key = f"{head}.weight"
+        tied = head_key not in shape and bool(getattr(hf, "tie_word_embeddings", False))
 
-        def unit(idx: int, uname: str, expected: dict[str, list[int]]) -> Unit:
+        def keys(*prefixes: str) -> dict[str, list[int]]:
+            return {k: v for k, v in want.items() if any(k.startswith(p + ".") for p in prefixes)}
+
+        def unit(idx: int, uname: str, expected: dict[str, list[int]], kv_window: int | None = None) -> Unit:
             missing = sorted(k for k in expected if k not in shape)
             if missing:
                 more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
                 raise ModelError(f"{path}: unit {uname} is missing tensor(s) {', '.join(missing[:3])}{more} "
                                  f"(in no safetensors file)")
-            for k, want in expected.items():
-                if shape[k] != want:
+            for k, w in expected.items():
+                if shape[k] != w:
                     raise ModelError(f"{path / file_of[k]}: tensor {k} has shape {shape[k]}, "
-                                     f"config.json implies {want}")
+                                     f"config.json implies {w}")
                 if tdtype[k] not in _FLOAT_DTYPES:
                     raise ModelError(f"{path / file_of[k]}: tensor {k} has dtype {tdtype[k]}; only "
                                      f"{', '.join(_FLOAT_DTYPES)} weights are loaded (no quantized weights)")
-            expected_all.update(expected)
             is_block = uname.startswith("block.")
             return Unit(
                 index=idx, name=uname, tensors=tuple(sorted(expected)) if is_block else tuple(expected),
                 param_bytes=sum(math.prod(shape[k]) for k in expected) * nb,
                 kv_bytes_per_token=2 * kv_heads * head_dim * nb if is_block else 0,
                 out_bytes_per_token=8 if uname == "head" else hidden * nb,  # the head sends a token id
+                kv_window=kv_window,
             )
 
-        units.append(unit(0, "embed", {embed_key: [vocab, hidden]}))
+        units = [unit(0, "embed", keys(embed))]
         for i in range(layers):  # stops at the first block with a missing tensor, however large `layers` is
-            units.append(unit(i + 1, f"block.{i}", _block_shapes(config, i)))
-        units.append(unit(layers + 1, "head", {"model.norm.weight": [hidden], head_key: [vocab, hidden]}))
-        # a block tensor the config does not describe (a bias, a layer beyond num_hidden_layers) means the
-        # config is not the one these weights were made with; old checkpoints' rotary buffers are harmless
-        extra = sorted(k for k in shape if k.startswith("model.layers.") and k not in expected_all
-                       and not k.endswith("rotary_emb.inv_freq"))
+            units.append(unit(i + 1, f"block.{i}", keys(f"{layers_name}.{i}"), windows[i]))
+        head_tensors = keys(norm, head)
+        if tied:  # the head reads the embedding matrix
+            head_tensors = {(f"{embed}.weight" if k == head_key else k): v for k, v in head_tensors.items()}
+        units.append(unit(layers + 1, "head", head_tensors))
+        # a tensor no unit loads (a bias, a layer beyond num_hidden_layers, another family's name) means
+        # config.json is not the one these weights were made with; old checkpoints' rotary buffers are harmless
+        loaded = {k for u in units for k in u.tensors}
+        extra = sorted(k for k in shape if k not in loaded and not k.endswith("rotary_emb.inv_freq"))
         if extra:
             more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
             raise ModelError(f"{path / file_of[extra[0]]}: tensor(s) {', '.join(extra[:3])}{more} are not in the "
-                             f"model config.json describes (num_hidden_layers={layers}, "
-                             f"attention_bias={bool(config.get('attention_bias'))}, "
-                             f"mlp_bias={bool(config.get('mlp_bias'))})")
-        return cls(str(path), name or path.name, config, dtype, tuple(units))
+                             f"{config['model_type']} model config.json describes (num_hidden_layers={layers}"
+                             + "".join(f", {k}={config[k]}" for k in ("attention_bias", "mlp_bias", "tie_word_embeddings")
+                                       if k in config) + ")")
+        return cls(str(path), name or path.name, config, dtype, tuple(units), _read_source(path))

@@ -1,9 +1,10 @@
 """A shard: one contiguous range of units, loaded alone, run with a KV cache per micro-batch slot.
 
 Only this shard's tensors are read from the safetensors files; no rank materialises the whole
-model. The decoder blocks are transformers' own `LlamaDecoderLayer`s (built on the meta device,
-then given the loaded tensors), keeping their global layer index so that the per-slot
-`DynamicCache` and `create_causal_mask` see the same layout as the full model. Masks and
+model. The modules are the family's own, taken from its transformers class built on the meta device
+(families.py) and given the loaded tensors; decoder layers keep their global index, so that the
+per-slot `DynamicCache` (sliding layers cap their cache at the window) and transformers' mask helpers
+see the same layout as the full model. Masks and
 positions follow `generate` exactly (left padding, positions from the mask's cumulative sum, no
 mask at all when a micro-batch has no padding), so the tokens equal `generate`'s token for token.
 """
@@ -16,8 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers.masking_utils import create_causal_mask
 
+from .families import mask_builder
 from .models import ModelError, ModelSpec
 
 __all__ = ["Shard", "TORCH_DTYPES", "emulated_compute"]
@@ -56,9 +57,7 @@ class Shard:
 
     def __init__(self, spec: ModelSpec, first: int, last: int, device: str = "cpu", *, slowdown: float = 1.0,
                  memory: int | None = None):
-        from transformers import LlamaConfig
-        from transformers.models.llama.modeling_llama import (LlamaDecoderLayer, LlamaRMSNorm,
-                                                              LlamaRotaryEmbedding)
+        from .families import build_skeleton, family_of, hf_config, layer_types, unit_modules
 
         n = spec.num_units
         if not 0 <= first <= last < n:
@@ -75,31 +74,37 @@ class Shard:
         self.has_head = last == n - 1
         self.layer_ids = [u - 1 for u in range(max(first, 1), min(last, n - 2) + 1)]  # global layer indices
 
-        config = LlamaConfig(**{k: v for k, v in spec.config.items()
-                                if k not in ("architectures", "transformers_version", "dtype", "torch_dtype")})
-        config._attn_implementation = "sdpa"  # what from_pretrained picks on CPU and CUDA; keeps numerics equal
-        self.config = config
+        self.family = family_of(spec.family)
+        self.config = config = hf_config(spec.config)
+        skeleton = build_skeleton(config)  # parameters on meta: only what this shard keeps gets tensors
+        self.config = config = skeleton.config  # with the attention implementation from_pretrained would pick
+        modules = dict(skeleton.named_modules())
+        embed_name, layers_name, norm_name, head_name = unit_modules(skeleton)
         tensors = self._read_tensors(Path(spec.path))
 
-        self.embed = self.norm = self.lm_head = self.rotary = None
-        if self.has_embed:
-            self.embed = tensors["model.embed_tokens.weight"]  # (V, H)
-        self.layers = []
-        for i in self.layer_ids:
-            with torch.device("meta"):
-                layer = LlamaDecoderLayer(config, layer_idx=i)
-            prefix = f"model.layers.{i}."
+        def take(name: str) -> torch.nn.Module:
+            """Module `name` of the skeleton with its tensors from the checkpoint, on this device."""
+            module, prefix = modules[name], name + "."
             state = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
-            layer.load_state_dict(state, strict=True, assign=True)
-            self.layers.append(layer.eval())
-        if self.layers:
-            self.rotary = LlamaRotaryEmbedding(config).to(self.device)
+            module.load_state_dict(state, strict=True, assign=True)
+            return module.to(self.device).eval()  # buffers (Gemma's embedding scale) follow the weights
+
+        self.embed = take(embed_name) if self.has_embed else None
+        self.layers = [take(f"{layers_name}.{i}") for i in self.layer_ids]
+        types = layer_types(config)
+        self.layer_types = [types[i] for i in self.layer_ids]
+        # each mask is built once a step, for the first of this shard's layers of its type (whose cache sizes it)
+        self.mask_layer = {t: self.layer_ids[self.layer_types.index(t)] for t in dict.fromkeys(self.layer_types)}
+        self.rotary = skeleton.get_decoder().rotary_emb.to(self.device) if self.layers else None
+        self.norm = self.lm_head = None
+        self.softcap = self.family.logit_softcap(config)
         if self.has_head:
-            with torch.device("meta"):
-                self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.norm.load_state_dict({"weight": tensors.pop("model.norm.weight")}, assign=True)
-            head_key = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
-            self.lm_head = tensors[head_key]  # a tied head shares the embedding's tensor
+            self.norm = take(norm_name)
+            head_key = f"{head_name}.weight"
+            if head_key not in tensors:  # a tied head reads the embedding matrix (shared when both are here)
+                tensors[head_key] = (self.embed.weight if self.embed is not None
+                                     else tensors.pop(f"{embed_name}.weight"))
+            self.lm_head = take(head_name)
         self.slots: dict[int, _SlotState] = {}
 
     def _read_tensors(self, path: Path) -> dict[str, torch.Tensor]:
@@ -131,13 +136,10 @@ class Shard:
 
     @property
     def param_bytes(self) -> int:
-        mods = [p for layer in self.layers for p in layer.parameters()]
-        extra = [t for t in (self.embed, self.lm_head) if t is not None]
-        if self.norm is not None:
-            extra.append(self.norm.weight)
+        modules = [m for m in (self.embed, *self.layers, self.norm, self.lm_head) if m is not None]
         seen, total = set(), 0
-        for t in mods + extra:
-            if t.data_ptr() not in seen:
+        for t in (p for m in modules for p in m.parameters()):
+            if t.data_ptr() not in seen:  # a tied head shares the embedding's storage
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
         return total
@@ -205,16 +207,22 @@ class Shard:
                 state.mask = torch.cat([state.mask, state.mask.new_ones(B, T)], dim=-1)
         state.last_pos = pos[:, -1:]
 
-        h = torch.nn.functional.embedding(x, self.embed) if self.has_embed else x  # (B, T, H)
+        h = self.embed(x) if self.has_embed else x  # (B, T, H)
         if self.layers:
-            first = self.layer_ids[0]
-            causal = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=state.mask,
-                                        cache=state.cache, position_ids=pos, layer_idx=first)
-            pos_emb = self.rotary(h, position_ids=pos)
-            for layer in self.layers:
-                h = layer(h, attention_mask=causal, position_ids=pos, cache=state.cache,
-                          use_cache=True, position_embeddings=pos_emb)
+            masks = {t: mask_builder(t)(config=self.config, inputs_embeds=h, attention_mask=state.mask,
+                                        cache=state.cache, position_ids=pos, layer_idx=i)
+                     for t, i in self.mask_layer.items()}
+            if self.family.rotary_by_layer_type:
+                rope = {t: self.rotary(h, pos, t) for t in self.mask_layer}
+            else:
+                rope = dict.fromkeys(self.mask_layer, self.rotary(h, position_ids=pos))
+            for layer, t in zip(self.layers, self.layer_types):
+                h = layer(h, attention_mask=masks[t], position_ids=pos, cache=state.cache,
+                          use_cache=True, position_embeddings=rope[t])
         if not self.has_head:
             return h
         h = self.norm(h)[:, -1:, :]  # norm all positions then keep the last, as generate does
-        return torch.nn.functional.linear(h, self.lm_head)[:, -1, :].float()  # (B, V)
+        logits = self.lm_head(h)[:, -1, :]  # (B, V)
+        if self.softcap:  # in the model dtype, then fp32, as XForCausalLM.forward and generate do
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()

@@ -110,9 +110,9 @@ def test_model_with_an_unsupported_config(tmp_path, tiny_path):
 
     model = _tiny_copy(tmp_path, tiny_path)
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     job = write_job(tmp_path, model, OK)
-    _fails(run_mpi(["run", str(job)], 2, timeout=60), f"{model / 'config.json'}: model_type 'mistral' is not supported")
+    _fails(run_mpi(["run", str(job)], 2, timeout=60), f"{model / 'config.json'}: model_type 'gpt2' is not supported")
 
 
 def test_a_profile_of_another_cluster_is_refused_naming_both_hashes(tmp_path, tiny_path):
