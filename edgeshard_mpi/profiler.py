@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from .jsonfile import read_object
+from .models import kv_unit_bytes
 from .planner import Costs
 
 __all__ = ["Profile", "ProfileError", "profile_shapes", "profiles_dir", "find_profile", "model_fingerprint",
@@ -108,16 +109,19 @@ class Profile:
     def device_names(self) -> list[str]:
         return [d["name"] for d in self.devices]
 
-    def unit_bytes(self, kv_tokens: int | None = None) -> list[float]:
-        """Weights plus the KV cache for `kv_tokens` cached tokens (default: a micro-batch at the context)."""
+    def unit_bytes(self, kv_tokens: int | None = None, row_tokens: int | None = None) -> list[float]:
+        """Weights plus the KV cache for `kv_tokens` cached tokens in sequences of `row_tokens` (a sliding
+        layer holds at most its window of each); default: a micro-batch at the context."""
         if kv_tokens is None:
-            kv_tokens = self.shapes["micro_batch_size"] * self.shapes["context"]
-        return [u["param_bytes"] + u["kv_bytes_per_token"] * kv_tokens for u in self.units]
+            kv_tokens, row_tokens = self.shapes["micro_batch_size"] * self.shapes["context"], self.shapes["context"]
+        return [u["param_bytes"] + kv_unit_bytes(u["kv_bytes_per_token"], u.get("kv_window"), kv_tokens, row_tokens)
+                for u in self.units]
 
-    def costs(self, phase: str = "decode", kv_tokens: int | None = None) -> Costs:
+    def costs(self, phase: str = "decode", kv_tokens: int | None = None, row_tokens: int | None = None) -> Costs:
         """The planning problem of one step: a decode step (default) or a prefill.
 
-        kv_tokens: tokens of KV cache each unit must hold (micro-batch x longest request); memory
+        kv_tokens: tokens of KV cache each unit must hold (micro-batch x longest request), in
+        sequences of row_tokens (the longest request); memory
         is checked with it, so a plan fits the job's longest request, not only the average.
 
         Each unit was timed alone from a cold start, so its time includes the cold start of a step
@@ -134,7 +138,7 @@ class Profile:
               for k in range(m)]
         return Costs(compute=[[max(0.0, d[key][i] - step[j]) for j, d in enumerate(self.devices)]
                               for i in range(self.num_units)],
-                     unit_bytes=self.unit_bytes(kv_tokens), device_memory=[d.get("memory") for d in self.devices],
+                     unit_bytes=self.unit_bytes(kv_tokens, row_tokens), device_memory=[d.get("memory") for d in self.devices],
                      out_bytes=out, bandwidth=bw, latency=self.latency, device_names=self.device_names, stage_s=step)
 
     @property
@@ -402,7 +406,8 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
         model={"name": spec.name, "fingerprint": model_fingerprint(spec), "dtype": spec.dtype,
                "num_units": spec.num_units},
         units=[{"name": u.name, "param_bytes": u.param_bytes, "kv_bytes_per_token": u.kv_bytes_per_token,
-                "out_bytes_per_token": u.out_bytes_per_token} for u in spec.units],
+                "out_bytes_per_token": u.out_bytes_per_token,
+                **({"kv_window": u.kv_window} if u.kv_window is not None else {})} for u in spec.units],
         devices=dev_dicts, bandwidth=bandwidth, latency=latency, shapes=shapes,
         cluster=cluster_fingerprint([d.to_dict() for d in devices]), versions=versions(),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), notes=notes)

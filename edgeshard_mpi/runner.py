@@ -166,6 +166,7 @@ class _Local:
     profile: Profile | None = None
     kv_tokens: int = 0  # KV cache the planner budgets per unit: micro-batch x longest request x slots
     row_tokens: int = 0  # micro-batch x longest request: the KV cache of one slot
+    longest: int = 0  # tokens of the longest request: what a sliding layer's window caps
     in_flight: int | None = None  # micro-batches in flight if fixed (options, job, sequential schedule)
     shapes: dict | None = None  # the shapes this job is profiled at (profiler.profile_shapes)
     cluster: Cluster | None = None
@@ -196,7 +197,7 @@ def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
     in_flight = opts.micro_batches or job.micro_batches
     local = _Local(job, spec, tok, itertools.chain(sample, stream),
                    kv_tokens=longest * job.micro_batch_size * (in_flight or 2 * world))
-    local.row_tokens = longest * job.micro_batch_size
+    local.row_tokens, local.longest = longest * job.micro_batch_size, longest
     local.in_flight = 1 if (opts.schedule or job.schedule) == "sequential" else in_flight
     plan = _given_plan(job, opts, spec, world) if for_run else None
     if mode == "bench":
@@ -219,7 +220,8 @@ def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
     else:
         plan.check_world(world)
         plan.check_for(model_fingerprint(spec), cluster_fingerprint([d.to_dict() for d in cluster.devices]))
-        _check_memory(spec, plan, cluster, local.row_tokens * (local.in_flight or default_in_flight(len(plan.stages))))
+        _check_memory(spec, plan, cluster, local.row_tokens * (local.in_flight or default_in_flight(len(plan.stages))),
+                      longest)
     local.total = count_prompts(job.prompts) - len(done)  # read in chunks, never a whole line
     if for_run:
         # the file itself is opened once the plan is made, so a plan that fails leaves nothing behind
@@ -231,11 +233,11 @@ def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
     return shared, local
 
 
-def _check_memory(spec: ModelSpec, plan: Plan, cluster: Cluster, kv_tokens: int) -> None:
-    """Each stage's weights plus its KV cache for a full micro-batch must fit its device."""
+def _check_memory(spec: ModelSpec, plan: Plan, cluster: Cluster, kv_tokens: int, row_tokens: int) -> None:
+    """Each stage's weights plus its KV cache for its full micro-batches must fit its device."""
     for s in plan.stages:
         dev = cluster.devices[s.rank]
-        need = spec.bytes_of(s.first, s.last) + spec.kv_bytes(s.first, s.last, kv_tokens)
+        need = spec.bytes_of(s.first, s.last) + spec.kv_bytes(s.first, s.last, kv_tokens, row_tokens)
         if dev.memory is not None and need > dev.memory:
             raise PlanError(f"{cluster.source}: device {dev.name} (rank {s.rank}) has {format_bytes(dev.memory)}, "
                             f"but units {s.first}..{s.last} need {format_bytes(need)} (weights + KV cache for "
@@ -258,9 +260,10 @@ def _make_plan(local: _Local, cluster: Cluster, world: int, objective: str | Non
     prof = local.profile
     devices = [d.to_dict() for d in cluster.devices]
     prof.check_for(local.spec.name, model_fingerprint(local.spec), cluster_fingerprint(devices), devices, cluster.source)
-    plan = plan_for(prof.costs(kv_tokens=local.kv_tokens), objective or local.objective)
+    plan = plan_for(prof.costs(kv_tokens=local.kv_tokens, row_tokens=local.longest), objective or local.objective)
     plan.check_world(world)
-    _check_memory(local.spec, plan, cluster, local.row_tokens * (local.in_flight or default_in_flight(len(plan.stages))))
+    _check_memory(local.spec, plan, cluster, local.row_tokens * (local.in_flight or default_in_flight(len(plan.stages))),
+                  local.longest)
     return plan
 
 

@@ -1,0 +1,169 @@
+"""Every supported family, on seeded random weights: tokens equal transformers' `generate` at 1 and 3
+ranks; GGUF files converted and run; a family or GGUF file that cannot run is a clear error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import reference_tokens, run_mpi, write_job
+from edgeshard_mpi.models import ModelError, ModelSpec, prepare
+from edgeshard_mpi.results import read_attrs, read_results
+from family_models import FAMILY_CONFIGS, WINDOW, random_model, save_family, write_gguf
+
+# Four prompts in micro-batches of 3: mixed lengths share a micro-batch (left padding), and the long
+# one (about 50 tokens) is past every sliding window (16), so sliding layers really slide.
+PROMPTS = [
+    "Paris is",
+    "In a distant galaxy, a lone explorer discovered",
+    "The three laws of thermodynamics state that energy cannot be created or destroyed, that the entropy of "
+    "an isolated system never decreases, and that the entropy of a perfect crystal at absolute zero is zero; "
+    "from these it follows that",
+    "def fibonacci(n):",
+]
+NEW_TOKENS = 10
+# 8 units (embedding, 6 blocks, head); the head on rank 1 and the embedding on rank 0, so a tied head
+# reads the embedding matrix on another rank; ranks out of order, as a plan may put them
+CUT = "[plan]\nstages = [{rank = 0, first = 0, last = 2}, {rank = 2, first = 3, last = 5}, {rank = 1, first = 6, last = 7}]\n"
+
+
+@pytest.fixture(scope="module")
+def family_dir(tmp_path_factory):
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = save_family(family, tmp_path_factory.mktemp(family))
+        return made[family]
+    return get
+
+
+def _run(tmp_path, model, n, plan="", name="job"):
+    job = write_job(tmp_path, model, [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)], name=name,
+                    extra="micro_batch_size = 3", plan=plan, generation=f"max_new_tokens = {NEW_TOKENS}")
+    proc = run_mpi(["run", str(job), "--no-progress"], n)
+    assert proc.returncode == 0, proc.stderr
+    by_id = {r.id: r.token_ids for r in read_results(tmp_path / f"{name}.h5")}
+    return [by_id[f"p{i}"] for i in range(len(PROMPTS))], tmp_path / f"{name}.h5"
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_family_equals_generate_at_1_and_3_ranks(tmp_path, family_dir, family):
+    path = family_dir(family)
+    want = reference_tokens(path, PROMPTS, NEW_TOKENS, 3)
+    assert len({len(t) for t in want}) >= 1 and all(want)
+    one, _ = _run(tmp_path, path, 1, name="one")
+    three, h5 = _run(tmp_path, path, 3, plan=CUT, name="three")
+    assert one == want
+    assert three == want
+    stages = json.loads(read_attrs(h5)["summary"])["stages"]
+    assert [(s["rank"], s["units"]) for s in stages] == [(0, "embed..block.1"), (2, "block.2..block.4"),
+                                                         (1, "block.5..head")]
+
+
+def test_sliding_windows_and_kv_budget_follow_the_config(family_dir):
+    # a sliding layer's KV cache is capped at its window a sequence; head_dim and GQA come from the config
+    spec = ModelSpec.load(family_dir("gemma2"))
+    windows = [u.kv_window for u in spec.units[1:-1]]
+    assert windows == [WINDOW, None] * 3
+    per_token = 2 * 2 * 16 * 4  # K and V, 2 KV heads, head_dim 16, fp32
+    assert {u.kv_bytes_per_token for u in spec.units[1:-1]} == {per_token}
+    rows, longest = 3, 100
+    assert spec.kv_bytes(1, 6, rows * longest, longest) == per_token * rows * (3 * WINDOW + 3 * longest)
+    qwen3 = ModelSpec.load(family_dir("qwen3"))  # explicit head_dim 32 (hidden 64 / 4 heads would be 16)
+    assert qwen3.units[1].kv_bytes_per_token == 2 * 2 * 32 * 4
+    assert ModelSpec.load(family_dir("qwen3"), "bfloat16").units[1].kv_bytes_per_token == 2 * 2 * 32 * 2
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_model_info_shows_family_units_and_windows(family_dir, family):
+    out = subprocess.run([sys.executable, "-m", "edgeshard_mpi", "model", "info", str(family_dir(family)),
+                          "--dtype", "bfloat16"], capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{family_dir(family).name}: {family}, 8 units (6 blocks)") and "bfloat16" in lines[0]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[1] for r in rows] == ["embed"] + [f"block.{i}" for i in range(6)] + ["head"]
+    slides = family in ("mistral", "qwen2", "gemma2", "gemma3_text")
+    assert any(len(r) == 7 and r[5] == str(WINDOW) for r in rows[1:-1]) == slides  # weights "6.75 KiB", window
+
+
+# -- GGUF ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,quant,ranks", [("llama", "F32", 3), ("qwen2", "Q8_0", 1)])
+def test_gguf_file_runs_without_manual_conversion(tmp_path, monkeypatch, family, quant, ranks):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    models = tmp_path / "models"
+    monkeypatch.setenv("EDGESHARD_MODELS", str(models))
+    model, _ = random_model(family, seed=1)
+    gguf = write_gguf(model, family, tmp_path / f"{family}-{quant}.gguf", quant)
+    # the job names the .gguf file: the run converts it once (rank 0), then every rank reads the folder
+    tokens, _ = _run(tmp_path, gguf.name, ranks, plan=CUT if ranks == 3 else "")
+    folder = prepare(str(gguf))  # already converted: the same folder, not a second conversion
+    assert [p.name for p in models.iterdir()] == [folder.name]
+    spec = ModelSpec.load(folder)
+    assert spec.family == family and spec.source["tensor_types"].get(quant, 0) > 0
+    # the folder holds the weights transformers reads from the file (dequantized), and a F32 file the
+    # model's own weights, bit for bit; the run's tokens equal generate on them
+    from safetensors.torch import load_file
+
+    saved = load_file(folder / "model.safetensors")
+    read = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32).state_dict()
+    assert all(torch.equal(saved[k], read[k]) for k in saved) and set(read) - set(saved) <= {"lm_head.weight"}
+    if quant == "F32":
+        assert all(torch.equal(saved[k], model.state_dict()[k]) for k in saved)
+    assert tokens == reference_tokens(folder, PROMPTS, NEW_TOKENS, 3)
+    info = subprocess.run([sys.executable, "-m", "edgeshard_mpi", "model", "info", str(gguf)], capture_output=True,
+                          text=True, check=True).stdout
+    assert f"converted from {gguf}" in info and "dequantized" in info
+
+
+def _leftovers(models):
+    return sorted(p.name for p in models.iterdir()) if models.exists() else []
+
+
+@pytest.mark.parametrize("case", ["not gguf", "truncated", "unsupported family"])
+def test_bad_gguf_is_a_clear_error_leaving_nothing(tmp_path, monkeypatch, case):
+    models = tmp_path / "models"
+    monkeypatch.setenv("EDGESHARD_MODELS", str(models))
+    bad = tmp_path / "bad.gguf"
+    if case == "not gguf":
+        bad.write_text("this is a text file\n")
+        needle = f"{bad}: not a GGUF file"
+    else:
+        if case == "truncated":
+            model, _ = random_model("llama")
+            data = write_gguf(model, "llama", tmp_path / "good.gguf").read_bytes()
+            bad.write_bytes(data[:len(data) // 2])
+            needle = f"{bad}: not a readable GGUF file, truncated or damaged"
+        else:  # a family transformers reads from GGUF but the shards do not run: refused before any weight
+            import gguf
+            import numpy as np
+
+            w = gguf.GGUFWriter(str(bad), "gpt2")
+            for add in (w.add_context_length, w.add_embedding_length, w.add_block_count, w.add_head_count):
+                add(8)
+            w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+            w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+            needle = f"{bad}: model_type 'gpt2' is not supported (supported: llama, mistral"
+    with pytest.raises(ModelError) as e:
+        prepare(str(bad))
+    assert str(e.value).startswith(needle), e.value
+    assert "\n" not in str(e.value)
+    assert _leftovers(models) == []
+
+
+def test_config_whose_tensors_do_not_match_names_the_file(tmp_path, family_dir):
+    # phi3's config over llama's weights: the fused projections are missing, the split ones left over
+    import shutil
+
+    m = tmp_path / "m"
+    shutil.copytree(family_dir("llama"), m)
+    config = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**config, "model_type": "phi3"}))
+    with pytest.raises(ModelError) as e:
+        ModelSpec.load(m)
+    assert str(e.value).startswith(f"{m}: unit block.0 is missing tensor(s) model.layers.0.mlp.gate_up_proj.weight")
