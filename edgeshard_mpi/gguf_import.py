@@ -65,7 +65,7 @@ def convert_gguf(src: Path, out: Path, supported: tuple[str, ...], error: type[E
     dtype = _save_dtype(types)
     try:
         tok = AutoTokenizer.from_pretrained(**where)
-        model = AutoModelForCausalLM.from_pretrained(**where, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(**where, config=config, dtype=getattr(torch, dtype))
     except Exception as e:
         raise error(f"{src}: transformers cannot load it ({type(e).__name__}: {e})") from None
     # save_pretrained refuses a model loaded from GGUF, so write the plain pieces ourselves.

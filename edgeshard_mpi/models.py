@@ -208,7 +208,7 @@ def _hf_config(path: Path, config: dict):
         return hf_config(config)
     except Exception as e:
         raise ModelError(f"{path / 'config.json'}: transformers refuses it as a {config['model_type']} config: "
-                         f"{type(e).__name__}: {e}") from None
+                         f"{type(e).__name__}: {_one_line(e)}") from None
 
 
 def _check_layer_count(path: Path, config: dict, shape: dict) -> None:
@@ -218,6 +218,10 @@ def _check_layer_count(path: Path, config: dict, shape: dict) -> None:
     if layers > have:
         raise ModelError(f"{path}: unit block.{have} is missing tensor(s) model.layers.{have}.* (in no safetensors "
                          f"file: config.json has num_hidden_layers={layers}, the weights {have} layers)")
+
+
+def _one_line(e: Exception) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 SOURCE_FILE = "source.json"  # written by a conversion: what the folder was made from
@@ -355,7 +359,7 @@ class ModelSpec:
             skeleton = build_skeleton(hf)
         except Exception as e:  # a config transformers accepts but cannot build a model from
             raise ModelError(f"{path / 'config.json'}: transformers cannot build a {config['model_type']} model "
-                             f"from it: {type(e).__name__}: {e}") from None
+                             f"from it: {type(e).__name__}: {_one_line(e)}") from None
         want = {k: list(t.shape) for k, t in skeleton.state_dict().items()}
         embed, layers_name, norm, head = unit_modules(skeleton)
         layers = int(config["num_hidden_layers"])

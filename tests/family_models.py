@@ -10,6 +10,7 @@ real one, borrowed from the embedded GGUF, so that prompts and chat templates ar
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 WINDOW = 16
@@ -35,11 +36,14 @@ def smollm2_gguf() -> Path:
     return _smollm2_gguf()
 
 
+@functools.cache
 def tokenizer():
+    """SmolLM2's tokenizer, from the tiny-random preset's folder (reading it from the GGUF file takes seconds)."""
     from transformers import AutoTokenizer
 
-    gguf = smollm2_gguf()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    from edgeshard_mpi.models import prepare
+
+    return AutoTokenizer.from_pretrained(prepare("tiny-random"))
 
 
 def random_model(family: str, seed: int = 0):
