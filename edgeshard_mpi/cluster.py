@@ -9,6 +9,9 @@ comment line of its own just above its host line:
     # device: name=cloud memory=24GiB torch=cuda:0
     10.0.0.9:1
 
+`threads=8` sets the rank's intra-op threads; by default a rank takes its host's cores shared
+among the ranks on that host (an emulated device: one).
+
 Ranks fill the slots in order (rank 0 takes the first slot). A host line with several slots takes
 either one declaration (shared by all its slots) or one per slot. A slot with no declaration is a
 plain local device named after its host.
@@ -28,7 +31,7 @@ import math
 import re
 from pathlib import Path
 
-__all__ = ["Device", "Cluster", "HostfileError", "parse_bytes", "parse_hostfile", "format_bytes"]
+__all__ = ["Device", "Cluster", "HostfileError", "parse_bytes", "parse_hostfile", "format_bytes", "default_threads"]
 
 _UNITS = {
     "b": 1,
@@ -110,6 +113,7 @@ class Device:
     slowdown: float = 1.0  # emulation: compute stretched to this many times its measured time
     bandwidth: float | None = None  # emulation: bytes/s of the device's link; None = not shaped
     latency: float = 0.0  # emulation: seconds the device's link adds to every message
+    threads: int | None = None  # intra-op threads; None = decided at start (see default_threads)
 
     def __post_init__(self):
         if not self.name:
@@ -125,9 +129,33 @@ class Device:
             raise ValueError(f"device {self.name}: link bandwidth must be positive and finite, got {self.bandwidth}")
         if not 0 <= self.latency < math.inf:
             raise ValueError(f"device {self.name}: latency must be finite and >= 0, got {self.latency}")
+        if self.threads is not None:
+            if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
+                raise ValueError(f"device {self.name}: threads must be a positive integer, got {self.threads!r}")
+            if self.threads > 1 and self.slowdown != 1.0:
+                raise ValueError(f"device {self.name}: an emulated device (slowdown={self.slowdown}) computes on one "
+                                 f"thread, got threads={self.threads}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["threads"] is None:  # not decided yet: the dict (and the fingerprint) of older files
+            del d["threads"]
+        return d
+
+
+def default_threads(device: Device, cores: int, host_ranks: int) -> int:
+    """Intra-op threads of a rank: the hostfile's threads=N, else its host's cores shared among the
+    ranks placed on that host. torch alone would pick 1 under mpiexec (it reads MPI_LOCALNRANKS).
+
+    An emulated device (slowdown > 1) keeps one thread: its compute time is slowdown x the CPU time
+    of its compute, which one thread makes all the calling thread's own, and CPU time does not grow
+    when ranks sharing a host compete for its cores (wall time does, and stretching wall time would
+    multiply that contention by the slowdown)."""
+    if device.threads is not None:
+        return device.threads
+    if device.slowdown != 1.0:
+        return 1
+    return max(1, cores // max(1, host_ranks))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +183,11 @@ class Cluster:
         """No hostfile: every rank is a plain CPU device on this host."""
         return cls(tuple(Device(name=f"local{r}") for r in range(world_size)), "<no hostfile>")
 
+    def with_threads(self, hosts: list[tuple[int, int]]) -> "Cluster":
+        """Every device's thread count decided; hosts[rank] = (cores of its host, ranks on that host)."""
+        return Cluster(tuple(dataclasses.replace(d, threads=default_threads(d, *h))
+                             for d, h in zip(self.devices, hosts)), self.source)
+
     def to_dict(self) -> dict:
         return {"source": self.source, "devices": [d.to_dict() for d in self.devices]}
 
@@ -163,7 +196,7 @@ class Cluster:
         return cls(tuple(Device(**x) for x in d["devices"]), d.get("source", "<dict>"))
 
 
-_DEVICE_FIELDS = {"name", "memory", "torch", "slowdown", "link", "latency"}
+_DEVICE_FIELDS = {"name", "memory", "torch", "slowdown", "link", "latency", "threads"}
 
 
 def _parse_declaration(text: str, where: str) -> dict:
@@ -186,6 +219,10 @@ def _parse_declaration(text: str, where: str) -> dict:
                 raise HostfileError(f"{where}: field memory must be positive")
         elif key == "torch" and not _TORCH_RE.fullmatch(value):
             raise HostfileError(f"{where}: field torch={_short(value)} is not cpu, cuda, cuda:N or mps")
+        elif key == "threads":
+            if not value.isdigit() or int(value) < 1:
+                raise HostfileError(f"{where}: field threads={_short(value)} is not a positive integer")
+            value = int(value)
         elif key in ("slowdown", "link", "latency"):
             try:
                 value = {"slowdown": float, "link": parse_rate, "latency": parse_duration}[key](value)

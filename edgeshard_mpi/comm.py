@@ -84,6 +84,12 @@ class Comm:
         # mpiexec names a process that died by its pid and host only: keep them to map it to a rank
         self.barrier()
         self.where: list[tuple[str, int]] = self.comm.allgather((os.uname().nodename, os.getpid()))
+        # per rank: (cores this process may use, ranks on its host), for its default thread count; MPI's
+        # shared-memory split finds the ranks that share a host, whatever the hosts are called
+        on_host = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.hosts: list[tuple[int, int]] = self.comm.allgather((len(os.sched_getaffinity(0)), on_host.Get_size()))
+        on_host.Free()
+        self.threads: list[int] | None = None  # per rank, for the rank table, once the cluster is known
 
     def _wait(self, requests: list, peer: int | None = None) -> None:
         """Wait for all requests without spinning: test, then sleep a growing while.
@@ -152,8 +158,10 @@ class Comm:
         self._pongs = {}
 
     def rank_table(self) -> str:
-        """Each rank's device, host and pid: what mpiexec's report of a failed process names."""
-        return ", ".join(f"{r} {self.names[r]} (pid {pid} on {host})" for r, (host, pid) in enumerate(self.where))
+        """Each rank's device, host, pid and threads: what mpiexec's report of a failed process names."""
+        threads = self.threads or [None] * self.size
+        return ", ".join(f"{r} {self.names[r]} (pid {pid} on {host}" + (f", {t} thread{'s' * (t > 1)})" if t else ")")
+                         for r, ((host, pid), t) in enumerate(zip(self.where, threads)))
 
     def emulate_links(self, devices) -> None:
         """Shape messages between ranks as the devices' declared links (cluster.Device per rank)."""

@@ -279,14 +279,14 @@ def _measure_units(spec, device, shapes: dict, repeats: int) -> dict:
     sum of their own times gives it: (sum - together) / (k - 1).
 
     A slowed-down device is measured at full speed, by CPU time on one thread, and its times
-    multiplied by its slowdown: what its shard stretches them to in a run (shard.emulated_compute).
+    multiplied by its slowdown: what its shard stretches them to in a run (on one thread:
+    cluster.default_threads).
     Sleeping between timed repeats would instead let the caches go cold and time something else.
     """
     import torch
 
-    from .shard import Shard, emulated_compute
+    from .shard import Shard
 
-    emulated_compute(device.slowdown)
     evict = _Evictor() if torch.device(device.torch).type == "cpu" else None  # GPU memory has no such cache
     b, p, c = shapes["micro_batch_size"], shapes["prompt_tokens"], shapes["context"]
     hidden = int(spec.config["hidden_size"])

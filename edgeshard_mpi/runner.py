@@ -34,7 +34,7 @@ from .planner import Plan, PlanError, even_plan, plan_for
 from .profiler import (Profile, cluster_fingerprint, find_profile, measure_profile, model_fingerprint,
                        profile_shapes, profiles_dir)
 from .results import ResultWriter
-from .shard import Shard, emulated_compute
+from .shard import Shard
 from .simulate import Request, Simulation, StepCosts, default_in_flight, simulate
 from .trace import Tracer, write_chrome_trace
 
@@ -172,12 +172,13 @@ class _Local:
     cluster: Cluster | None = None
 
 
-def _read(job_path: str, opts: RunOptions, world: int, *, mode: str = "run"):
+def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode: str = "run"):
     """mode: "run" (results file, saved profile if one fits), "bench" (saved profile if one fits),
     "profile" (always measure)."""
     for_run = mode == "run"
     job = Job.load(job_path)
-    cluster = _cluster(job, opts, world)
+    world = len(hosts)
+    cluster = _cluster(job, opts, world).with_threads(hosts)  # threads are part of what a profile measured
     output = opts.output or job.output
     # before the model is prepared (a preset's first conversion takes a while): a target that
     # cannot be written fails at once
@@ -267,13 +268,23 @@ def _make_plan(local: _Local, cluster: Cluster, world: int, objective: str | Non
     return plan
 
 
+def _become_device(comm: Comm, cluster: Cluster) -> None:
+    """This rank takes on its device: its links' emulation, and its thread count (decided on rank 0
+    from every rank's host, cluster.default_threads), which torch alone would set to 1 under mpiexec."""
+    import torch
+
+    comm.emulate_links(cluster.devices)
+    comm.threads = [d.threads for d in cluster.devices]
+    torch.set_num_threads(cluster.devices[comm.rank].threads or 1)
+
+
 # -- the run -------------------------------------------------------------------------------------------
 def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     """Run a job on every rank; rank 0 returns the Summary, the others None."""
     rank, world = comm.rank, comm.size
-    shared, local = _decide(comm, lambda: _read(job_path, opts, world, mode="run"))
+    shared, local = _decide(comm, lambda: _read(job_path, opts, comm.hosts, mode="run"))
     cluster = Cluster.from_dict(shared.cluster)
-    comm.emulate_links(cluster.devices)
+    _become_device(comm, cluster)
     if rank == 0:  # mpiexec reports a rank that died by its pid and host: this maps them to devices
         print(f"edgeshard: ranks: {comm.rank_table()}", file=sys.stderr, flush=True)
     spec = local.spec if rank == 0 else ModelSpec.load(shared.model_path, shared.dtype)
@@ -287,8 +298,8 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     plan = Plan.from_dict(plan_dict, spec.num_units)
     if rank == 0:
         attrs = {**local.attrs, "plan": plan.to_dict(),
-                 "ranks": [{"rank": r, "device": n, "host": h, "pid": pid}
-                           for r, (n, (h, pid)) in enumerate(zip(comm.names, comm.where))]}
+                 "ranks": [{"rank": r, "device": n, "host": h, "pid": pid, "threads": t}
+                           for r, (n, (h, pid), t) in enumerate(zip(comm.names, comm.where, comm.threads))]}
         if local.profile is not None:
             attrs["profile"] = local.profile.source
         local.writer = ResultWriter(local.output, attrs, overwrite=opts.overwrite, resume=opts.resume)
@@ -340,20 +351,21 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     the source and the prefill steps of newly admitted micro-batches (many times a decode step) leave
     stages short of work: on hetero4, 4 in flight kept the busiest stage 79-84% busy, 8 kept it 94%.
     """
+    import torch
+
     rank = comm.rank
     device = cluster.devices[rank]
     index = plan.stage_of(rank)
     shard = None
     if index is not None:
         st = plan.stages[index]
-        emulated_compute(device.slowdown)
         shard = Shard(spec, st.first, st.last, device.torch, slowdown=device.slowdown, memory=device.memory)
     comm.barrier()  # every shard loaded: the clock starts together
     tracer = Tracer(enabled=trace is not None)
     tracer.start()
 
     stats = {"rank": rank, "device": device.name, "compute_s": 0.0, "steps": 0,
-             "bytes": shard.param_bytes if shard else 0}
+             "bytes": shard.param_bytes if shard else 0, "threads": torch.get_num_threads()}
     start, cpu_start = time.perf_counter(), time.process_time()
     summary = None
     schedule = schedule or "no-bubbles"
@@ -389,10 +401,10 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
 
 def profile_job(comm: Comm, job_path: str, opts: RunOptions, out: str | None = None) -> Profile | None:
     """`edgeshard profile`: measure the job's model on the cluster; rank 0 returns the saved Profile."""
-    shared, local = _decide(comm, lambda: _read(job_path, dataclasses.replace(opts, profile=None), comm.size,
+    shared, local = _decide(comm, lambda: _read(job_path, dataclasses.replace(opts, profile=None), comm.hosts,
                                                    mode="profile"))
     cluster = Cluster.from_dict(shared.cluster)
-    comm.emulate_links(cluster.devices)
+    _become_device(comm, cluster)
     spec = local.spec if comm.rank == 0 else ModelSpec.load(shared.model_path, shared.dtype)
     return _profile(comm, shared, cluster, spec, opts.repeats, out)
 
@@ -408,9 +420,9 @@ def bench_job(comm: Comm, job_path: str, opts: RunOptions,
     import tempfile
 
     rank, world = comm.rank, comm.size
-    shared, local = _decide(comm, lambda: _read(job_path, opts, world, mode="bench"))
+    shared, local = _decide(comm, lambda: _read(job_path, opts, comm.hosts, mode="bench"))
     cluster = Cluster.from_dict(shared.cluster)
-    comm.emulate_links(cluster.devices)
+    _become_device(comm, cluster)
     spec = local.spec if rank == 0 else ModelSpec.load(shared.model_path, shared.dtype)
     if shared.measure is not None:
         prof = _profile(comm, shared, cluster, spec, opts.repeats)

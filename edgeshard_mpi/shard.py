@@ -21,21 +21,9 @@ import torch
 from .families import mask_builder
 from .models import ModelError, ModelSpec
 
-__all__ = ["Shard", "TORCH_DTYPES", "emulated_compute"]
+__all__ = ["Shard", "TORCH_DTYPES"]
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def emulated_compute(slowdown: float) -> None:
-    """Set up this process for a device emulated with `slowdown` > 1.
-
-    The device's compute time is slowdown x the CPU time of its compute, on one thread: CPU time
-    does not grow when ranks sharing a host compete for its cores (wall time does, and stretching
-    wall time would multiply that contention by the slowdown), and one thread makes the calling
-    thread's CPU time all of the compute's. Real devices (slowdown 1) keep every thread.
-    """
-    if slowdown != 1.0:
-        torch.set_num_threads(1)
 
 
 @dataclasses.dataclass
@@ -51,7 +39,7 @@ class Shard:
     """Units `first..last` of the model at `path`, on `device`, in `dtype`.
 
     `slowdown` > 1 emulates a slower device: every forward takes slowdown x the CPU time its compute
-    used, the rest spent asleep, so it costs no more CPU (see `emulated_compute`). `memory` (bytes)
+    used, the rest spent asleep, so it costs no more CPU (a rank of an emulated device computes on one thread: cluster.default_threads). `memory` (bytes)
     is the device's budget: a shard whose weights exceed it is refused before anything is read.
     """
 

@@ -130,11 +130,35 @@ def test_a_profile_of_another_cluster_is_refused_naming_both_hashes(tmp_path, ti
                    bandwidth=[[None, 1e9], [1e9, None]], latency=[[0.0, 0.0], [0.0, 0.0]],
                    shapes={"prompt_tokens": 8, "context": 16, "micro_batch_size": 1}, cluster=cluster_fingerprint(boards))
     path = prof.save(tmp_path / "other-cluster.json")
-    here = cluster_fingerprint([d.to_dict() for d in Cluster.local(2).devices])
+    import os
+
+    cores = len(os.sched_getaffinity(0))  # the run decides each rank's threads: its host's cores / 2 ranks
+    here = cluster_fingerprint([d.to_dict() for d in Cluster.local(2).with_threads([(cores, 2)] * 2).devices])
     job = write_job(tmp_path, "tiny-random", OK)
     _fails(run_mpi(["run", str(job), "--objective", "throughput", "--profile", str(path)], 2, timeout=60),
            f"{path}: profile is for cluster {prof.cluster}, not <no hostfile> ({here})", "rank 0 name was 'board0'")
     assert not (tmp_path / "job.h5").exists()  # refused before the results file is made
+
+
+def test_a_profile_measured_with_other_thread_counts_is_stale(tiny_path):
+    # the same devices on hosts with more cores: its times are not this run's, and the error says why
+    from edgeshard_mpi.cluster import Cluster
+    from edgeshard_mpi.models import ModelSpec
+    from edgeshard_mpi.profiler import Profile, ProfileError, cluster_fingerprint, model_fingerprint
+
+    spec = ModelSpec.load(tiny_path)
+    n = spec.num_units
+    then = [d.to_dict() for d in Cluster.local(2).with_threads([(8, 2)] * 2).devices]  # 4 threads each
+    now = [d.to_dict() for d in Cluster.local(2).with_threads([(2, 2)] * 2).devices]  # 1 thread each
+    prof = Profile(model={"name": spec.name, "fingerprint": model_fingerprint(spec), "dtype": spec.dtype, "num_units": n},
+                   units=[{"name": u.name, "param_bytes": u.param_bytes, "kv_bytes_per_token": u.kv_bytes_per_token,
+                           "out_bytes_per_token": u.out_bytes_per_token} for u in spec.units],
+                   devices=[{**d, "prefill_s": [1e-3] * n, "decode_s": [1e-4] * n} for d in then],
+                   bandwidth=[[None, 1e9], [1e9, None]], latency=[[0.0, 0.0], [0.0, 0.0]],
+                   shapes={"prompt_tokens": 8, "context": 16, "micro_batch_size": 1}, cluster=cluster_fingerprint(then),
+                   source="p.json")
+    with pytest.raises(ProfileError, match="rank 0 threads was 4, is 1"):
+        prof.check_for(spec.name, model_fingerprint(spec), cluster_fingerprint(now), now)
 
 
 def test_a_bad_prompt_line_after_the_read_ahead_keeps_the_results_so_far(tmp_path, tiny_path):

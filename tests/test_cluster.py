@@ -70,3 +70,18 @@ def test_shipped_hostfiles_parse():
     for n in (1, 3, 4):
         c = parse_hostfile(ROOT / "hostfiles" / f"local{n}.hosts")
         assert c.size == n
+
+
+def test_threads_per_rank(tmp_path):
+    # threads=N wins; else the host's cores shared among its ranks; an emulated device keeps one
+    from edgeshard_mpi.cluster import default_threads
+
+    c = parse_hostfile(_hosts(tmp_path, "# device: name=a threads=3\nh:1\n# device: name=b\nh:1\n"
+                                        "# device: name=c slowdown=2\nh:1\n# device: name=d\nk:1\n"))
+    assert [d.threads for d in c.devices] == [3, None, None, None]
+    hosts = [(16, 3), (16, 3), (16, 3), (8, 1)]  # (cores, ranks on the host) per rank
+    assert [d.threads for d in c.with_threads(hosts).devices] == [3, 5, 1, 8]
+    assert default_threads(c.devices[1], cores=2, host_ranks=3) == 1  # never 0
+    # an undecided count stays out of the dict, so older profiles' cluster hashes still match
+    assert "threads" not in c.devices[1].to_dict() and c.with_threads(hosts).devices[1].to_dict()["threads"] == 5
+    assert Cluster.from_dict(c.with_threads(hosts).to_dict()) == c.with_threads(hosts)

@@ -38,7 +38,7 @@ def _hosts(tmp_path, data: bytes):
     (b"h:99999999999\n", f"c.hosts:1: slots '99999999999' is not a positive integer (1 to {MAX_SLOTS})"),
     (b"a:40000\nb:40000\n", f"c.hosts:2: the hostfile declares more than {MAX_SLOTS} slots"),
     (b"ok:1\n# device: name=a speed=3\nh:1\n", "c.hosts:2: unknown device field 'speed' (known: latency, link, "
-                                               "memory, name, slowdown, torch)"),
+                                               "memory, name, slowdown, threads, torch)"),
     (b"# device: name=a memory=8G\nh:1\n", "c.hosts:1: field memory: '8G' is not a size"),
     (b"# device: name=a memory=8 gigs\nh:1\n", "c.hosts:1: device field 'gigs' is not key=value"),
     (b"# device: name=a memory=0GiB\nh:1\n", "c.hosts:1: field memory must be positive"),
@@ -53,6 +53,10 @@ def _hosts(tmp_path, data: bytes):
     (b"# device: name=a slowdown=nan\nh:1\n", "c.hosts:1: device a: slowdown must be a finite number >= 1"),
     (b"# device: name=a slowdown=0.5\nh:1\n", "c.hosts:1: device a: slowdown must be a finite number >= 1"),
     (b"# device: name=a link=0Mbit\nh:1\n", "c.hosts:1: device a: link bandwidth must be positive"),
+    (b"# device: name=a threads=0\nh:1\n", "c.hosts:1: field threads='0' is not a positive integer"),
+    (b"# device: name=a threads=two\nh:1\n", "c.hosts:1: field threads='two' is not a positive integer"),
+    (b"# device: name=a slowdown=2 threads=4\nh:1\n", "c.hosts:1: device a: an emulated device (slowdown=2.0) "
+                                                      "computes on one thread, got threads=4"),
     (b"# device: name=a latency=" + b"9" * 400 + b"s\nh:1\n", "c.hosts:1: field latency: "),
     (b"# device: name=a torch=cuda:x\nh:1\n", "c.hosts:1: field torch='cuda:x'"),
     (b"h:1\nk:1 # fast\n", "c.hosts:2: trailing comments are not allowed"),

@@ -129,3 +129,23 @@ def test_show_json_lists_every_request(tmp_path, tiny_path):
     assert sorted(r["id"] for r in rows) == sorted(r.id for r in records)
     assert all({"id", "prompt", "text", "token_ids", "finish_reason"} <= set(r) for r in rows)
     assert {r["id"]: r["token_ids"] for r in rows} == {r.id: r.token_ids for r in records}
+
+
+def test_each_rank_sets_its_threads(tmp_path, tiny_path, tiny_reference):
+    # torch would pick 1 thread under mpiexec (MPI_LOCALNRANKS): threads=N from the hostfile, else the
+    # host's cores shared among its ranks (2 here), else 1 for an emulated device
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    hosts = tmp_path / "t.hosts"
+    hosts.write_text("# device: name=a threads=3\nlocalhost:1\n# device: name=b\nlocalhost:1\n")
+    job = write_job(tmp_path, "tiny-random", [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)],
+                    plan=_plan([(0, 0, 3), (1, 4, 7)]))
+    proc = run_mpi(["run", str(job), "--hostfile", str(hosts), "--no-progress"], 2, hostfile=hosts)
+    assert proc.returncode == 0, proc.stderr
+    want = [3, max(1, cores // 2)]
+    summary = json.loads(read_attrs(tmp_path / "job.h5")["summary"])
+    assert [st["threads"] for st in sorted(summary["ranks"], key=lambda st: st["rank"])] == want
+    assert f"0 a (pid" in proc.stderr and f", 3 threads), 1 b (pid" in proc.stderr
+    by_id = {r.id: r.token_ids for r in read_results(tmp_path / "job.h5")}
+    assert [by_id[f"p{i}"] for i in range(len(PROMPTS))] == tiny_reference[1]
