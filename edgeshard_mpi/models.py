@@ -356,7 +356,7 @@ class ModelSpec:
         _check_layer_count(path, config, shape)
         hf = _hf_config(path, config)
         try:
-            skeleton = build_skeleton(hf)
+            skeleton = build_skeleton(config)
         except Exception as e:  # a config transformers accepts but cannot build a model from
             raise ModelError(f"{path / 'config.json'}: transformers cannot build a {config['model_type']} model "
                              f"from it: {type(e).__name__}: {_one_line(e)}") from None

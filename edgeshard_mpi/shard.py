@@ -11,12 +11,18 @@ mask at all when a micro-batch has no padding), so the tokens equal `generate`'s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
+# What every family's modeling module builds on, imported when a rank starts (2 s here), so that the
+# ranks import side by side rather than each in turn once rank 0 has read the job and the model.
+import transformers.generation.utils  # noqa: F401
+import transformers.masking_utils  # noqa: F401
+import transformers.modeling_utils  # noqa: F401
 
 from .families import mask_builder
 from .models import ModelError, ModelSpec
@@ -45,7 +51,7 @@ class Shard:
 
     def __init__(self, spec: ModelSpec, first: int, last: int, device: str = "cpu", *, slowdown: float = 1.0,
                  memory: int | None = None):
-        from .families import build_skeleton, family_of, hf_config, layer_types, unit_modules
+        from .families import build_skeleton, family_of, layer_types, unit_modules
 
         n = spec.num_units
         if not 0 <= first <= last < n:
@@ -63,8 +69,7 @@ class Shard:
         self.layer_ids = [u - 1 for u in range(max(first, 1), min(last, n - 2) + 1)]  # global layer indices
 
         self.family = family_of(spec.family)
-        self.config = config = hf_config(spec.config)
-        skeleton = build_skeleton(config)  # parameters on meta: only what this shard keeps gets tensors
+        skeleton = build_skeleton(spec.config)  # parameters on meta: only what this shard keeps gets tensors
         self.config = config = skeleton.config  # with the attention implementation from_pretrained would pick
         modules = dict(skeleton.named_modules())
         embed_name, layers_name, norm_name, head_name = unit_modules(skeleton)
@@ -72,7 +77,7 @@ class Shard:
 
         def take(name: str) -> torch.nn.Module:
             """Module `name` of the skeleton with its tensors from the checkpoint, on this device."""
-            module, prefix = modules[name], name + "."
+            module, prefix = copy.deepcopy(modules[name]), name + "."  # the skeleton is shared: fill a copy
             state = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
             module.load_state_dict(state, strict=True, assign=True)
             return module.to(self.device).eval()  # buffers (Gemma's embedding scale) follow the weights
@@ -83,7 +88,7 @@ class Shard:
         self.layer_types = [types[i] for i in self.layer_ids]
         # each mask is built once a step, for the first of this shard's layers of its type (whose cache sizes it)
         self.mask_layer = {t: self.layer_ids[self.layer_types.index(t)] for t in dict.fromkeys(self.layer_types)}
-        self.rotary = skeleton.get_decoder().rotary_emb.to(self.device) if self.layers else None
+        self.rotary = copy.deepcopy(skeleton.get_decoder().rotary_emb).to(self.device) if self.layers else None
         self.norm = self.lm_head = None
         self.softcap = self.family.logit_softcap(config)
         if self.has_head:
