@@ -60,11 +60,11 @@ def main() -> None:
     total = sum(s["bytes"] for s in stages)
     print(f"\n{args.family}, {args.layers} blocks, hidden {args.hidden}: {total / MiB:.0f} MiB of weights over "
           f"{len(stages)} ranks (fp32)")
-    print(f"{'rank':>4}  {'units':<22} {'shard MiB':>9}  {'peak RSS MiB':>12}  {'RSS - shard':>11}  <= 500 MiB")
+    print(f"{'rank':>4}  {'units':<22} {'shard MiB':>9}  {'peak RSS MiB':>12}  {'RSS - shard':>11}  <= 500 MB")
     for s in stages:
-        over = (s["peak_rss"] - s["bytes"]) / MiB
+        over = s["peak_rss"] - s["bytes"]
         print(f"{s['rank']:>4}  {s['units']:<22} {s['bytes'] / MiB:>9.0f}  {s['peak_rss'] / MiB:>12.0f}  "
-              f"{over:>11.0f}  {'yes' if over <= 500 else 'NO'}")
+              f"{over / MiB:>11.0f}  {'yes' if over <= 500e6 else 'NO'}")
 
 
 if __name__ == "__main__":
