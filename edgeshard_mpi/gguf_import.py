@@ -41,10 +41,11 @@ def gguf_tensor_types(src: Path, error: type[Exception]) -> dict[str, int]:
 
 
 def _save_dtype(types: dict[str, int]) -> str:
-    """fp32 if anything is quantized (dequantized values are exact in it), else the file's widest float."""
+    """fp32 if anything is quantized (dequantized values are exact in it), else the file's 16-bit type
+    if it has one (an F16 file keeps its norms in F32, and doubling its matrices for them would not pay)."""
     if any(t not in _FLOAT_TYPES for t in types):
         return "float32"
-    return next((_FLOAT_TYPES[t] for t in ("F32", "BF16", "F16") if t in types), "float32")
+    return next((_FLOAT_TYPES[t] for t in ("BF16", "F16") if t in types), "float32")
 
 
 def convert_gguf(src: Path, out: Path, supported: tuple[str, ...], error: type[Exception]) -> None:
