@@ -206,3 +206,13 @@ def test_half_precision_checkpoint_runs_in_an_fp32_job(tmp_path, saved):
         x = h.argmax(-1, keepdim=True)
     want = reference_tokens(tmp_path, [PROMPTS[1]], NEW_TOKENS, 1)[0]
     assert got[:len(want)] == want
+
+
+def test_gguf_folder_dtype_follows_the_file():
+    # dequantized values are exact in fp32; a float file keeps its 16-bit matrices (and casts its F32 norms)
+    from edgeshard_mpi.gguf_import import _save_dtype
+
+    assert _save_dtype({"Q4_1": 210, "Q8_0": 1, "F32": 61}) == "float32"
+    assert _save_dtype({"F16": 168, "F32": 61}) == "float16"
+    assert _save_dtype({"BF16": 168, "F32": 61}) == "bfloat16"
+    assert _save_dtype({"F32": 229}) == "float32"
