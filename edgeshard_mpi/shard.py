@@ -88,6 +88,7 @@ class Shard:
         self.layer_types = [types[i] for i in self.layer_ids]
         # each mask is built once a step, for the first of this shard's layers of its type (whose cache sizes it)
         self.mask_layer = {t: self.layer_ids[self.layer_types.index(t)] for t in dict.fromkeys(self.layer_types)}
+        self.mask_fn = {t: mask_builder(t) for t in self.mask_layer}  # looked up once, not every step
         self.rotary = copy.deepcopy(skeleton.get_decoder().rotary_emb).to(self.device) if self.layers else None
         self.norm = self.lm_head = None
         self.softcap = self.family.logit_softcap(config)
@@ -202,8 +203,8 @@ class Shard:
 
         h = self.embed(x) if self.has_embed else x  # (B, T, H)
         if self.layers:
-            masks = {t: mask_builder(t)(config=self.config, inputs_embeds=h, attention_mask=state.mask,
-                                        cache=state.cache, position_ids=pos, layer_idx=i)
+            masks = {t: self.mask_fn[t](config=self.config, inputs_embeds=h, attention_mask=state.mask,
+                                         cache=state.cache, position_ids=pos, layer_idx=i)
                      for t, i in self.mask_layer.items()}
             if self.family.rotary_by_layer_type:
                 rope = {t: self.rotary(h, pos, t) for t in self.mask_layer}
