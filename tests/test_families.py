@@ -52,7 +52,7 @@ def _run(tmp_path, model, n, plan="", name="job"):
 def test_family_equals_generate_at_1_and_3_ranks(tmp_path, family_dir, family):
     path = family_dir(family)
     want = reference_tokens(path, PROMPTS, NEW_TOKENS, 3)
-    assert len({len(t) for t in want}) >= 1 and all(want)
+    assert all(want)  # every request generated something to compare
     one, _ = _run(tmp_path, path, 1, name="one")
     three, h5 = _run(tmp_path, path, 3, plan=CUT, name="three")
     assert one == want
