@@ -45,7 +45,7 @@ _HEADER = 10  # kind, slot, step, ndim, d0, d1, d2, dtype code | meta rows << 8,
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
 # numpy has no bfloat16: its raw 2-byte words travel as int16 and are viewed back on arrival
 _NP = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.float16, torch.int64: np.int64}
-_META_COLS = 5  # pad, temperature, top_k, top_p, seed
+_META_COLS = 6  # pad, new tokens, temperature, top_k, top_p, seed (pipeline._MicroBatch.meta)
 _POLL_MIN = 50e-6
 _POLL_MAX = float(os.environ.get("EDGESHARD_POLL_MAX_US", "1000")) * 1e-6
 
@@ -56,7 +56,7 @@ class Message:
     slot: int = 0
     step: int = 0
     tensor: torch.Tensor | None = None
-    meta: np.ndarray | None = None  # (rows, 5) float64 on a micro-batch's first step
+    meta: np.ndarray | None = None  # (rows, _META_COLS) float64 on a micro-batch's first step
     keep: np.ndarray | None = None  # int64 rows still generating, when some finished since the last step
 
 

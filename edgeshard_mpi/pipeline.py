@@ -81,12 +81,16 @@ def _fault_check(rank: int, step: int) -> None:
         raise RuntimeError(f"injected fault (EDGESHARD_FAULT={os.environ['EDGESHARD_FAULT']}) at step {step}")
 
 
-def _timed_forward(shard: Shard, stats: dict, tracer: Tracer, slot: int, step: int, x: torch.Tensor, pads,
+def _timed_forward(shard: Shard, stats: dict, tracer: Tracer, slot: int, step: int, x: torch.Tensor, meta,
                    keep=None) -> torch.Tensor:
+    """One step of a slot on this stage; `meta` (the rows' table) comes with a micro-batch's first step."""
     t0 = time.perf_counter()
     if keep is not None:
         shard.select(slot, keep)
-    out = shard.forward(slot, x.to(shard.device), pads)
+    pads = capacity = None
+    if meta is not None:  # KV room for the longest row: its prompt, then all but its last new token
+        pads, capacity = [int(p) for p in meta[:, 0]], x.shape[1] + int(meta[:, 1].max()) - 1
+    out = shard.forward(slot, x.to(shard.device), pads, capacity)
     shard.sync()
     t1 = time.perf_counter()
     stats["compute_s"] += t1 - t0
@@ -114,9 +118,8 @@ def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict, tr
             comm.flush()
             return
         _fault_check(comm.rank, msg.step)
-        # a micro-batch's first step carries its rows' left pads (fresh cache) and sampling settings
-        pads = None if msg.meta is None else [int(p) for p in msg.meta[:, 0]]
-        out = _timed_forward(shard, stats, tracer, msg.slot, msg.step, msg.tensor, pads, msg.keep)
+        # a micro-batch's first step carries its rows' table: left pads, new tokens, sampling settings
+        out = _timed_forward(shard, stats, tracer, msg.slot, msg.step, msg.tensor, msg.meta, msg.keep)
         t0 = time.perf_counter()
         if nxt is not None:
             comm.send(nxt, ACT, msg.slot, msg.step, out, msg.meta, msg.keep, wait=False)
@@ -130,7 +133,7 @@ def _sample_step(samplers: dict[int, Sampler], slot: int, logits: torch.Tensor, 
     """The head's part of a step: a new sampler on a micro-batch's first step (from the same row
     table every stage receives), the finished rows dropped, then one token per row."""
     if meta is not None:
-        samplers[slot] = Sampler([SamplingParams.from_row(r) for r in meta[:, 1:]])
+        samplers[slot] = Sampler([SamplingParams.from_row(r) for r in meta[:, 2:]])
     elif keep is not None:
         samplers[slot].select(keep)
     return samplers[slot](logits)
@@ -192,7 +195,9 @@ class _MicroBatch:
         width = max(len(r.prompt.ids) for r in rows)
         self.pads = [width - len(r.prompt.ids) for r in rows]
         self.ids = torch.tensor([[pad_id] * p + r.prompt.ids for p, r in zip(self.pads, rows)])  # (B, T)
-        self.meta = np.array([[p, *r.gen.sampling().to_row()] for p, r in zip(self.pads, rows)], dtype=np.float64)
+        # the rows' table every stage gets with the first step: pads, new tokens, sampling settings
+        self.meta = np.array([[p, r.gen.max_new_tokens, *r.gen.sampling().to_row()] for p, r in zip(self.pads, rows)],
+                             dtype=np.float64)
         self.last: torch.Tensor | None = None  # last tokens of the active rows, (A,)
 
     def take(self, tokens: list[int], now: float, eos: set[int], tok) -> list[_Row]:
@@ -265,7 +270,7 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
             mb.t_start = time.perf_counter()
         x = mb.ids if first else mb.last[:, None]  # (B, T) or (A, 1)
         keep, mb.keep = mb.keep, None
-        out = _timed_forward(shard, stats, tracer, slot, mb.step, x, mb.pads if first else None, keep)
+        out = _timed_forward(shard, stats, tracer, slot, mb.step, x, mb.meta if first else None, keep)
         if nxt is None:
             local_tokens.append((slot, _sample_step(samplers, slot, out, mb.meta if first else None, keep)))
         else:
