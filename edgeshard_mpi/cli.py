@@ -120,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     info = msub.add_parser("info", help="list the model's units and their bytes")
     info.add_argument("model")
     info.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    info.add_argument("--quantize", choices=["int8"], help="weight-only int8 matrices, one scale a row")
     return p
 
 
@@ -255,9 +256,10 @@ def _model(args) -> int:
     if args.model_command == "prepare":
         print(path)
         return 0
-    spec = ModelSpec.load(path, args.dtype)
+    spec = ModelSpec.load(path, args.dtype, quantize=args.quantize)
+    stored = f"{args.dtype}, int8 matrices" if args.quantize else args.dtype
     print(f"{spec.name}: {spec.family}, {spec.num_units} units ({spec.num_layers} blocks), context {spec.context}, "
-          f"{args.dtype}, {format_bytes(spec.bytes_of(0, spec.num_units - 1))}")
+          f"{stored}, {format_bytes(spec.bytes_of(0, spec.num_units - 1))}")
     if spec.source:
         types = ", ".join(f"{n} {t}" for t, n in spec.source["tensor_types"].items())
         print(f"converted from {spec.source['gguf']} ({types} tensors); quantized tensors were dequantized, "

@@ -31,9 +31,10 @@ from .gguf_import import is_gguf
 from .jsonfile import read_object
 
 __all__ = ["ModelError", "Unit", "ModelSpec", "PRESETS", "models_dir", "resolve_model", "prepare",
-           "DTYPE_BYTES", "SUPPORTED_MODEL_TYPES"]
+           "DTYPE_BYTES", "QUANTIZE", "SUPPORTED_MODEL_TYPES"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+QUANTIZE = (None, "int8")  # weight-only quantizations (quant.py)
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -293,7 +294,7 @@ class Unit:
     index: int
     name: str  # "embed", "block.0" .. "block.L-1", "head"
     tensors: tuple[str, ...]  # safetensors keys this unit loads
-    param_bytes: int  # weights at the job dtype
+    param_bytes: int  # weights at the job dtype (int8 matrices and their scales when quantized)
     kv_bytes_per_token: int  # KV cache per token per sequence (blocks only)
     out_bytes_per_token: int  # what the unit sends on, per token per sequence
     kv_window: int | None = None  # a sliding layer's cache holds at most this many tokens a sequence
@@ -309,6 +310,7 @@ class ModelSpec:
     dtype: str
     units: tuple[Unit, ...]
     source: dict | None = None  # where the folder came from, when converted (a GGUF file and its tensor types)
+    quantize: str | None = None  # "int8": weight-only int8 matrices (quant.py)
 
     @property
     def family(self) -> str:
@@ -336,20 +338,25 @@ class ModelSpec:
                    for u in self.units[first:last + 1])
 
     @classmethod
-    def load(cls, path: str | Path, dtype: str = "float32", name: str | None = None) -> "ModelSpec":
+    def load(cls, path: str | Path, dtype: str = "float32", name: str | None = None,
+             quantize: str | None = None) -> "ModelSpec":
         """Read config.json and the safetensors headers (no weights) into units.
 
         The units, their tensors and shapes come from the family's transformers class built on the
         meta device. Every tensor they need must be in the checkpoint with that shape, in a float
         dtype, and the checkpoint may hold nothing else: a model the shards could not load is refused
-        here, on rank 0, naming the file, before any rank starts loading.
+        here, on rank 0, naming the file, before any rank starts loading. With `quantize="int8"` the
+        matrices quant.py quantizes count one byte an element and a scale a row.
         """
         from .families import build_skeleton, sliding_windows, unit_modules
+        from .quant import int8_bytes, quantizable
 
         path = Path(path)
         _check_folder(path)
         if dtype not in DTYPE_BYTES:
             raise ModelError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+        if quantize not in QUANTIZE:
+            raise ModelError(f"quantize {quantize!r} is not one of {', '.join(map(str, QUANTIZE))}")
         config = _read_json(path / "config.json")
         _check_config(path, config)
         shape, tdtype, file_of = _read_headers(path)
@@ -370,11 +377,14 @@ class ModelSpec:
         nb = DTYPE_BYTES[dtype]
         head_key = f"{head}.weight"
         tied = head_key not in shape and bool(getattr(hf, "tie_word_embeddings", False))
+        # the matrices stored int8: weights of exactly Linear or Embedding modules (the tied head's too)
+        int8 = {f"{n}.weight" for n, m in skeleton.named_modules() if quantize and quantizable(m)}
 
         def keys(*prefixes: str) -> dict[str, list[int]]:
             return {k: v for k, v in want.items() if any(k.startswith(p + ".") for p in prefixes)}
 
-        def unit(idx: int, uname: str, expected: dict[str, list[int]], kv_window: int | None = None) -> Unit:
+        def unit(idx: int, uname: str, expected: dict[str, list[int]], kv_window: int | None = None,
+                 as_int8: set[str] = int8) -> Unit:
             missing = sorted(k for k in expected if k not in shape)
             if missing:
                 more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -390,7 +400,7 @@ class ModelSpec:
             is_block = uname.startswith("block.")
             return Unit(
                 index=idx, name=uname, tensors=tuple(sorted(expected)) if is_block else tuple(expected),
-                param_bytes=sum(math.prod(shape[k]) for k in expected) * nb,
+                param_bytes=sum(int8_bytes(shape[k]) if k in as_int8 else math.prod(shape[k]) * nb for k in expected),
                 kv_bytes_per_token=2 * kv_heads * head_dim * nb if is_block else 0,
                 out_bytes_per_token=8 if uname == "head" else hidden * nb,  # the head sends a token id
                 kv_window=kv_window,
@@ -399,10 +409,11 @@ class ModelSpec:
         units = [unit(0, "embed", keys(embed))]
         for i in range(layers):  # stops at the first block with a missing tensor, however large `layers` is
             units.append(unit(i + 1, f"block.{i}", keys(f"{layers_name}.{i}"), windows[i]))
-        head_tensors = keys(norm, head)
-        if tied:  # the head reads the embedding matrix
+        head_tensors, head_int8 = keys(norm, head), int8
+        if tied:  # the head reads the embedding matrix (int8 if the head is, whatever the embedding is)
             head_tensors = {(f"{embed}.weight" if k == head_key else k): v for k, v in head_tensors.items()}
-        units.append(unit(layers + 1, "head", head_tensors))
+            head_int8 = int8 | {f"{embed}.weight"} if head_key in int8 else int8
+        units.append(unit(layers + 1, "head", head_tensors, as_int8=head_int8))
         # a tensor no unit loads (a bias, a layer beyond num_hidden_layers, another family's name) means
         # config.json is not the one these weights were made with; old checkpoints' rotary buffers are harmless
         loaded = {k for u in units for k in u.tensors}
@@ -413,4 +424,4 @@ class ModelSpec:
                              f"{config['model_type']} model config.json describes (num_hidden_layers={layers}"
                              + "".join(f", {k}={config[k]}" for k in ("attention_bias", "mlp_bias", "tie_word_embeddings")
                                        if k in config) + ")")
-        return cls(str(path), name or path.name, config, dtype, tuple(units), _read_source(path))
+        return cls(str(path), name or path.name, config, dtype, tuple(units), _read_source(path), quantize)

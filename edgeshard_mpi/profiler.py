@@ -43,8 +43,9 @@ def _digest(obj) -> str:
 
 
 def model_fingerprint(spec) -> str:
-    """A content hash of the model: its config, dtype and every unit's tensors and bytes."""
+    """A content hash of the model: its config, dtype, quantization and every unit's tensors and bytes."""
     return _digest({"config": spec.config, "dtype": spec.dtype,
+                    **({"quantize": spec.quantize} if spec.quantize else {}),  # unquantized: as before it existed
                     "units": [[u.name, list(u.tensors), u.param_bytes] for u in spec.units]})
 
 
@@ -404,7 +405,7 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
 
     return Profile(
         model={"name": spec.name, "fingerprint": model_fingerprint(spec), "dtype": spec.dtype,
-               "num_units": spec.num_units},
+               **({"quantize": spec.quantize} if spec.quantize else {}), "num_units": spec.num_units},
         units=[{"name": u.name, "param_bytes": u.param_bytes, "kv_bytes_per_token": u.kv_bytes_per_token,
                 "out_bytes_per_token": u.out_bytes_per_token,
                 **({"kv_window": u.kv_window} if u.kv_window is not None else {})} for u in spec.units],

@@ -145,9 +145,13 @@ class _Shared:
 
     model_path: str
     dtype: str
+    quantize: str | None
     cluster: dict
     plan: dict | None  # None: to be made from a profile
     measure: dict | None  # shapes to profile at, when no saved profile fits
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec.load(self.model_path, self.dtype, quantize=self.quantize)
 
 
 @dataclasses.dataclass
@@ -184,7 +188,7 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
     # cannot be written fails at once
     done = ResultWriter.check_target(output, overwrite=opts.overwrite, resume=opts.resume) if for_run else set()
     model_path = prepare(job.model)  # a preset is prepared once, here, while the others wait
-    spec = ModelSpec.load(model_path, job.dtype, name=Path(job.model).name)
+    spec = ModelSpec.load(model_path, job.dtype, name=Path(job.model).name, quantize=job.quantize)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)  # never run code shipped with a model
@@ -228,9 +232,10 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
         # the file itself is opened once the plan is made, so a plan that fails leaves nothing behind
         local.output = output
         local.attrs = {"job": job.text, "job_path": job.path, "cluster": cluster.to_dict(),
-                       "model": {"name": spec.name, "path": spec.path, "dtype": spec.dtype, "config": spec.config},
+                       "model": {"name": spec.name, "path": spec.path, "dtype": spec.dtype, "quantize": spec.quantize,
+                                 "config": spec.config},
                        "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    shared = _Shared(str(model_path), job.dtype, cluster.to_dict(), plan.to_dict() if plan else None, measure)
+    shared = _Shared(str(model_path), job.dtype, job.quantize, cluster.to_dict(), plan.to_dict() if plan else None, measure)
     return shared, local
 
 
@@ -287,7 +292,7 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     _become_device(comm, cluster)
     if rank == 0:  # mpiexec reports a rank that died by its pid and host: this maps them to devices
         print(f"edgeshard: ranks: {comm.rank_table()}", file=sys.stderr, flush=True)
-    spec = local.spec if rank == 0 else ModelSpec.load(shared.model_path, shared.dtype)
+    spec = local.spec if rank == 0 else shared.spec()
     plan_dict = shared.plan
     if plan_dict is None:
         if shared.measure is not None:
@@ -405,7 +410,7 @@ def profile_job(comm: Comm, job_path: str, opts: RunOptions, out: str | None = N
                                                    mode="profile"))
     cluster = Cluster.from_dict(shared.cluster)
     _become_device(comm, cluster)
-    spec = local.spec if comm.rank == 0 else ModelSpec.load(shared.model_path, shared.dtype)
+    spec = local.spec if comm.rank == 0 else shared.spec()
     return _profile(comm, shared, cluster, spec, opts.repeats, out)
 
 
@@ -423,7 +428,7 @@ def bench_job(comm: Comm, job_path: str, opts: RunOptions,
     shared, local = _decide(comm, lambda: _read(job_path, opts, comm.hosts, mode="bench"))
     cluster = Cluster.from_dict(shared.cluster)
     _become_device(comm, cluster)
-    spec = local.spec if rank == 0 else ModelSpec.load(shared.model_path, shared.dtype)
+    spec = local.spec if rank == 0 else shared.spec()
     if shared.measure is not None:
         prof = _profile(comm, shared, cluster, spec, opts.repeats)
         if rank == 0:

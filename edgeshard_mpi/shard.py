@@ -3,8 +3,8 @@
 Only this shard's tensors are read from the safetensors files; no rank materialises the whole
 model. The modules are the family's own, taken from its transformers class built on the meta device
 (families.py) and given the loaded tensors; decoder layers keep their global index, so that the
-per-slot `DynamicCache` (sliding layers cap their cache at the window) and transformers' mask helpers
-see the same layout as the full model. Masks and
+per-slot KV cache (kv_cache.py: buffers allocated once per slot; sliding layers keep their window)
+and transformers' mask helpers see the same layout as the full model. Masks and
 positions follow `generate` exactly (left padding, positions from the mask's cumulative sum, no
 mask at all when a micro-batch has no padding), so the tokens equal `generate`'s token for token.
 """
@@ -25,7 +25,9 @@ import transformers.masking_utils  # noqa: F401
 import transformers.modeling_utils  # noqa: F401
 
 from .families import mask_builder
+from .kv_cache import slot_cache
 from .models import ModelError, ModelSpec
+from .quant import Int8Embedding, int8_shell, quantizable, quantize_rows
 
 __all__ = ["Shard", "TORCH_DTYPES"]
 
@@ -36,7 +38,7 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 class _SlotState:
     """What one micro-batch slot keeps between steps on this shard."""
 
-    cache: object  # transformers DynamicCache, or None when the shard has no blocks
+    cache: object  # a transformers Cache of kv_cache.py's layers, or None when the shard has no blocks
     mask: torch.Tensor | None  # (B, seen) 1 = real token, 0 = left pad; None = no padding
     last_pos: torch.Tensor  # (B, 1) position id of the last token seen
 
@@ -73,11 +75,20 @@ class Shard:
         self.config = config = skeleton.config  # with the attention implementation from_pretrained would pick
         modules = dict(skeleton.named_modules())
         embed_name, layers_name, norm_name, head_name = unit_modules(skeleton)
-        tensors = self._read_tensors(Path(spec.path))
+        embed_key, head_key = f"{embed_name}.weight", f"{head_name}.weight"
+        tied = self.has_head and head_key not in spec.units[-1].tensors  # the head reads the embedding matrix
+        int8 = set()  # checkpoint keys quantized as they are read, so that no fp32 copy of the shard exists
+        if spec.quantize:
+            int8 = {f"{name}.weight" for name, m in modules.items() if quantizable(m)}
+            if tied and not self.has_embed:
+                int8.add(embed_key)  # read for the head alone, even when the embedding is not a plain one (Gemma)
+        tensors = self._read_tensors(Path(spec.path), int8)
 
         def take(name: str) -> torch.nn.Module:
             """Module `name` of the skeleton with its tensors from the checkpoint, on this device."""
             module, prefix = copy.deepcopy(modules[name]), name + "."  # the skeleton is shared: fill a copy
+            if spec.quantize:
+                module = int8_shell(module, self.dtype)
             state = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
             module.load_state_dict(state, strict=True, assign=True)
             return module.to(self.device).eval()  # buffers (Gemma's embedding scale) follow the weights
@@ -94,18 +105,30 @@ class Shard:
         self.softcap = self.family.logit_softcap(config)
         if self.has_head:
             self.norm = take(norm_name)
-            head_key = f"{head_name}.weight"
-            if head_key not in tensors:  # a tied head reads the embedding matrix (shared when both are here)
-                tensors[head_key] = (self.embed.weight if self.embed is not None
-                                     else tensors.pop(f"{embed_name}.weight"))
+            if tied:  # the embedding matrix, shared when both are here and stored alike
+                scales = f"{head_name}.scales"
+                if self.embed is None:
+                    tensors[head_key] = tensors.pop(embed_key)
+                    if spec.quantize:
+                        tensors[scales] = tensors.pop(f"{embed_name}.scales")
+                elif not spec.quantize:
+                    tensors[head_key] = self.embed.weight
+                elif isinstance(self.embed, Int8Embedding):
+                    tensors[head_key], tensors[scales] = self.embed.weight, self.embed.scales
+                else:  # an embedding kept in the job dtype (Gemma's scaled one): the head's int8 copy is
+                    # quantized from the checkpoint, as a shard holding the head alone would
+                    again = self._read_tensors(Path(spec.path), {embed_key}, {embed_key})
+                    tensors[head_key], tensors[scales] = again[embed_key], again[f"{embed_name}.scales"]
             self.lm_head = take(head_name)
         self.slots: dict[int, _SlotState] = {}
 
-    def _read_tensors(self, path: Path) -> dict[str, torch.Tensor]:
-        """Read exactly this shard's tensors, cast to the job dtype, on the shard's device."""
+    def _read_tensors(self, path: Path, int8: set[str], wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """Read exactly this shard's tensors (or `wanted`), cast to the job dtype, on the shard's device;
+        a key in `int8` ("X.weight") becomes int8 "X.weight" and its per-row scales "X.scales"."""
         from safetensors import safe_open
 
-        wanted = {k for u in self.spec.units[self.first:self.last + 1] for k in u.tensors}
+        if wanted is None:
+            wanted = {k for u in self.spec.units[self.first:self.last + 1] for k in u.tensors}
         index = path / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -125,26 +148,32 @@ class Shard:
             with safe_open(str(path / fname), framework="pt", device="cpu") as sf:
                 for key in keys:
                     t = sf.get_tensor(key)
-                    out[key] = t.to(device=self.device, dtype=self.dtype)
+                    if key in int8:
+                        q, scales = quantize_rows(t)
+                        out[key], out[key[:-len("weight")] + "scales"] = q.to(self.device), scales.to(self.device)
+                    else:
+                        out[key] = t.to(device=self.device, dtype=self.dtype)
         return out
 
     @property
     def param_bytes(self) -> int:
         modules = [m for m in (self.embed, *self.layers, self.norm, self.lm_head) if m is not None]
         seen, total = set(), 0
-        for t in (p for m in modules for p in m.parameters()):
+        # parameters, and the int8 matrices and scales quant.py keeps as buffers
+        weights = [p for m in modules for p in m.parameters()] + [
+            b for m in modules for name, b in m.named_buffers() if name.rpartition(".")[2] in ("weight", "scales")]
+        for t in weights:
             if t.data_ptr() not in seen:  # a tied head shares the embedding's storage
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
         return total
 
     # -- running ----------------------------------------------------------------------------
-    def start(self, slot: int, pads: list[int]) -> None:
-        """A new micro-batch enters `slot`: rows are left-padded by `pads` tokens each."""
-        from transformers import DynamicCache
-
+    def start(self, slot: int, pads: list[int], capacity: int) -> None:
+        """A new micro-batch enters `slot`: rows are left-padded by `pads` tokens each, and the longest
+        of them will have been `capacity` tokens long (prompt and padding, then new tokens) by its last step."""
         self.slots[slot] = _SlotState(
-            cache=DynamicCache(config=self.config) if self.layers else None,
+            cache=slot_cache(self.config, self.layer_ids, capacity) if self.layers else None,
             mask=None, last_pos=torch.zeros(len(pads), 1, dtype=torch.long, device=self.device))
 
     def select(self, slot: int, keep) -> None:
@@ -166,25 +195,29 @@ class Shard:
         self.slots.pop(slot, None)
 
     @torch.inference_mode()
-    def forward(self, slot: int, x: torch.Tensor, prefill_pads: list[int] | None = None) -> torch.Tensor:
+    def forward(self, slot: int, x: torch.Tensor, prefill_pads: list[int] | None = None,
+                capacity: int | None = None) -> torch.Tensor:
         """Run this shard's units for one step of the micro-batch in `slot`.
 
         x: token ids (B, T) if the shard holds the embedding, else hidden states (B, T, H).
         prefill_pads: left-pad count per row on the first step of a micro-batch, else None.
+        capacity: with `prefill_pads`, the tokens the slot's longest row will reach (sizes its KV
+        buffers); without it they start with room for 64 new tokens and grow by doubling.
         Returns hidden states (B, T, H), or, if the shard holds the head, fp32 logits (B, V)
         of each row's last position.
         """
         if self.slowdown == 1.0:
-            return self._forward(slot, x, prefill_pads)
+            return self._forward(slot, x, prefill_pads, capacity)
         wall, cpu = time.perf_counter(), time.thread_time()
-        out = self._forward(slot, x, prefill_pads)
+        out = self._forward(slot, x, prefill_pads, capacity)
         target = self.slowdown * (time.thread_time() - cpu)
         time.sleep(max(0.0, target - (time.perf_counter() - wall)))
         return out
 
-    def _forward(self, slot: int, x: torch.Tensor, prefill_pads: list[int] | None) -> torch.Tensor:
+    def _forward(self, slot: int, x: torch.Tensor, prefill_pads: list[int] | None,
+                 capacity: int | None) -> torch.Tensor:
         if prefill_pads is not None:
-            self.start(slot, prefill_pads)
+            self.start(slot, prefill_pads, capacity or x.shape[1] + 64)
         state = self.slots[slot]
         B, T = x.shape[0], x.shape[1]
         if prefill_pads is not None:
