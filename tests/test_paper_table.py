@@ -94,3 +94,15 @@ def test_with_source_keeps_the_slow_link_on_the_source(bench, prof7):
     assert cloud.devices[0]["name"] == prof7.devices[bench.CLOUD]["name"]
     links = [b for r, row in enumerate(cloud.bandwidth) for c, b in enumerate(row) if r != c]
     assert set(links) == {fast}, set(links)
+
+
+def test_70b_int8_still_needs_edgeshard_and_fewer_devices(bench):
+    # a quarter of the bytes (69 GB): still more than the source and the cloud hold together (52 GB),
+    # so every baseline is still out of memory; EdgeShard's latency plan needs fewer devices
+    prof = Profile.load(ROOT / "profiles" / "paper-llama2-70b.json")
+    int8 = bench.int8_llama2_70b(prof)
+    total = lambda p: sum(u["param_bytes"] for u in p.units)
+    assert 0.25 < total(int8) / total(prof) < 0.2502
+    rows, fp32 = bench.compare(int8), bench.compare(prof)
+    assert all("error" in rows[name][col] for name in bench.BASELINES for col in ("latency", "throughput")), rows
+    assert len(rows["EdgeShard"]["latency"]["stages"]) < len(fp32["EdgeShard"]["latency"]["stages"])
