@@ -1,4 +1,4 @@
-"""Every supported family, on seeded random weights: tokens equal transformers' `generate` at 1 and 3
+"""Every supported family, on seeded random weights: tokens equal transformers' `generate` cut over 3
 ranks; GGUF files converted and run; a family or GGUF file that cannot run is a clear error."""
 
 from __future__ import annotations
@@ -48,14 +48,21 @@ def _run(tmp_path, model, n, plan="", name="job"):
     return [by_id[f"p{i}"] for i in range(len(PROMPTS))], tmp_path / f"{name}.h5"
 
 
+# The whole model on one rank as well for the families whose forward adds to their modules (Gemma's
+# soft-cap, Gemma 3's RoPE per layer type) and one without; the cut run covers every code path of
+# the others (padding, sliding layers, a tied head on another rank than its embedding).
+ONE_RANK = {"qwen2", "gemma2", "gemma3_text"}
+
+
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
-def test_family_equals_generate_at_1_and_3_ranks(tmp_path, family_dir, family):
+def test_family_equals_generate_cut_over_3_ranks(tmp_path, family_dir, family):
     path = family_dir(family)
     want = reference_tokens(path, PROMPTS, NEW_TOKENS, 3)
     assert all(want)  # every request generated something to compare
-    one, _ = _run(tmp_path, path, 1, name="one")
+    if family in ONE_RANK:
+        one, _ = _run(tmp_path, path, 1, name="one")
+        assert one == want
     three, h5 = _run(tmp_path, path, 3, plan=CUT, name="three")
-    assert one == want
     assert three == want
     stages = json.loads(read_attrs(h5)["summary"])["stages"]
     assert [(s["rank"], s["units"]) for s in stages] == [(0, "embed..block.1"), (2, "block.2..block.4"),

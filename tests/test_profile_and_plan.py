@@ -40,29 +40,28 @@ def test_profile_measures_the_emulated_slowdown_and_link(tmp_path, smollm_path):
     assert [u["name"] for u in prof.units][:2] == ["embed", "block.0"]
 
 
-@pytest.mark.parametrize("objective", ["throughput", "latency"])
-def test_planned_run_on_hetero4_equals_generate(tmp_path, tiny_path, objective):
-    job = write_job(tmp_path, "tiny-random", [{"id": str(i), "prompt": p} for i, p in enumerate(PROMPTS)],
-                    extra=f'hostfile = "{ROOT / "hostfiles" / "hetero4.hosts"}"',
-                    plan=f'[plan]\nobjective = "{objective}"\n')
+def test_planned_runs_on_hetero4_equal_generate_and_share_one_profile(tmp_path, tiny_path):
+    # the first job measures the cluster and saves the profile; the second (another objective, the
+    # same model, cluster and shapes) plans from the saved one, and prints the simulator's figures
+    # for its plan and requests beside the measured ones
     env = {"EDGESHARD_PROFILES": str(tmp_path / "profiles")}
-    proc = run_mpi(["run", str(job), "--no-progress"], 4, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    assert "profile saved" in proc.stderr  # first run measures
-    attrs = read_attrs(tmp_path / "job.h5")
-    plan = json.loads(attrs["plan"])
-    assert plan["objective"] == objective
-    by_id = {r.id: r.token_ids for r in read_results(tmp_path / "job.h5")}
-    assert [by_id[str(i)] for i in range(len(PROMPTS))] == reference_tokens(tiny_path, PROMPTS, 12, 1)
-    # the same job again reuses the saved profile instead of measuring, and prints the simulator's
-    # figures for the same plan and requests beside the measured ones
-    proc = run_mpi(["run", str(job), "--no-progress", "--overwrite"], 4, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    assert "profile saved" not in proc.stderr
-    attrs2 = read_attrs(tmp_path / "job.h5")
-    assert attrs2["profile"] == attrs["profile"]
+    want = reference_tokens(tiny_path, PROMPTS, 12, 1)
+    profiles = []
+    for objective in ("throughput", "latency"):
+        job = write_job(tmp_path, "tiny-random", [{"id": str(i), "prompt": p} for i, p in enumerate(PROMPTS)],
+                        name=objective, extra=f'hostfile = "{ROOT / "hostfiles" / "hetero4.hosts"}"',
+                        plan=f'[plan]\nobjective = "{objective}"\n')
+        proc = run_mpi(["run", str(job), "--no-progress"], 4, env=env, timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        assert ("profile saved" in proc.stderr) == (objective == "throughput")  # measured once
+        attrs = read_attrs(tmp_path / f"{objective}.h5")
+        assert json.loads(attrs["plan"])["objective"] == objective
+        profiles.append(attrs["profile"])
+        by_id = {r.id: r.token_ids for r in read_results(tmp_path / f"{objective}.h5")}
+        assert [by_id[str(i)] for i in range(len(PROMPTS))] == want
+    assert profiles[1] == profiles[0]
     assert "predicted (simulated on the profile" in proc.stdout
-    predicted = json.loads(attrs2["summary"])["predicted"]
+    predicted = json.loads(attrs["summary"])["predicted"]
     assert predicted["requests"] == len(PROMPTS) and predicted["tokens"] == sum(map(len, by_id.values()))
 
 
