@@ -31,11 +31,16 @@ def int8_bytes(shape: list[int]) -> int:
     return rows * cols + rows * SCALE_BYTES
 
 
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 matrix, per-row scales) with w ~= q * scales[:, None]; symmetric, so zero stays exact."""
-    w = w.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(SCALE_DTYPE)
-    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+def quantize_rows(w: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 matrix, per-row scales) with w ~= q * scales[:, None]; symmetric, so zero stays exact.
+    `rows` at a time, so that the fp32 temporaries stay small beside a large embedding."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=SCALE_DTYPE, device=w.device)
+    for i in range(0, w.shape[0], rows):
+        part = w[i:i + rows].float()
+        s = (part.abs().amax(dim=1) / 127).clamp(min=1e-12).to(SCALE_DTYPE)
+        q[i:i + rows] = torch.round(part / s.float()[:, None]).clamp(-127, 127)
+        scales[i:i + rows] = s
     return q, scales
 
 

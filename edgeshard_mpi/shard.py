@@ -12,6 +12,7 @@ mask at all when a micro-batch has no padding), so the tokens equal `generate`'s
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
 import json
 import time
@@ -27,11 +28,26 @@ import transformers.modeling_utils  # noqa: F401
 from .families import mask_builder
 from .kv_cache import slot_cache
 from .models import ModelError, ModelSpec
-from .quant import Int8Embedding, int8_shell, quantizable, quantize_rows
+from .quant import SCALE_DTYPE, Int8Embedding, int8_shell, quantizable, quantize_rows
 
 __all__ = ["Shard", "TORCH_DTYPES"]
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc): the float blocks a quantizing read frees would
+    otherwise stay resident beside the int8 shard, one block's worth a matrix."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018 - glibc only
+except (OSError, AttributeError):
+    _LIBC = None
 
 
 @dataclasses.dataclass
@@ -146,14 +162,39 @@ class Shard:
         out = {}
         for fname, keys in by_file.items():
             with safe_open(str(path / fname), framework="pt", device="cpu") as sf:
-                for key in keys:
+                dtypes = {key: sf.get_slice(key).get_dtype() for key in keys}
+            kept = [k for k in keys if k not in int8 and dtypes[k] == _SAFETENSORS_DTYPES[self.spec.dtype]]
+            with safe_open(str(path / fname), framework="pt", device="cpu") as sf:
+                for key in kept:  # in the file's dtype: the tensor is the file's mapped pages, paged in as used
+                    out[key] = sf.get_tensor(key).to(self.device)
+            for key in (k for k in keys if k not in kept):
+                # converted: the file mapped once a tensor (or a block of rows), closed once that is
+                # converted, so that the source pages do not stay resident beside the copy (a whole
+                # fp32 file beside a bf16 or int8 shard)
+                if key in int8:
+                    out[key], out[key[:-len("weight")] + "scales"] = self._read_int8(path / fname, key)
+                    continue
+                with safe_open(str(path / fname), framework="pt", device="cpu") as sf:
                     t = sf.get_tensor(key)
-                    if key in int8:
-                        q, scales = quantize_rows(t)
-                        out[key], out[key[:-len("weight")] + "scales"] = q.to(self.device), scales.to(self.device)
-                    else:
-                        out[key] = t.to(device=self.device, dtype=self.dtype)
+                out[key] = t.to(device=self.device, dtype=self.dtype)
+                del t
         return out
+
+    def _read_int8(self, file: Path, key: str, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """Matrix `key` quantized a block of `rows` at a time: at most one block is held in float."""
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt", device="cpu") as sf:
+            shape = sf.get_slice(key).get_shape()
+        q = torch.empty(shape, dtype=torch.int8)
+        scales = torch.empty(shape[0], dtype=SCALE_DTYPE)
+        for i in range(0, shape[0], rows):
+            with safe_open(str(file), framework="pt", device="cpu") as sf:
+                part = sf.get_slice(key)[i:i + rows]
+            q[i:i + rows], scales[i:i + rows] = quantize_rows(part)
+            del part
+            _release_freed_memory()
+        return q.to(self.device), scales.to(self.device)
 
     @property
     def param_bytes(self) -> int:
