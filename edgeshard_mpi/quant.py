@@ -4,8 +4,8 @@ As gpt-fast's `WeightOnlyInt8QuantHandler`: the matrices of every `nn.Linear` (p
 head) and a plain `nn.Embedding` are stored as int8 with one scale per row; norms, biases and a
 family's own embedding subclass (Gemma's scaled one) stay in the job's dtype. A decode step reads a
 quarter of fp32's bytes. On a CPU the matmul is `aten._weight_int8pack_mm` (int8 weights, bf16
-activations: measured fastest here, see BENCHMARKS.md); elsewhere, gpt-fast's `linear(x, w.to(x.dtype))
-* scales`.
+activations: of the int8 paths tried here the fastest for one row; at 16 rows bf16 weights are
+faster, see BENCHMARKS.md); elsewhere, gpt-fast's `linear(x, w.to(x.dtype)) * scales`.
 """
 
 from __future__ import annotations
