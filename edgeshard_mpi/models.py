@@ -349,7 +349,7 @@ class ModelSpec:
         matrices quant.py quantizes count one byte an element and a scale a row.
         """
         from .families import build_skeleton, sliding_windows, unit_modules
-        from .quant import int8_bytes, quantizable
+        from .quant import int8_bytes, int8_keys
 
         path = Path(path)
         _check_folder(path)
@@ -378,7 +378,7 @@ class ModelSpec:
         head_key = f"{head}.weight"
         tied = head_key not in shape and bool(getattr(hf, "tie_word_embeddings", False))
         # the matrices stored int8: weights of exactly Linear or Embedding modules (the tied head's too)
-        int8 = {f"{n}.weight" for n, m in skeleton.named_modules() if quantize and quantizable(m)}
+        int8 = int8_keys(skeleton) if quantize else set()
 
         def keys(*prefixes: str) -> dict[str, list[int]]:
             return {k: v for k, v in want.items() if any(k.startswith(p + ".") for p in prefixes)}

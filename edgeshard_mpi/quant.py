@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SCALE_BYTES", "Int8Embedding", "Int8Linear", "int8_bytes", "int8_shell", "quantizable", "quantize_rows"]
+__all__ = ["SCALE_BYTES", "Int8Embedding", "Int8Linear", "int8_bytes", "int8_keys", "int8_shell", "quantizable",
+           "quantize_rows"]
 
 SCALE_DTYPE = torch.bfloat16  # what _weight_int8pack_mm takes on a CPU, with bf16 activations
 SCALE_BYTES = 2
@@ -23,6 +24,11 @@ def quantizable(module: nn.Module) -> bool:
     """Whether `module`'s weight is stored int8: exactly a Linear or an Embedding, not a subclass that
     does more with its weight than a lookup or a matmul."""
     return type(module) in (nn.Linear, nn.Embedding)
+
+
+def int8_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of `model` (a meta skeleton will do) stored int8: its quantizable modules' weights."""
+    return {f"{name}.weight" for name, m in model.named_modules() if quantizable(m)}
 
 
 def int8_bytes(shape: list[int]) -> int:
@@ -66,9 +72,9 @@ class Int8Linear(nn.Module):
 class Int8Embedding(nn.Module):
     """`nn.Embedding` with int8 rows and per-row scales: a lookup, then the row times its scale."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, dtype, device=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype, device=None):
         super().__init__()
-        self.padding_idx, self.dtype = padding_idx, dtype
+        self.dtype = dtype
         self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(num_embeddings, dtype=SCALE_DTYPE, device=device))
 
@@ -82,7 +88,7 @@ def int8_shell(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     def swap(m: nn.Module) -> nn.Module:
         if type(m) is nn.Linear:
             return Int8Linear(m.in_features, m.out_features, m.bias is not None, "meta", dtype)
-        return Int8Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx, dtype, "meta")
+        return Int8Embedding(m.num_embeddings, m.embedding_dim, dtype, "meta")
 
     if quantizable(module):
         return swap(module)

@@ -28,7 +28,7 @@ import transformers.modeling_utils  # noqa: F401
 from .families import mask_builder
 from .kv_cache import slot_cache
 from .models import ModelError, ModelSpec
-from .quant import SCALE_DTYPE, Int8Embedding, int8_shell, quantizable, quantize_rows
+from .quant import SCALE_DTYPE, Int8Embedding, int8_keys, int8_shell, quantize_rows
 
 __all__ = ["Shard", "TORCH_DTYPES"]
 
@@ -95,7 +95,7 @@ class Shard:
         tied = self.has_head and head_key not in spec.units[-1].tensors  # the head reads the embedding matrix
         int8 = set()  # checkpoint keys quantized as they are read, so that no fp32 copy of the shard exists
         if spec.quantize:
-            int8 = {f"{name}.weight" for name, m in modules.items() if quantizable(m)}
+            int8 = int8_keys(skeleton)
             if tied and not self.has_embed:
                 int8.add(embed_key)  # read for the head alone, even when the embedding is not a plain one (Gemma)
         tensors = self._read_tensors(Path(spec.path), int8)
@@ -162,9 +162,8 @@ class Shard:
         out = {}
         for fname, keys in by_file.items():
             with safe_open(str(path / fname), framework="pt", device="cpu") as sf:
-                dtypes = {key: sf.get_slice(key).get_dtype() for key in keys}
-            kept = [k for k in keys if k not in int8 and dtypes[k] == _SAFETENSORS_DTYPES[self.spec.dtype]]
-            with safe_open(str(path / fname), framework="pt", device="cpu") as sf:
+                kept = [k for k in keys if k not in int8
+                        and sf.get_slice(k).get_dtype() == _SAFETENSORS_DTYPES[self.spec.dtype]]
                 for key in kept:  # in the file's dtype: the tensor is the file's mapped pages, paged in as used
                     out[key] = sf.get_tensor(key).to(self.device)
             for key in (k for k in keys if k not in kept):
