@@ -12,6 +12,10 @@ comment line of its own just above its host line:
 `threads=8` sets the rank's intra-op threads; by default a rank takes its host's cores shared
 among the ranks on that host (an emulated device: one).
 
+`dtype=bfloat16` and `quantize=int8` (or `quantize=none`) hold this device's shard in its own dtype
+and weight quantization instead of the job's: a GPU in float16 beside CPUs in bfloat16. A stage
+receives activations in its sender's dtype and casts them to its own.
+
 Ranks fill the slots in order (rank 0 takes the first slot). A host line with several slots takes
 either one declaration (shared by all its slots) or one per slot. A slot with no declaration is a
 plain local device named after its host.
@@ -31,7 +35,8 @@ import math
 import re
 from pathlib import Path
 
-__all__ = ["Device", "Cluster", "HostfileError", "parse_bytes", "parse_hostfile", "format_bytes", "default_threads"]
+__all__ = ["Device", "Cluster", "HostfileError", "parse_bytes", "parse_hostfile", "format_bytes", "default_threads",
+           "DTYPES", "QUANTIZE"]
 
 _UNITS = {
     "b": 1,
@@ -52,6 +57,10 @@ _SLOTS_RE = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accep
 # from building millions of devices before the rank count is checked.
 MAX_SLOTS = 65536
 _BOM = "\ufeff"
+# What a device may declare of its own (models.DTYPE_BYTES and models.QUANTIZE hold the same choices;
+# this module imports no torch). quantize=none keeps full-precision weights when the job quantizes.
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = ("int8", "none")
 
 
 class HostfileError(ValueError):
@@ -114,6 +123,8 @@ class Device:
     bandwidth: float | None = None  # emulation: bytes/s of the device's link; None = not shaped
     latency: float = 0.0  # emulation: seconds the device's link adds to every message
     threads: int | None = None  # intra-op threads; None = decided at start (see default_threads)
+    dtype: str | None = None  # the dtype this device holds its shard in; None = the job's
+    quantize: str | None = None  # "int8" or "none" for this device's weights; None = the job's
 
     def __post_init__(self):
         if not self.name:
@@ -135,12 +146,23 @@ class Device:
             if self.threads > 1 and self.slowdown != 1.0:
                 raise ValueError(f"device {self.name}: an emulated device (slowdown={self.slowdown}) computes on one "
                                  f"thread, got threads={self.threads}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"device {self.name}: dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"device {self.name}: quantize={self.quantize!r} is not one of {', '.join(QUANTIZE)}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["threads"] is None:  # not decided yet: the dict (and the fingerprint) of older files
-            del d["threads"]
+        # not decided yet, or not declared: left out, so the dict (and the fingerprint) of older files stays
+        for key in ("threads", "dtype", "quantize"):
+            if d[key] is None:
+                del d[key]
         return d
+
+    def precision(self, dtype: str, quantize: str | None) -> tuple[str, str | None]:
+        """(dtype, quantize) this device holds its shard in: its own where declared, else the job's."""
+        own = self.quantize if self.quantize is not None else quantize
+        return self.dtype or dtype, None if own == "none" else own
 
 
 def default_threads(device: Device, cores: int, host_ranks: int) -> int:
@@ -196,7 +218,7 @@ class Cluster:
         return cls(tuple(Device(**x) for x in d["devices"]), d.get("source", "<dict>"))
 
 
-_DEVICE_FIELDS = {"name", "memory", "torch", "slowdown", "link", "latency", "threads"}
+_DEVICE_FIELDS = {"name", "memory", "torch", "slowdown", "link", "latency", "threads", "dtype", "quantize"}
 
 
 def _parse_declaration(text: str, where: str) -> dict:
@@ -219,6 +241,10 @@ def _parse_declaration(text: str, where: str) -> dict:
                 raise HostfileError(f"{where}: field memory must be positive")
         elif key == "torch" and not _TORCH_RE.fullmatch(value):
             raise HostfileError(f"{where}: field torch={_short(value)} is not cpu, cuda, cuda:N or mps")
+        elif key == "dtype" and value not in DTYPES:
+            raise HostfileError(f"{where}: field dtype={_short(value)} is not one of {', '.join(DTYPES)}")
+        elif key == "quantize" and value not in QUANTIZE:
+            raise HostfileError(f"{where}: field quantize={_short(value)} is not one of {', '.join(QUANTIZE)}")
         elif key == "threads":
             if not value.isdigit() or int(value) < 1:
                 raise HostfileError(f"{where}: field threads={_short(value)} is not a positive integer")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeshard_mpi.cluster import Cluster, HostfileError, parse_bytes, parse_hostfile
+from edgeshard_mpi.cluster import Cluster, Device, HostfileError, parse_bytes, parse_hostfile
 
 
 def _hosts(tmp_path, text):
@@ -46,6 +46,8 @@ def test_one_declaration_per_slot(tmp_path):
     ("# device: memory=8GiB\nh:1\n", "c.hosts:1: device declaration has no name"),
     ("# device: name=a name=b\nh:1\n", "given twice"),
     ("# device: name=a torch=tpu\nh:1\n", "torch='tpu'"),
+    ("# device: name=a dtype=fp16\nh:1\n", "c.hosts:1: field dtype='fp16' is not one of float32, bfloat16, float16"),
+    ("# device: name=a quantize=int4\nh:1\n", "c.hosts:1: field quantize='int4' is not one of int8, none"),
     ("h:1 # the fast one\n", "c.hosts:1: trailing comments"),
     ("# device: name=a\n# device: name=b\n# device: name=c\nh:2\n", "c.hosts:4: host h has 2 slot(s) but 3"),
     ("# device: name=a\nh:1\n# device: name=a\nh:1\n", "c.hosts:3: device name a declared more than once (also at line 1)"),
@@ -85,3 +87,20 @@ def test_threads_per_rank(tmp_path):
     # an undecided count stays out of the dict, so older profiles' cluster hashes still match
     assert "threads" not in c.devices[1].to_dict() and c.with_threads(hosts).devices[1].to_dict()["threads"] == 5
     assert Cluster.from_dict(c.with_threads(hosts).to_dict()) == c.with_threads(hosts)
+
+
+def test_dtype_and_quantize_per_device(tmp_path):
+    # a device without them takes the job's; quantize=none keeps full weights when the job quantizes
+    c = parse_hostfile(_hosts(tmp_path, "# device: name=a\nh:1\n# device: name=b dtype=bfloat16\nh:1\n"
+                                        "# device: name=c quantize=int8\nh:1\n"
+                                        "# device: name=d dtype=float16 quantize=none\nh:1\n"))
+    assert [d.precision("float32", None) for d in c.devices] == [
+        ("float32", None), ("bfloat16", None), ("float32", "int8"), ("float16", None)]
+    assert [d.precision("bfloat16", "int8") for d in c.devices] == [
+        ("bfloat16", "int8"), ("bfloat16", "int8"), ("bfloat16", "int8"), ("float16", None)]
+    # undeclared fields stay out of the dict, so older profiles' cluster hashes still match
+    assert set(c.devices[0].to_dict()) == {"name", "host", "memory", "torch", "slowdown", "bandwidth", "latency"}
+    assert c.devices[3].to_dict()["dtype"] == "float16" and c.devices[3].to_dict()["quantize"] == "none"
+    assert Cluster.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="dtype='half' is not one of"):
+        Device(name="x", dtype="half")

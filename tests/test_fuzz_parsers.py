@@ -20,10 +20,10 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 # Pieces of real hostfiles, so that generated files reach past the first check more often than random bytes do
 _HOST_PIECES = st.sampled_from([
-    "# device: ", "name=", "memory=", "torch=", "slowdown=", "link=", "latency=", "speed=", "a", "b", "node1",
+    "# device: ", "name=", "memory=", "torch=", "slowdown=", "link=", "latency=", "dtype=", "quantize=", "speed=", "a", "b", "node1",
     "localhost", ":", "1", "2", "0", "-1", "x", "8GiB", "8GB", "512MiB", "1.5", "inf", "nan", "1e9", "cuda:0",
     "cpu", "50Mbit", "2ms", "=", " ", "\t", "#", "\r", "\n", "\n", "\n", "\ufeff", "\u00b2", "\xa0", "é",
-    "99999999999", "9" * 400,
+    "99999999999", "9" * 400, "bfloat16", "float16", "int8", "none",
 ])
 _host_text = st.lists(_HOST_PIECES, max_size=40).map("".join)
 
