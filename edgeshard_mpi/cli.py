@@ -398,7 +398,7 @@ def _plan(args) -> int:
     print(f"{'stage':>5}  {'rank':>4}  {'device':<16} {'units':<12} {'memory used / usable':>26}  "
           f"{'compute ms':>10}  {'send ms':>8}")
     for i, s in enumerate(plan.stages):
-        used = sum(costs.unit_bytes[s.first:s.last + 1])
+        used = p["stage_bytes"][i]  # in the device's own dtype
         mem = costs.device_memory[s.rank]
         usable = "unlimited" if math.isinf(mem) else format_bytes(mem)
         print(f"{i:>5}  {s.rank:>4}  {costs.device_names[s.rank]:<16} {f'{s.first}..{s.last}':<12} "
@@ -407,10 +407,9 @@ def _plan(args) -> int:
     print(f"predicted: sequential {p['latency_s'] * 1e3:.2f} ms/token ({b / p['latency_s']:.2f} tokens/s); "
           f"pipelined {b / p['bottleneck_s']:.2f} tokens/s (bottleneck stage {p['bottleneck_s'] * 1e3:.2f} ms)")
     used = set(plan.ranks)
-    smallest = min(costs.unit_bytes)
     for j in range(costs.num_devices):
         if j not in used:
-            why = ("its memory cannot hold even the smallest unit" if costs.device_memory[j] < smallest
+            why = ("its memory cannot hold even the smallest unit" if costs.device_memory[j] < min(costs.bytes_on(j))
                    else f"the {args.objective} optimum is as good or better without it")
             print(f"left out: rank {j} {costs.device_names[j]}: {why}")
     shape = _shape(args, prof, len(plan.stages))

@@ -189,9 +189,10 @@ class Costs:
     """compute[i][j]: seconds unit i takes on device j, for one step of the schedule being planned
     (a decode step, a prefill, a micro-batch). Finite and >= 0; shape (N, M)."""
 
-    unit_bytes: Sequence[float]
+    unit_bytes: Sequence[float] | Sequence[Sequence[float]]
     """unit_bytes[i]: bytes unit i occupies on its device (weights plus its KV cache for the job);
-    shape (N,)."""
+    shape (N,). Or unit_bytes[i][j], shape (N, M): unit i on device j, where devices hold their
+    shards in dtypes or quantizations of their own. Read it through bytes_on(j) / stage_bytes."""
 
     device_memory: Sequence[float | None]
     """device_memory[j]: usable bytes of device j; None or inf means unlimited; shape (M,)."""
@@ -241,7 +242,18 @@ class Costs:
             raise PlanError("costs: compute must have at least one unit (row) and one device (column)")
         n, m = len(self.compute), len(self.compute[0])
         compute = table("compute", self.compute, n, m)
-        unit_bytes = vector("unit_bytes", self.unit_bytes, n)
+        rows = list(self.unit_bytes)
+        nested = [hasattr(r, "__len__") for r in rows]
+        if rows and all(nested):  # (N, M): each device's own bytes
+            unit_bytes = table("unit_bytes", rows, n, m)
+            by_device = tuple(tuple(row[j] for row in unit_bytes) for j in range(m))
+            byte_cells = [(f"[{i}][{j}]", unit_bytes[i][j]) for i in range(n) for j in range(m)]
+        elif any(nested):
+            raise PlanError(f"costs: unit_bytes must be {n} numbers or {n} rows of {m} numbers, not a mix")
+        else:
+            unit_bytes = vector("unit_bytes", rows, n)
+            by_device = (unit_bytes,) * m
+            byte_cells = [(f"[{i}]", x) for i, x in enumerate(unit_bytes)]
         memory = vector("device_memory", self.device_memory, m)
         out_bytes = vector("out_bytes", self.out_bytes, n)
         bandwidth = table("bandwidth", self.bandwidth, m, m)
@@ -250,7 +262,7 @@ class Costs:
         finite_nonneg = lambda x: math.isfinite(x) and x >= 0
         check("compute", [(f"[{i}][{j}]", compute[i][j]) for i in range(n) for j in range(m)],
               finite_nonneg, "finite and >= 0 seconds")
-        check("unit_bytes", [(f"[{i}]", x) for i, x in enumerate(unit_bytes)], finite_nonneg, "finite and >= 0")
+        check("unit_bytes", byte_cells, finite_nonneg, "finite and >= 0")
         check("out_bytes", [(f"[{i}]", x) for i, x in enumerate(out_bytes)], finite_nonneg, "finite and >= 0")
         check("device_memory", [(f"[{j}]", x) for j, x in enumerate(memory)], lambda x: x >= 0,
               ">= 0 bytes (None or inf for unlimited)")
@@ -268,6 +280,7 @@ class Costs:
                              ("out_bytes", out_bytes), ("bandwidth", bandwidth), ("latency", latency),
                              ("device_names", names), ("stage_s", stage_s)]:
             object.__setattr__(self, field, value)
+        object.__setattr__(self, "_by_device", by_device)  # [j][i]: either form, read one way
 
     @property
     def num_units(self) -> int:
@@ -281,6 +294,23 @@ class Costs:
         """Device j for messages: its name and index."""
         default = f"device {j}"
         return default if self.device_names[j] == default else f"{self.device_names[j]!r} (device {j})"
+
+    @property
+    def per_device_bytes(self) -> bool:
+        """Whether unit_bytes was given per device, shape (N, M)."""
+        return bool(self.unit_bytes) and isinstance(self.unit_bytes[0], tuple)
+
+    def bytes_on(self, j: int) -> tuple[float, ...]:
+        """Every unit's bytes as device j holds them, shape (N,), whichever form unit_bytes has."""
+        return self._by_device[j]
+
+    def stage_bytes(self, j: int, first: int, last: int) -> float:
+        """Bytes of units first..last on device j, added left to right (as the DPs add them)."""
+        return _fold(self._by_device[j][first:last + 1])
+
+    def least_bytes(self) -> list[float]:
+        """Each unit's bytes on the device that holds it smallest: what the model needs at least."""
+        return [min(col[i] for col in self._by_device) for i in range(self.num_units)]
 
     def stage_compute(self, j: int, first: int, last: int) -> float:
         """Seconds of one step of a stage holding units first..last on device j: its step cost,
@@ -310,32 +340,30 @@ def _fmt_bytes(b: float) -> str:
     return f"{b:,.0f} bytes ({b / 2**30:.3g} GiB)"
 
 
-def _stage_bytes(costs: Costs, first: int, last: int) -> float:
-    return _fold(costs.unit_bytes[first:last + 1])
-
-
 def _infeasible(costs: Costs, what: str) -> PlanError:
     """Why no plan fits in memory, with the numbers: what is needed, what is offered, by whom."""
     n, m = costs.num_units, costs.num_devices
-    need = _fold(costs.unit_bytes)
+    least = costs.least_bytes()  # with per-device bytes, each unit in its smallest form
+    need = _fold(least)
     offer = _fold(costs.device_memory)
     per_device = ", ".join(f"{costs.name(j)}: {_fmt_bytes(costs.device_memory[j])}" for j in range(m))
     reasons = []
-    if costs.unit_bytes[0] > costs.device_memory[0]:
-        reasons.append(f"unit 0 ({_fmt_bytes(costs.unit_bytes[0])}) must stay on the source "
+    if costs.bytes_on(0)[0] > costs.device_memory[0]:
+        reasons.append(f"unit 0 ({_fmt_bytes(costs.bytes_on(0)[0])}) must stay on the source "
                        f"{costs.name(0)}, which offers {_fmt_bytes(costs.device_memory[0])}")
     biggest = max(range(m), key=lambda j: costs.device_memory[j])
-    for i, b in enumerate(costs.unit_bytes):
-        if b > costs.device_memory[biggest]:
+    for i, b in enumerate(least):
+        if all(costs.bytes_on(j)[i] > costs.device_memory[j] for j in range(m)):
             reasons.append(f"unit {i} ({_fmt_bytes(b)}) fits on no device (the largest is "
                            f"{costs.name(biggest)} with {_fmt_bytes(costs.device_memory[biggest])})")
     if need > offer:
         reasons.append(f"{_fmt_bytes(need - offer)} short in total")
     if not reasons:
-        largest = max(range(n), key=lambda i: costs.unit_bytes[i])
+        largest = max(range(n), key=lambda i: least[i])
         reasons.append(f"the units cannot be cut into contiguous shards, one per device, that each fit "
-                       f"(largest unit: {largest} with {_fmt_bytes(costs.unit_bytes[largest])})")
-    return PlanError(f"{what}: the model does not fit: it needs {_fmt_bytes(need)} over {n} unit(s), "
+                       f"(largest unit: {largest} with {_fmt_bytes(least[largest])})")
+    needs = "at least " if costs.per_device_bytes else ""
+    return PlanError(f"{what}: the model does not fit: it needs {needs}{_fmt_bytes(need)} over {n} unit(s), "
                      f"the {m} device(s) offer {_fmt_bytes(offer)} ({per_device}); " + "; ".join(reasons))
 
 
@@ -343,13 +371,13 @@ def _make_plan(costs: Costs, stages: list[tuple[int, int, int]], objective: str)
     """A Plan from (device, first, last) triples, refused with the numbers if a device is over-full."""
     full = []
     for j, first, last in stages:
-        used = _stage_bytes(costs, first, last)
+        used = costs.stage_bytes(j, first, last)
         if used > costs.device_memory[j]:
             full.append(f"{costs.name(j)} would hold units {first}..{last} = {_fmt_bytes(used)} "
                         f"but offers {_fmt_bytes(costs.device_memory[j])}")
     if full:
         raise PlanError(f"{objective}: does not fit: " + "; ".join(full) +
-                        f" (the model needs {_fmt_bytes(_fold(costs.unit_bytes))} in total, "
+                        f" (the model needs {_fmt_bytes(_fold(costs.least_bytes()))} in total, "
                         f"the devices offer {_fmt_bytes(_fold(costs.device_memory))})")
     return Plan(tuple(Stage(j, a, b) for j, a, b in stages), costs.num_units, objective, f"<{objective}>")
 
@@ -377,7 +405,7 @@ def predict(costs: Costs, plan: Plan) -> dict:
     for s, nxt in zip(plan.stages, list(plan.stages[1:]) + [None]):
         compute.append(costs.stage_compute(s.rank, s.first, s.last))
         send.append(costs.transfer(s.rank, nxt.rank if nxt else 0, costs.out_bytes[s.last]))
-        used.append(_stage_bytes(costs, s.first, s.last))
+        used.append(costs.stage_bytes(s.rank, s.first, s.last))
     latency = 0.0
     for c, t in zip(compute, send):  # same order of additions as the latency DP
         latency += c
@@ -396,8 +424,10 @@ def predict(costs: Costs, plan: Plan) -> dict:
 
 def _interchangeable(costs: Costs, a: int, b: int) -> bool:
     """Whether swapping devices a and b maps the problem onto itself (same compute column, memory,
-    links to and from every other device, and the same link both ways between them)."""
+    unit bytes, links to and from every other device, and the same link both ways between them)."""
     if costs.device_memory[a] != costs.device_memory[b] or costs.stage_s[a] != costs.stage_s[b]:
+        return False
+    if costs.bytes_on(a) != costs.bytes_on(b):  # one holds its shard in another dtype
         return False
     if any(row[a] != row[b] for row in costs.compute):
         return False
@@ -455,8 +485,9 @@ def _shard_dp(costs: Costs, objective: str) -> Plan:
 
       G(i, c, k) = min over the start i' of that last shard, and over the type k' before it, of
                    combine( G(i', c - e_k, k'), T(k', k, O[i'-1]), S_k(i', i-1) )
-                   where S_k(i', i-1) = stage_s[k] + sum t[i'..i-1] on type k, bytes(i'..i-1) <= Mem[k];
-      the source shard: G(i, 0, source) = S_source(0, i-1) if bytes(0..i-1) <= Mem[source];
+                   where S_k(i', i-1) = stage_s[k] + sum t[i'..i-1] on type k, bytes_k(i'..i-1) <= Mem[k]
+                   (bytes_k: the units as type k holds them, in its own dtype);
+      the source shard: G(i, 0, source) = S_source(0, i-1) if bytes_source(0..i-1) <= Mem[source];
       the end: min over (c, k) of combine( G(N, c, k), T(k, source, O[N-1]) ), and G(N, 0, source).
 
     combine is + for the latency objective and max for the throughput (bottleneck) objective; both
@@ -497,15 +528,16 @@ def _shard_dp(costs: Costs, objective: str) -> Plan:
         return costs.transfer(types[a][0], types[a][1], nbytes)
 
     # S[t, i, j]: compute of units i..j on type t; lo[t][j]: the first start i such that units i..j
-    # fit on type t (j + 1 when unit j alone does not fit). Sums are left folds from each start i,
-    # the order predict and the memory check in _make_plan use, so all three agree to the bit.
+    # fit on type t (j + 1 when unit j alone does not fit), in type t's own bytes. Sums are left
+    # folds from each start i, the order predict and the memory check in _make_plan use, so all
+    # three agree to the bit.
     S = np.full((n_types + 1, n_units, n_units), _INF)
-    shard_bytes = np.full((n_units, n_units), _INF)
-    unit_bytes = np.array(costs.unit_bytes)
-    for i in range(n_units):
-        shard_bytes[i, i:] = np.cumsum(unit_bytes[i:])
     lo = [[0] * n_units for _ in types]
     for t, rep in enumerate(reps):
+        shard_bytes = np.full((n_units, n_units), _INF)
+        unit_bytes = np.array(costs.bytes_on(rep))
+        for i in range(n_units):
+            shard_bytes[i, i:] = np.cumsum(unit_bytes[i:])
         column = np.array([row[rep] for row in costs.compute])
         for i in range(n_units):  # each shard's sum starts from its device's step cost
             S[t, i, i:] = np.cumsum(np.concatenate(([costs.stage_s[rep]], column[i:])))[1:]
@@ -683,11 +715,11 @@ def cloud_edge_opt(costs: Costs, objective: str = "latency") -> Plan:
             best = (value, plan)
     if best is None:
         source_memory, cloud_memory = costs.device_memory[0], costs.device_memory[cloud]
-        source_units = max(s for s in range(n + 1) if _stage_bytes(costs, 0, s - 1) <= source_memory)
-        cloud_from = min(s for s in range(n + 1) if _stage_bytes(costs, s, n - 1) <= cloud_memory)
+        source_units = max(s for s in range(n + 1) if costs.stage_bytes(0, 0, s - 1) <= source_memory)
+        cloud_from = min(s for s in range(n + 1) if costs.stage_bytes(cloud, s, n - 1) <= cloud_memory)
         raise PlanError(f"cloud_edge_opt: no split between the source {costs.name(0)} "
                         f"({_fmt_bytes(source_memory)}) and the cloud {costs.name(cloud)} "
-                        f"({_fmt_bytes(cloud_memory)}) fits the model's {_fmt_bytes(_fold(costs.unit_bytes))} "
+                        f"({_fmt_bytes(cloud_memory)}) fits the model's {_fmt_bytes(_fold(costs.least_bytes()))} "
                         f"over {n} unit(s): the source holds at most the first {source_units} unit(s), "
                         f"the cloud at most the last {n - cloud_from}")
     return best[1]

@@ -28,6 +28,12 @@ def _transfer(c: dict, k: int, j: int, nbytes: float) -> float:
     return 0.0 if k == j else c["latency"][k][j] + nbytes / c["bandwidth"][k][j]
 
 
+def _bytes(c: dict, i: int, j: int) -> float:
+    """Unit i's bytes on device j: unit_bytes is (N,) or, per device, (N, M)."""
+    b = c["unit_bytes"][i]
+    return b[j] if isinstance(b, (list, tuple)) else b
+
+
 def exhaustive(c: dict) -> tuple[float, float]:
     """(least latency, least bottleneck) over every plan: every ordered sequence of distinct devices
     starting at device 0, every contiguous split of the units; inf when nothing fits."""
@@ -41,7 +47,7 @@ def exhaustive(c: dict) -> tuple[float, float]:
         comp, mem = step[dev], 0
         for last in range(first, n):
             comp += c["compute"][last][dev]
-            mem += c["unit_bytes"][last]
+            mem += _bytes(c, last, dev)
             if mem > memory[dev]:
                 break  # bytes only grow with the shard
             nbytes = c["out_bytes"][last]
@@ -69,7 +75,7 @@ def evaluate(c: dict, plan: Plan) -> tuple[float, float, bool]:
         send = _transfer(c, s.rank, nxt.rank if nxt else 0, c["out_bytes"][s.last])
         lat += comp + send
         bot = max(bot, comp, send)
-        fits &= sum(c["unit_bytes"][i] for i in s.units) <= memory[s.rank]
+        fits &= sum(_bytes(c, i, s.rank) for i in s.units) <= memory[s.rank]
     assert sum(len(s.units) for s in plan.stages) == n
     return lat, bot, fits
 
@@ -122,11 +128,29 @@ def random_problem(rng: random.Random, max_devices: int = 6, max_units: int = 12
     return problem
 
 
-def test_dps_match_exhaustive_search_on_random_problems():
+def per_device_bytes(rng: random.Random, p: dict) -> dict:
+    """The problem with each device holding units in a dtype of its own: unit bytes scaled per device
+    (int8 ~ 1/4, bf16 1/2, fp32 1, by powers of two so sums stay exact). Clones mostly share a scale,
+    so types still merge; sometimes one clone alone differs, and must not merge."""
+    n, m = len(p["compute"]), len(p["device_memory"])
+    kinds: dict = {}
+    scale = []
+    for j in range(m):
+        key = (tuple(row[j] for row in p["compute"]), p["device_memory"][j])
+        scale.append(kinds.setdefault(key, rng.choice([0.25, 0.5, 1.0])))
+    if m > 1 and rng.random() < 0.3:
+        scale[rng.randrange(m)] = rng.choice([0.25, 0.5, 1.0, 2.0])
+    return p | {"unit_bytes": [[p["unit_bytes"][i] * scale[j] for j in range(m)] for i in range(n)]}
+
+
+@pytest.mark.parametrize("bytes_per_device", [False, True], ids=["bytes", "bytes-per-device"])
+def test_dps_match_exhaustive_search_on_random_problems(bytes_per_device):
     rng = random.Random(20240514)
     infeasible = feasible = 0
     for case in range(400):
         p = random_problem(rng)
+        if bytes_per_device:
+            p = per_device_bytes(rng, p)
         costs = Costs(**p)
         best_latency, best_bottleneck = exhaustive(p)
         if math.isinf(best_latency):
@@ -170,6 +194,31 @@ def test_types_merge_clones_but_not_the_source_or_near_clones():
     assert planner._device_types(Costs(**p)) == [[0], [1, 2, 3], [4]]
     p["latency"][3][4] = 0.2  # device 3 now differs from 1 and 2 in one link
     assert planner._device_types(Costs(**p)) == [[0], [1, 2], [3], [4]]
+    p["latency"][3][4] = 0.1
+    p["unit_bytes"] = [[1, 1, 0.5, 1, 1]] * 3  # device 2 holds its units in half the bytes (bf16)
+    assert planner._device_types(Costs(**p)) == [[0], [1, 3], [2], [4]]
+
+
+def test_a_device_that_fits_the_model_only_in_its_own_dtype_gets_it():
+    # the source holds the embedding only; the fast device 1 holds the rest only in int8 (a quarter
+    # of the bytes), the roomy device 2 is slow: the plan puts units 1..4 on device 1
+    fp32 = [8, 8, 8, 8, 8]
+    p = {
+        "compute": [[1.0, 0.1, 1.0]] * 5,
+        "unit_bytes": [[b, b / 4, b] for b in fp32],
+        "device_memory": [8, 10, None],
+        "out_bytes": [0] * 5,
+        "bandwidth": [[INF] * 3 for _ in range(3)],
+        "latency": [[0.0] * 3 for _ in range(3)],
+    }
+    for dp in (plan_latency, plan_throughput):
+        assert dp(Costs(**p)).stages == (Stage(0, 0, 0), Stage(1, 1, 4))
+    assert predict(Costs(**p), plan_latency(Costs(**p)))["stage_bytes"] == [8, 8]
+    # counted in fp32 everywhere, device 1 holds one unit, and the slow device takes the rest
+    p32 = p | {"unit_bytes": fp32}
+    assert sorted((s.rank, len(s.units)) for s in plan_latency(Costs(**p32)).stages) == [(0, 1), (1, 1), (2, 3)]
+    with pytest.raises(PlanError, match="device 1 would hold units 1..4 = 32 bytes but offers 10 bytes"):
+        planner._make_plan(Costs(**p32), [(0, 0, 0), (1, 1, 4)], "manual")
 
 
 def test_memory_forces_shards_the_greedy_would_miss():
@@ -322,6 +371,13 @@ def test_costs_validation():
     p = uniform_problem(3, 2)
     with pytest.raises(PlanError, match=r"unit_bytes has 2 entries, expected 3"):
         Costs(**(p | {"unit_bytes": [1, 2]}))
+    with pytest.raises(PlanError, match=r"unit_bytes\[1\] has 1 entries, expected 2"):
+        Costs(**(p | {"unit_bytes": [[1, 2], [1], [1, 2]]}))
+    with pytest.raises(PlanError, match=r"unit_bytes\[2\]\[0\] = -1.0"):
+        Costs(**(p | {"unit_bytes": [[1, 2], [1, 2], [-1, 2]]}))
+    with pytest.raises(PlanError, match="not a mix"):
+        Costs(**(p | {"unit_bytes": [[1, 2], 1, 1]}))
+    assert Costs(**(p | {"unit_bytes": [[1, 2]] * 3})).bytes_on(1) == (2.0, 2.0, 2.0)
     with pytest.raises(PlanError, match=r"bandwidth\[0\]\[1\] = 0.0"):
         Costs(**(p | {"bandwidth": [[1.0, 0.0], [1.0, 1.0]]}))
     with pytest.raises(PlanError, match=r"compute\[2\]\[1\] = -1.0"):
