@@ -337,6 +337,13 @@ class ModelSpec:
         return sum(kv_unit_bytes(u.kv_bytes_per_token, u.kv_window, tokens, row_tokens)
                    for u in self.units[first:last + 1])
 
+    def with_precision(self, dtype: str, quantize: str | None) -> "ModelSpec":
+        """The same model with its units in another dtype and quantization (a device's own, from the
+        hostfile): its bytes counted, and its shards loaded, that way."""
+        if (dtype, quantize) == (self.dtype, self.quantize):
+            return self
+        return ModelSpec.load(self.path, dtype, self.name, quantize)
+
     @classmethod
     def load(cls, path: str | Path, dtype: str = "float32", name: str | None = None,
              quantize: str | None = None) -> "ModelSpec":

@@ -2,9 +2,9 @@
 
     mpiexec -f hostfiles/hetero4.hosts -n 4 edgeshard profile jobs/hetero4.toml [--out FILE]
 
-Every rank measures, on its own device with its emulation applied, every unit's prefill time at
-the job's prompt length and decode time at the job's micro-batch size and context (median of
-repeated runs), one unit loaded at a time. Ranks take turns, so that ranks sharing a host do not
+Every rank measures, on its own device with its emulation applied and in its own dtype and
+quantization, every unit's prefill time at the job's prompt length and decode time at the job's
+micro-batch size and context (median of repeated runs), one unit loaded at a time. Ranks take turns, so that ranks sharing a host do not
 slow each other's measurements. Links are measured by ping-pong between every pair of ranks at
 growing sizes (latency and bandwidth from the smallest and the largest). Rank 0 gathers it all into
 a `Profile`, saved as JSON with the cluster, model, dtype, shapes, versions and date.
@@ -29,7 +29,7 @@ from .models import kv_unit_bytes
 from .planner import Costs
 
 __all__ = ["Profile", "ProfileError", "profile_shapes", "profiles_dir", "find_profile", "model_fingerprint",
-           "cluster_fingerprint", "measure_profile"]
+           "cluster_fingerprint", "device_bytes", "measure_profile"]
 
 FORMAT = "edgeshard-profile/1"
 
@@ -50,7 +50,8 @@ def model_fingerprint(spec) -> str:
 
 
 def cluster_fingerprint(devices: list[dict]) -> str:
-    """A content hash of the devices in rank order (names, memory, torch device, emulation)."""
+    """A content hash of the devices in rank order (names, memory, torch device, emulation, threads, and
+    a device's own dtype and quantization where declared)."""
     return _digest(devices)
 
 
@@ -79,7 +80,9 @@ class Profile:
 
     model: dict  # name, fingerprint, dtype, num_units
     units: list[dict]  # per unit: name, param_bytes, kv_bytes_per_token, out_bytes_per_token
-    devices: list[dict]  # per rank: the Device fields + prefill_s[unit], decode_s[unit]
+    # per rank: the Device fields + prefill_s[unit], decode_s[unit]; a device that holds its units in a
+    # dtype or quantization other than the model's also param_bytes[unit], kv_bytes_per_token[unit]
+    devices: list[dict]
     bandwidth: list[list[float | None]]  # bytes/s of the link rank k -> rank j; None on the diagonal
     latency: list[list[float]]  # seconds of the link rank k -> rank j; 0 on the diagonal
     shapes: dict  # prompt_tokens, context, micro_batch_size
@@ -95,7 +98,7 @@ class Profile:
         if self.model.get("num_units") != n:
             raise ProfileError(f"{where}: model.num_units {self.model.get('num_units')} but {n} units listed")
         for j, d in enumerate(self.devices):
-            for key in ("prefill_s", "decode_s"):
+            for key in ("prefill_s", "decode_s") + (_OWN_BYTES if any(k in d for k in _OWN_BYTES) else ()):
                 if len(d.get(key, [])) != n:
                     raise ProfileError(f"{where}: devices[{j}].{key} has {len(d.get(key, []))} entries, expected {n}")
         for name, table in (("bandwidth", self.bandwidth), ("latency", self.latency)):
@@ -110,13 +113,25 @@ class Profile:
     def device_names(self) -> list[str]:
         return [d["name"] for d in self.devices]
 
-    def unit_bytes(self, kv_tokens: int | None = None, row_tokens: int | None = None) -> list[float]:
+    def unit_bytes(self, kv_tokens: int | None = None, row_tokens: int | None = None) -> list:
         """Weights plus the KV cache for `kv_tokens` cached tokens in sequences of `row_tokens` (a sliding
-        layer holds at most its window of each); default: a micro-batch at the context."""
+        layer holds at most its window of each); default: a micro-batch at the context.
+
+        Shape (N,) when every device holds the model's bytes; else (N, M), unit i as device j holds
+        it (planner.Costs takes either)."""
         if kv_tokens is None:
             kv_tokens, row_tokens = self.shapes["micro_batch_size"] * self.shapes["context"], self.shapes["context"]
-        return [u["param_bytes"] + kv_unit_bytes(u["kv_bytes_per_token"], u.get("kv_window"), kv_tokens, row_tokens)
-                for u in self.units]
+
+        def column(params, kv_per_token) -> list[float]:
+            return [p + kv_unit_bytes(k, u.get("kv_window"), kv_tokens, row_tokens)
+                    for p, k, u in zip(params, kv_per_token, self.units)]
+
+        model = column([u["param_bytes"] for u in self.units], [u["kv_bytes_per_token"] for u in self.units])
+        if not any("param_bytes" in d for d in self.devices):
+            return model
+        columns = [column(d["param_bytes"], d["kv_bytes_per_token"]) if "param_bytes" in d else model
+                   for d in self.devices]
+        return [list(row) for row in zip(*columns)]
 
     def costs(self, phase: str = "decode", kv_tokens: int | None = None, row_tokens: int | None = None) -> Costs:
         """The planning problem of one step: a decode step (default) or a prefill.
@@ -195,6 +210,7 @@ class Profile:
 
 
 _MEASURED = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s")  # a profile's own device fields
+_OWN_BYTES = ("param_bytes", "kv_bytes_per_token")  # per unit, of a device in its own dtype or quantization
 
 
 def _device_difference(profiled: list[dict], running: list[dict]) -> str:
@@ -203,9 +219,22 @@ def _device_difference(profiled: list[dict], running: list[dict]) -> str:
         return f": {len(profiled)} devices profiled, {len(running)} running"
     for rank, (a, b) in enumerate(zip(profiled, running)):
         for key in sorted(set(a) | set(b)):
-            if key not in _MEASURED and a.get(key) != b.get(key):
-                return f": rank {rank} {key} was {a.get(key)!r}, is {b.get(key)!r}"
+            if key not in _MEASURED + _OWN_BYTES and a.get(key) != b.get(key):
+                return f": rank {rank} {key} was {_shown(a.get(key))}, is {_shown(b.get(key))}"
     return ""
+
+
+def _shown(value) -> str:
+    return "not set" if value is None else repr(value)  # a field left out of the device's dict
+
+
+def device_bytes(spec, own) -> dict:
+    """A device's own unit bytes for its profile entry: {} when it holds the model as `spec` counts
+    it, else its param_bytes and kv_bytes_per_token per unit (`own`: the spec in its dtype)."""
+    if own is spec:
+        return {}
+    return {"param_bytes": [u.param_bytes for u in own.units],
+            "kv_bytes_per_token": [u.kv_bytes_per_token for u in own.units]}
 
 
 def find_profile(model_fp: str, cluster_fp: str, shapes: dict, folder: Path | None = None) -> Profile | None:
@@ -372,12 +401,15 @@ def _ping_pong(comm, peer: int, initiator: bool, repeats: int) -> tuple[float, f
 
 
 def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5, notes: str = "") -> Profile | None:
-    """Collective: every rank measures its units, every pair its link; rank 0 returns the Profile."""
+    """Collective: every rank measures its units, every pair its link; rank 0 returns the Profile.
+
+    Each rank measures and reports its units in its device's own dtype and quantization."""
     me = devices[comm.rank]
+    own = spec.with_precision(*me.precision(spec.dtype, spec.quantize))
     measured = {}
     for r in range(comm.size):  # one rank at a time: ranks on one host must not share cores while timed
         if r == comm.rank:
-            measured = _measure_units(spec, me, shapes, repeats)
+            measured = _measure_units(own, me, shapes, repeats)
         comm.barrier()
     links = {}
     for a in range(comm.size):
@@ -387,7 +419,7 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
                 if res is not None:
                     links[(a, b)] = res
             comm.barrier()
-    gathered = comm.gather({"rank": comm.rank, **measured, "links": links})
+    gathered = comm.gather({"rank": comm.rank, **measured, "links": links, "bytes": device_bytes(spec, own)})
     if comm.rank != 0:
         return None
     m = comm.size
@@ -396,7 +428,7 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
     dev_dicts = []
     for g in sorted(gathered, key=lambda g: g["rank"]):
         dev_dicts.append({**devices[g["rank"]].to_dict(),
-                          **{k: g[k] for k in _MEASURED}})
+                          **{k: g[k] for k in _MEASURED}, **g["bytes"]})
         for (a, b), (lat, bw) in g["links"].items():
             for k, j in ((a, b), (b, a)):  # ping-pong measures both directions together
                 latency[k][j] = lat
