@@ -90,6 +90,7 @@ class Comm:
         self.hosts: list[tuple[int, int]] = self.comm.allgather((len(os.sched_getaffinity(0)), on_host.Get_size()))
         on_host.Free()
         self.threads: list[int] | None = None  # per rank, for the rank table, once the cluster is known
+        self.precision: list[str] | None = None  # per rank: its dtype (and quantization), for the rank table
 
     def _wait(self, requests: list, peer: int | None = None) -> None:
         """Wait for all requests without spinning: test, then sleep a growing while.
@@ -158,10 +159,15 @@ class Comm:
         self._pongs = {}
 
     def rank_table(self) -> str:
-        """Each rank's device, host, pid and threads: what mpiexec's report of a failed process names."""
+        """Each rank's device, host, pid, threads and dtype: mpiexec's report of a failed process names
+        its pid and host only."""
         threads = self.threads or [None] * self.size
-        return ", ".join(f"{r} {self.names[r]} (pid {pid} on {host}" + (f", {t} thread{'s' * (t > 1)})" if t else ")")
-                         for r, ((host, pid), t) in enumerate(zip(self.where, threads)))
+        precision = self.precision or [None] * self.size
+        rows = []
+        for r, ((host, pid), t, p) in enumerate(zip(self.where, threads, precision)):
+            details = [f"pid {pid} on {host}"] + ([f"{t} thread{'s' * (t > 1)}"] if t else []) + ([p] if p else [])
+            rows.append(f"{r} {self.names[r]} ({', '.join(details)})")
+        return ", ".join(rows)
 
     def emulate_links(self, devices) -> None:
         """Shape messages between ranks as the devices' declared links (cluster.Device per rank)."""

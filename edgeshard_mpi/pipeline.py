@@ -90,7 +90,9 @@ def _timed_forward(shard: Shard, stats: dict, tracer: Tracer, slot: int, step: i
     pads = capacity = None
     if meta is not None:  # KV room for the longest row: its prompt, then all but its last new token
         pads, capacity = [int(p) for p in meta[:, 0]], x.shape[1] + int(meta[:, 1].max()) - 1
-    out = shard.forward(slot, x.to(shard.device), pads, capacity)
+    # activations arrive in the sender's dtype (the message header's): this stage computes in its own
+    x = x.to(device=shard.device, dtype=shard.dtype if x.is_floating_point() else x.dtype)
+    out = shard.forward(slot, x, pads, capacity)
     shard.sync()
     t1 = time.perf_counter()
     stats["compute_s"] += t1 - t0

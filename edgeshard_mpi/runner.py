@@ -239,11 +239,17 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
     return shared, local
 
 
+def _own_spec(spec: ModelSpec, device) -> ModelSpec:
+    """The model as `device` holds it: in its own dtype and quantization where the hostfile declares them."""
+    return spec.with_precision(*device.precision(spec.dtype, spec.quantize))
+
+
 def _check_memory(spec: ModelSpec, plan: Plan, cluster: Cluster, kv_tokens: int, row_tokens: int) -> None:
-    """Each stage's weights plus its KV cache for its full micro-batches must fit its device."""
+    """Each stage's weights plus its KV cache for its full micro-batches must fit its device, in its dtype."""
     for s in plan.stages:
         dev = cluster.devices[s.rank]
-        need = spec.bytes_of(s.first, s.last) + spec.kv_bytes(s.first, s.last, kv_tokens, row_tokens)
+        own = _own_spec(spec, dev)
+        need = own.bytes_of(s.first, s.last) + own.kv_bytes(s.first, s.last, kv_tokens, row_tokens)
         if dev.memory is not None and need > dev.memory:
             raise PlanError(f"{cluster.source}: device {dev.name} (rank {s.rank}) has {format_bytes(dev.memory)}, "
                             f"but units {s.first}..{s.last} need {format_bytes(need)} (weights + KV cache for "
@@ -273,13 +279,15 @@ def _make_plan(local: _Local, cluster: Cluster, world: int, objective: str | Non
     return plan
 
 
-def _become_device(comm: Comm, cluster: Cluster) -> None:
+def _become_device(comm: Comm, cluster: Cluster, shared: _Shared) -> None:
     """This rank takes on its device: its links' emulation, and its thread count (decided on rank 0
-    from every rank's host, cluster.default_threads), which torch alone would set to 1 under mpiexec."""
+    from every rank's host, cluster.default_threads), which torch alone would set to 1 under mpiexec.
+    Every rank's dtype and quantization are kept for the rank table."""
     import torch
 
     comm.emulate_links(cluster.devices)
     comm.threads = [d.threads for d in cluster.devices]
+    comm.precision = [", ".join(x for x in d.precision(shared.dtype, shared.quantize) if x) for d in cluster.devices]
     torch.set_num_threads(cluster.devices[comm.rank].threads or 1)
 
 
@@ -289,7 +297,7 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     rank, world = comm.rank, comm.size
     shared, local = _decide(comm, lambda: _read(job_path, opts, comm.hosts, mode="run"))
     cluster = Cluster.from_dict(shared.cluster)
-    _become_device(comm, cluster)
+    _become_device(comm, cluster, shared)
     if rank == 0:  # mpiexec reports a rank that died by its pid and host: this maps them to devices
         print(f"edgeshard: ranks: {comm.rank_table()}", file=sys.stderr, flush=True)
     spec = local.spec if rank == 0 else shared.spec()
@@ -302,9 +310,12 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
         plan_dict, _ = _decide(comm, lambda: (_make_plan(local, cluster, world).to_dict(), None))
     plan = Plan.from_dict(plan_dict, spec.num_units)
     if rank == 0:
-        attrs = {**local.attrs, "plan": plan.to_dict(),
-                 "ranks": [{"rank": r, "device": n, "host": h, "pid": pid, "threads": t}
-                           for r, (n, (h, pid), t) in enumerate(zip(comm.names, comm.where, comm.threads))]}
+        ranks = []
+        for r, (n, (h, pid), t, d) in enumerate(zip(comm.names, comm.where, comm.threads, cluster.devices)):
+            dtype, quantize = d.precision(shared.dtype, shared.quantize)
+            ranks.append({"rank": r, "device": n, "host": h, "pid": pid, "threads": t, "dtype": dtype,
+                          **({"quantize": quantize} if quantize else {})})
+        attrs = {**local.attrs, "plan": plan.to_dict(), "ranks": ranks}
         if local.profile is not None:
             attrs["profile"] = local.profile.source
         local.writer = ResultWriter(local.output, attrs, overwrite=opts.overwrite, resume=opts.resume)
@@ -350,7 +361,8 @@ def _predict(local: _Local, plan: Plan, summary: Summary, schedule: str, in_flig
 
 def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _Local | None, prompts,
              *, schedule: str, in_flight: int | None, progress: bool, trace: str | None = None) -> Summary | None:
-    """Load this rank's shard, run the loops, gather every rank's figures; rank 0 returns the Summary.
+    """Load this rank's shard (in its device's dtype and quantization), run the loops, gather every
+    rank's figures; rank 0 returns the Summary.
 
     in_flight defaults to twice the plan's stages. With exactly as many, a micro-batch's trip back to
     the source and the prefill steps of newly admitted micro-batches (many times a decode step) leave
@@ -364,7 +376,8 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     shard = None
     if index is not None:
         st = plan.stages[index]
-        shard = Shard(spec, st.first, st.last, device.torch, slowdown=device.slowdown, memory=device.memory)
+        shard = Shard(_own_spec(spec, device), st.first, st.last, device.torch, slowdown=device.slowdown,
+                      memory=device.memory)
     comm.barrier()  # every shard loaded: the clock starts together
     tracer = Tracer(enabled=trace is not None)
     tracer.start()
@@ -409,7 +422,7 @@ def profile_job(comm: Comm, job_path: str, opts: RunOptions, out: str | None = N
     shared, local = _decide(comm, lambda: _read(job_path, dataclasses.replace(opts, profile=None), comm.hosts,
                                                    mode="profile"))
     cluster = Cluster.from_dict(shared.cluster)
-    _become_device(comm, cluster)
+    _become_device(comm, cluster, shared)
     spec = local.spec if comm.rank == 0 else shared.spec()
     return _profile(comm, shared, cluster, spec, opts.repeats, out)
 
@@ -427,7 +440,7 @@ def bench_job(comm: Comm, job_path: str, opts: RunOptions,
     rank, world = comm.rank, comm.size
     shared, local = _decide(comm, lambda: _read(job_path, opts, comm.hosts, mode="bench"))
     cluster = Cluster.from_dict(shared.cluster)
-    _become_device(comm, cluster)
+    _become_device(comm, cluster, shared)
     spec = local.spec if rank == 0 else shared.spec()
     if shared.measure is not None:
         prof = _profile(comm, shared, cluster, spec, opts.repeats)

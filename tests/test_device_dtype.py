@@ -5,12 +5,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from conftest import run_mpi, write_job
 from edgeshard_mpi.cluster import Device
 from edgeshard_mpi.models import ModelSpec
 from edgeshard_mpi.planner import plan_throughput, predict
 from edgeshard_mpi.profiler import Profile, ProfileError, cluster_fingerprint, device_bytes, model_fingerprint
+from edgeshard_mpi.results import read_attrs, read_results
+
+PROMPTS = ["The quick brown fox", "In a distant galaxy, a lone explorer discovered", "def fibonacci(n):", "Paris is"]
 
 
 def _profile(spec: ModelSpec, devices: list[Device], decode_s: list[float], source: str = "<test>") -> Profile:
@@ -70,3 +76,77 @@ def test_a_profile_measured_with_another_device_dtype_is_stale(tiny_path):
     assert cluster_fingerprint(here) != prof.cluster
     with pytest.raises(ProfileError, match="rank 1 dtype was not set, is 'bfloat16'"):
         prof.check_for(spec.name, model_fingerprint(spec), cluster_fingerprint(here), here)
+
+
+def _reference(plan: dict, specs: dict, threads: dict, prompts: list[str], max_new: int,
+               model_path) -> list[list[int]]:
+    """Greedy tokens of the plan's cut in-process: each stage a Shard in its rank's own precision, run
+    on its rank's thread count, activations cast to the next stage's dtype as the pipeline does, one
+    prompt at a time."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from edgeshard_mpi.pipeline import _eos_ids
+    from edgeshard_mpi.shard import Shard
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    eos = _eos_ids(str(model_path))
+    stages = [(Shard(specs[s["rank"]], s["first"], s["last"]), threads[s["rank"]]) for s in plan["stages"]]
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for prompt in prompts:
+            ids = tok(prompt)["input_ids"]
+            x, pads, tokens = torch.tensor([ids]), [0], []
+            while len(tokens) < max_new and not (tokens and tokens[-1] in eos):
+                for shard, n in stages:
+                    torch.set_num_threads(n)
+                    x = shard.forward(0, x.to(shard.dtype) if x.is_floating_point() else x, pads,
+                                      len(ids) + max_new - 1)
+                tokens.append(int(x.argmax(-1)))
+                x, pads = torch.tensor([[tokens[-1]]]), None
+            out.append(tokens)
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_run_over_devices_in_their_own_dtypes(tmp_path, tiny_path):
+    # fp32 job: the source in bf16, one device in the job's fp32, one with int8 weights. Memories are
+    # set so that the head fits only on the int8 device and the source holds the embedding only in
+    # bf16: the profile, the plan and the memory checks must all count each device's own bytes.
+    fp32 = ModelSpec.load(tiny_path)
+    bf16, int8 = fp32.with_precision("bfloat16", None), fp32.with_precision("float32", "int8")
+    n, mib = fp32.num_units, 2**20
+    head_and_blocks = int8.bytes_of(1, n - 1) + mib
+    assert bf16.bytes_of(0, 0) + mib < fp32.bytes_of(0, 0) and head_and_blocks < bf16.units[-1].param_bytes
+    hosts = tmp_path / "mixed.hosts"
+    hosts.write_text(f"# device: name=src dtype=bfloat16 memory={bf16.bytes_of(0, n - 2) + mib}\nlocalhost:1\n"
+                     f"# device: name=mid memory={fp32.bytes_of(1, n - 2) + mib}\nlocalhost:1\n"
+                     f"# device: name=q8 quantize=int8 memory={head_and_blocks}\nlocalhost:1\n")
+    job = write_job(tmp_path, "tiny-random", [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)],
+                    plan='[plan]\nobjective = "throughput"\n', generation="max_new_tokens = 10")
+    proc = run_mpi(["run", str(job), "--hostfile", str(hosts), "--no-progress"], 3, hostfile=hosts, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    table = next(line for line in proc.stderr.splitlines() if line.startswith("edgeshard: ranks:"))
+    assert "0 src (pid" in table and ", bfloat16), 1 mid (pid" in table and table.endswith(", float32, int8)"), table
+
+    attrs = read_attrs(tmp_path / "job.h5")
+    plan = json.loads(attrs["plan"])
+    ranks = {r["rank"]: r for r in json.loads(attrs["ranks"])}
+    assert [(ranks[r]["dtype"], ranks[r].get("quantize")) for r in range(3)] == [
+        ("bfloat16", None), ("float32", None), ("float32", "int8")]
+    assert plan["stages"][0]["rank"] == 0 and plan["stages"][-1]["rank"] == 2  # the head only fits in int8
+    specs, threads = {0: bf16, 1: fp32, 2: int8}, {r: ranks[r]["threads"] for r in ranks}
+    summary = json.loads(attrs["summary"])
+    for st in summary["stages"]:  # each shard loaded in its own precision
+        assert st["bytes"] == specs[st["rank"]].bytes_of(st["first"], st["last"]), st
+    # the profile measured each rank in its own precision and recorded its bytes
+    prof = Profile.load(attrs["profile"])
+    assert prof.devices[0]["param_bytes"] == [u.param_bytes for u in bf16.units]
+    assert prof.devices[2]["param_bytes"] == [u.param_bytes for u in int8.units]
+    assert "param_bytes" not in prof.devices[1] and prof.costs().per_device_bytes
+
+    by_id = {r.id: r.token_ids for r in read_results(tmp_path / "job.h5")}
+    got = [by_id[f"p{i}"] for i in range(len(PROMPTS))]
+    assert got == _reference(plan, specs, threads, PROMPTS, 10, tiny_path)
