@@ -197,9 +197,10 @@ class Costs:
     device_memory: Sequence[float | None]
     """device_memory[j]: usable bytes of device j; None or inf means unlimited; shape (M,)."""
 
-    out_bytes: Sequence[float]
+    out_bytes: Sequence[float] | Sequence[Sequence[float]]
     """out_bytes[i]: bytes unit i sends to unit i+1; out_bytes[N-1] goes back to the source for the
-    next token; shape (N,)."""
+    next token; shape (N,). Or out_bytes[i][j], shape (N, M): what unit i sends from device j, in
+    its dtype. Read it through out_bytes_on(j)."""
 
     bandwidth: Sequence[Sequence[float]]
     """bandwidth[k][j]: bytes/s of the link k->j, > 0 (inf allowed); the diagonal is not used;
@@ -233,6 +234,19 @@ class Costs:
                 raise PlanError(f"costs: {name} has {len(values)} entries, expected {n}")
             return tuple(_INF if x is None else float(x) for x in values)
 
+        def per_unit(name, values):
+            """(N,) or, per device, (N, M): the table as given, its columns [j][i], and its cells."""
+            rows = list(values)
+            nested = [hasattr(r, "__len__") for r in rows]
+            if rows and all(nested):
+                t = table(name, rows, n, m)
+                return t, tuple(tuple(row[j] for row in t) for j in range(m)), [
+                    (f"[{i}][{j}]", t[i][j]) for i in range(n) for j in range(m)]
+            if any(nested):
+                raise PlanError(f"costs: {name} must be {n} numbers or {n} rows of {m} numbers, not a mix")
+            v = vector(name, rows, n)
+            return v, (v,) * m, [(f"[{i}]", x) for i, x in enumerate(v)]
+
         def check(name, values, ok, what):
             for idx, x in values:
                 if not ok(x):
@@ -242,20 +256,9 @@ class Costs:
             raise PlanError("costs: compute must have at least one unit (row) and one device (column)")
         n, m = len(self.compute), len(self.compute[0])
         compute = table("compute", self.compute, n, m)
-        rows = list(self.unit_bytes)
-        nested = [hasattr(r, "__len__") for r in rows]
-        if rows and all(nested):  # (N, M): each device's own bytes
-            unit_bytes = table("unit_bytes", rows, n, m)
-            by_device = tuple(tuple(row[j] for row in unit_bytes) for j in range(m))
-            byte_cells = [(f"[{i}][{j}]", unit_bytes[i][j]) for i in range(n) for j in range(m)]
-        elif any(nested):
-            raise PlanError(f"costs: unit_bytes must be {n} numbers or {n} rows of {m} numbers, not a mix")
-        else:
-            unit_bytes = vector("unit_bytes", rows, n)
-            by_device = (unit_bytes,) * m
-            byte_cells = [(f"[{i}]", x) for i, x in enumerate(unit_bytes)]
+        unit_bytes, by_device, byte_cells = per_unit("unit_bytes", self.unit_bytes)
         memory = vector("device_memory", self.device_memory, m)
-        out_bytes = vector("out_bytes", self.out_bytes, n)
+        out_bytes, out_by_device, out_cells = per_unit("out_bytes", self.out_bytes)
         bandwidth = table("bandwidth", self.bandwidth, m, m)
         latency = table("latency", self.latency, m, m)
         off_diag = lambda t: [(f"[{k}][{j}]", t[k][j]) for k in range(m) for j in range(m) if k != j]
@@ -263,7 +266,7 @@ class Costs:
         check("compute", [(f"[{i}][{j}]", compute[i][j]) for i in range(n) for j in range(m)],
               finite_nonneg, "finite and >= 0 seconds")
         check("unit_bytes", byte_cells, finite_nonneg, "finite and >= 0")
-        check("out_bytes", [(f"[{i}]", x) for i, x in enumerate(out_bytes)], finite_nonneg, "finite and >= 0")
+        check("out_bytes", out_cells, finite_nonneg, "finite and >= 0")
         check("device_memory", [(f"[{j}]", x) for j, x in enumerate(memory)], lambda x: x >= 0,
               ">= 0 bytes (None or inf for unlimited)")
         check("bandwidth", off_diag(bandwidth), lambda x: x > 0, "> 0 bytes/s (inf allowed)")
@@ -281,6 +284,7 @@ class Costs:
                              ("device_names", names), ("stage_s", stage_s)]:
             object.__setattr__(self, field, value)
         object.__setattr__(self, "_by_device", by_device)  # [j][i]: either form, read one way
+        object.__setattr__(self, "_out_by_device", out_by_device)
 
     @property
     def num_units(self) -> int:
@@ -303,6 +307,10 @@ class Costs:
     def bytes_on(self, j: int) -> tuple[float, ...]:
         """Every unit's bytes as device j holds them, shape (N,), whichever form unit_bytes has."""
         return self._by_device[j]
+
+    def out_bytes_on(self, j: int) -> tuple[float, ...]:
+        """What every unit sends on from device j, shape (N,), whichever form out_bytes has."""
+        return self._out_by_device[j]
 
     def stage_bytes(self, j: int, first: int, last: int) -> float:
         """Bytes of units first..last on device j, added left to right (as the DPs add them)."""
@@ -404,7 +412,7 @@ def predict(costs: Costs, plan: Plan) -> dict:
     compute, send, used = [], [], []
     for s, nxt in zip(plan.stages, list(plan.stages[1:]) + [None]):
         compute.append(costs.stage_compute(s.rank, s.first, s.last))
-        send.append(costs.transfer(s.rank, nxt.rank if nxt else 0, costs.out_bytes[s.last]))
+        send.append(costs.transfer(s.rank, nxt.rank if nxt else 0, costs.out_bytes_on(s.rank)[s.last]))
         used.append(costs.stage_bytes(s.rank, s.first, s.last))
     latency = 0.0
     for c, t in zip(compute, send):  # same order of additions as the latency DP
@@ -424,11 +432,11 @@ def predict(costs: Costs, plan: Plan) -> dict:
 
 def _interchangeable(costs: Costs, a: int, b: int) -> bool:
     """Whether swapping devices a and b maps the problem onto itself (same compute column, memory,
-    unit bytes, links to and from every other device, and the same link both ways between them)."""
+    unit and out bytes, links to and from every other device, and the same link both ways between them)."""
     if costs.device_memory[a] != costs.device_memory[b] or costs.stage_s[a] != costs.stage_s[b]:
         return False
-    if costs.bytes_on(a) != costs.bytes_on(b):  # one holds its shard in another dtype
-        return False
+    if costs.bytes_on(a) != costs.bytes_on(b) or costs.out_bytes_on(a) != costs.out_bytes_on(b):
+        return False  # one holds its shard, and sends its activations, in another dtype
     if any(row[a] != row[b] for row in costs.compute):
         return False
     for links in (costs.bandwidth, costs.latency):
@@ -484,11 +492,12 @@ def _shard_dp(costs: Costs, objective: str) -> Plan:
     mixed-radix array), and the shard that ends at unit i-1 runs on a device of type k.
 
       G(i, c, k) = min over the start i' of that last shard, and over the type k' before it, of
-                   combine( G(i', c - e_k, k'), T(k', k, O[i'-1]), S_k(i', i-1) )
+                   combine( G(i', c - e_k, k'), T(k', k, O_k'[i'-1]), S_k(i', i-1) )
                    where S_k(i', i-1) = stage_s[k] + sum t[i'..i-1] on type k, bytes_k(i'..i-1) <= Mem[k]
                    (bytes_k: the units as type k holds them, in its own dtype);
       the source shard: G(i, 0, source) = S_source(0, i-1) if bytes_source(0..i-1) <= Mem[source];
-      the end: min over (c, k) of combine( G(N, c, k), T(k, source, O[N-1]) ), and G(N, 0, source).
+      the end: min over (c, k) of combine( G(N, c, k), T(k, source, O_k[N-1]) ), and G(N, 0, source);
+      O_k: what each unit sends from type k (in its dtype).
 
     combine is + for the latency objective and max for the throughput (bottleneck) objective; both
     are monotone, which is what makes the principle of optimality hold.
@@ -527,6 +536,10 @@ def _shard_dp(costs: Costs, objective: str) -> Plan:
             return _INF  # unreachable: the cap already forbids a second device of this type
         return costs.transfer(types[a][0], types[a][1], nbytes)
 
+    def sent(t: int, i: int) -> float:
+        """Bytes unit i sends on from a device of type t."""
+        return costs.out_bytes_on(reps[t])[i]
+
     # S[t, i, j]: compute of units i..j on type t; lo[t][j]: the first start i such that units i..j
     # fit on type t (j + 1 when unit j alone does not fit), in type t's own bytes. Sums are left
     # folds from each start i, the order predict and the memory check in _make_plan use, so all
@@ -558,12 +571,11 @@ def _shard_dp(costs: Costs, objective: str) -> Plan:
     H = np.full((n_types, n_units + 1, size), _INF)
 
     def enter(i: int, g: np.ndarray) -> None:
-        nbytes = costs.out_bytes[i - 1]
         for t in range(1, n_types + 1):
             best = np.full(size, _INF)
             for k in range(1, n_types + 1):
-                np.minimum(best, combine(g[k - 1], link(k, t, nbytes)), out=best)
-            best[0] = min(best[0], combine(g_src[i], link(0, t, nbytes)))  # c = 0: after the source
+                np.minimum(best, combine(g[k - 1], link(k, t, sent(k, i - 1))), out=best)
+            best[0] = min(best[0], combine(g_src[i], link(0, t, sent(0, i - 1))))  # c = 0: after the source
             H[t - 1, i] = _shift(best, dims, t - 1)
 
     def window(t: int, j: int) -> tuple[int, np.ndarray]:
@@ -587,7 +599,7 @@ def _shard_dp(costs: Costs, objective: str) -> Plan:
     # The end: the output of unit N-1 goes back to the source.
     best_value, best_state = g_src[n_units], None
     for k in range(1, n_types + 1):
-        values = combine(g[k - 1], link(k, 0, costs.out_bytes[n_units - 1]))
+        values = combine(g[k - 1], link(k, 0, sent(k, n_units - 1)))
         c = int(np.argmin(values))
         if values[c] < best_value:
             best_value, best_state = float(values[c]), (k, c)
@@ -613,9 +625,8 @@ def _shard_dp(costs: Costs, objective: str) -> Plan:
             _, start = cell(end, k, c)
             typed.append((k, start, end - 1))
             c -= strides[k - 1]
-            nbytes = costs.out_bytes[start - 1]
-            options = [(combine(g_src[start], link(0, k, nbytes)), 0)] if c == 0 else []
-            options += [(combine(cell(start, k2, c)[0], link(k2, k, nbytes)), k2)
+            options = [(combine(g_src[start], link(0, k, sent(0, start - 1))), 0)] if c == 0 else []
+            options += [(combine(cell(start, k2, c)[0], link(k2, k, sent(k2, start - 1))), k2)
                         for k2 in range(1, n_types + 1)]
             _, k_prev = min(options, key=lambda o: o[0])
             if k_prev == 0:

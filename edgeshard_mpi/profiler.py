@@ -4,10 +4,11 @@
 
 Every rank measures, on its own device with its emulation applied and in its own dtype and
 quantization, every unit's prefill time at the job's prompt length and decode time at the job's
-micro-batch size and context (median of repeated runs), one unit loaded at a time. Ranks take turns, so that ranks sharing a host do not
-slow each other's measurements. Links are measured by ping-pong between every pair of ranks at
-growing sizes (latency and bandwidth from the smallest and the largest). Rank 0 gathers it all into
-a `Profile`, saved as JSON with the cluster, model, dtype, shapes, versions and date.
+micro-batch size and context (median of repeated runs), one unit loaded at a time. Ranks take
+turns, so that ranks sharing a host do not slow each other's measurements. Links are measured by
+ping-pong between every pair of ranks at growing sizes (latency and bandwidth from the smallest and
+the largest). Rank 0 gathers it all into a `Profile`, saved as JSON with the cluster, model, dtype,
+shapes, versions and date.
 
 The `Profile` dataclass is pure Python, so `edgeshard plan` reads profiles without MPI or torch;
 the measuring functions import torch and MPI only when called.
@@ -81,7 +82,8 @@ class Profile:
     model: dict  # name, fingerprint, dtype, num_units
     units: list[dict]  # per unit: name, param_bytes, kv_bytes_per_token, out_bytes_per_token
     # per rank: the Device fields + prefill_s[unit], decode_s[unit]; a device that holds its units in a
-    # dtype or quantization other than the model's also param_bytes[unit], kv_bytes_per_token[unit]
+    # dtype or quantization other than the model's also param_bytes, kv_bytes_per_token and
+    # out_bytes_per_token per unit
     devices: list[dict]
     bandwidth: list[list[float | None]]  # bytes/s of the link rank k -> rank j; None on the diagonal
     latency: list[list[float]]  # seconds of the link rank k -> rank j; 0 on the diagonal
@@ -133,6 +135,10 @@ class Profile:
                    for d in self.devices]
         return [list(row) for row in zip(*columns)]
 
+    def out_bytes_per_token(self, j: int) -> list[int]:
+        """What each unit sends on from device j, per token and row, in that device's dtype."""
+        return self.devices[j].get("out_bytes_per_token") or [u["out_bytes_per_token"] for u in self.units]
+
     def costs(self, phase: str = "decode", kv_tokens: int | None = None, row_tokens: int | None = None) -> Costs:
         """The planning problem of one step: a decode step (default) or a prefill.
 
@@ -147,9 +153,16 @@ class Profile:
         key = {"decode": "decode_s", "prefill": "prefill_s"}[phase]
         step = [float(d.get(f"{phase}_step_s", 0.0)) for d in self.devices]
         tokens = self.shapes["micro_batch_size"] * (1 if phase == "decode" else self.shapes["prompt_tokens"])
-        out = [u["out_bytes_per_token"] * tokens for u in self.units]
-        out[-1] = 8 * self.shapes["micro_batch_size"]  # the head returns one token id per row
         m = len(self.devices)
+
+        def sent(j: int) -> list[float]:
+            out = [b * tokens for b in self.out_bytes_per_token(j)]
+            out[-1] = 8 * self.shapes["micro_batch_size"]  # the head returns one token id per row
+            return out
+
+        # (N,) when every device sends in the model's dtype, else (N, M)
+        own = any("out_bytes_per_token" in d for d in self.devices)
+        out = [list(row) for row in zip(*(sent(j) for j in range(m)))] if own else sent(0)
         bw = [[math.inf if (k == j or self.bandwidth[k][j] is None) else self.bandwidth[k][j] for j in range(m)]
               for k in range(m)]
         return Costs(compute=[[max(0.0, d[key][i] - step[j]) for j, d in enumerate(self.devices)]
@@ -210,7 +223,8 @@ class Profile:
 
 
 _MEASURED = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s")  # a profile's own device fields
-_OWN_BYTES = ("param_bytes", "kv_bytes_per_token")  # per unit, of a device in its own dtype or quantization
+# per unit, of a device that holds its units in its own dtype or quantization
+_OWN_BYTES = ("param_bytes", "kv_bytes_per_token", "out_bytes_per_token")
 
 
 def _device_difference(profiled: list[dict], running: list[dict]) -> str:
@@ -230,11 +244,11 @@ def _shown(value) -> str:
 
 def device_bytes(spec, own) -> dict:
     """A device's own unit bytes for its profile entry: {} when it holds the model as `spec` counts
-    it, else its param_bytes and kv_bytes_per_token per unit (`own`: the spec in its dtype)."""
+    it, else its param_bytes, kv_bytes_per_token and out_bytes_per_token per unit (`own`: the spec in
+    its dtype)."""
     if own is spec:
         return {}
-    return {"param_bytes": [u.param_bytes for u in own.units],
-            "kv_bytes_per_token": [u.kv_bytes_per_token for u in own.units]}
+    return {key: [getattr(u, key) for u in own.units] for key in _OWN_BYTES}
 
 
 def find_profile(model_fp: str, cluster_fp: str, shapes: dict, folder: Path | None = None) -> Profile | None:

@@ -82,7 +82,7 @@ class StepCosts:
             decode.append(decode_costs.stage_compute(s.rank, s.first, s.last))
             prefill.append(prefill_costs.stage_compute(s.rank, s.first, s.last))
             head = nxt is None
-            out.append(8.0 if head else float(profile.units[s.last]["out_bytes_per_token"]))
+            out.append(8.0 if head else float(profile.out_bytes_per_token(s.rank)[s.last]))  # in its dtype
             to = 0 if head else nxt.rank
             if to == s.rank:
                 lat.append(0.0)

@@ -53,6 +53,8 @@ def test_a_device_that_holds_the_model_only_in_bf16_or_int8_is_planned_with_it(t
         costs = prof.costs()
         assert costs.per_device_bytes
         assert costs.bytes_on(1)[-1] < costs.bytes_on(0)[-1] == costs.bytes_on(2)[-1]
+        # what it sends on is in its dtype too: half in bf16, as the job's with int8 weights
+        assert costs.out_bytes_on(1)[1] == costs.out_bytes_on(0)[1] / (2 if "dtype" in own else 1)
         plan = plan_throughput(costs)
         assert [(s.rank, s.first, s.last) for s in plan.stages] == [(0, 0, 0), (1, 1, n - 1)], own
         assert predict(costs, plan)["stage_bytes"][1] <= devices[1].memory
@@ -145,6 +147,7 @@ def test_a_run_over_devices_in_their_own_dtypes(tmp_path, tiny_path):
     prof = Profile.load(attrs["profile"])
     assert prof.devices[0]["param_bytes"] == [u.param_bytes for u in bf16.units]
     assert prof.devices[2]["param_bytes"] == [u.param_bytes for u in int8.units]
+    assert prof.devices[0]["out_bytes_per_token"] == [u.out_bytes_per_token for u in bf16.units]
     assert "param_bytes" not in prof.devices[1] and prof.costs().per_device_bytes
 
     by_id = {r.id: r.token_ids for r in read_results(tmp_path / "job.h5")}

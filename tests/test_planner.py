@@ -28,9 +28,9 @@ def _transfer(c: dict, k: int, j: int, nbytes: float) -> float:
     return 0.0 if k == j else c["latency"][k][j] + nbytes / c["bandwidth"][k][j]
 
 
-def _bytes(c: dict, i: int, j: int) -> float:
-    """Unit i's bytes on device j: unit_bytes is (N,) or, per device, (N, M)."""
-    b = c["unit_bytes"][i]
+def _bytes(c: dict, i: int, j: int, key: str = "unit_bytes") -> float:
+    """Unit i's bytes on device j (or what it sends from there, key="out_bytes"): (N,) or, per device, (N, M)."""
+    b = c[key][i]
     return b[j] if isinstance(b, (list, tuple)) else b
 
 
@@ -50,7 +50,7 @@ def exhaustive(c: dict) -> tuple[float, float]:
             mem += _bytes(c, last, dev)
             if mem > memory[dev]:
                 break  # bytes only grow with the shard
-            nbytes = c["out_bytes"][last]
+            nbytes = _bytes(c, last, dev, "out_bytes")
             if last == n - 1:
                 back = _transfer(c, dev, 0, nbytes)
                 best[0] = min(best[0], lat + comp + back)
@@ -72,7 +72,7 @@ def evaluate(c: dict, plan: Plan) -> tuple[float, float, bool]:
     lat, bot, fits = 0.0, 0.0, True
     for s, nxt in zip(plan.stages, list(plan.stages[1:]) + [None]):
         comp = (c.get("stage_s") or [0.0] * len(c["device_memory"]))[s.rank] + sum(c["compute"][i][s.rank] for i in s.units)
-        send = _transfer(c, s.rank, nxt.rank if nxt else 0, c["out_bytes"][s.last])
+        send = _transfer(c, s.rank, nxt.rank if nxt else 0, _bytes(c, s.last, s.rank, "out_bytes"))
         lat += comp + send
         bot = max(bot, comp, send)
         fits &= sum(_bytes(c, i, s.rank) for i in s.units) <= memory[s.rank]
@@ -129,18 +129,19 @@ def random_problem(rng: random.Random, max_devices: int = 6, max_units: int = 12
 
 
 def per_device_bytes(rng: random.Random, p: dict) -> dict:
-    """The problem with each device holding units in a dtype of its own: unit bytes scaled per device
-    (int8 ~ 1/4, bf16 1/2, fp32 1, by powers of two so sums stay exact). Clones mostly share a scale,
-    so types still merge; sometimes one clone alone differs, and must not merge."""
+    """The problem with each device holding units in a dtype of its own: unit bytes and what it sends
+    scaled per device (int8 ~ 1/4, bf16 1/2, fp32 1, by powers of two so sums stay exact). Clones
+    mostly share their scales, so types still merge; sometimes one clone alone differs, and must not."""
     n, m = len(p["compute"]), len(p["device_memory"])
     kinds: dict = {}
-    scale = []
+    scale = []  # (unit bytes, out bytes) per device
     for j in range(m):
         key = (tuple(row[j] for row in p["compute"]), p["device_memory"][j])
-        scale.append(kinds.setdefault(key, rng.choice([0.25, 0.5, 1.0])))
+        scale.append(kinds.setdefault(key, (rng.choice([0.25, 0.5, 1.0]), rng.choice([0.5, 1.0]))))
     if m > 1 and rng.random() < 0.3:
-        scale[rng.randrange(m)] = rng.choice([0.25, 0.5, 1.0, 2.0])
-    return p | {"unit_bytes": [[p["unit_bytes"][i] * scale[j] for j in range(m)] for i in range(n)]}
+        scale[rng.randrange(m)] = (rng.choice([0.25, 0.5, 1.0, 2.0]), rng.choice([0.5, 1.0, 2.0]))
+    return p | {"unit_bytes": [[p["unit_bytes"][i] * scale[j][0] for j in range(m)] for i in range(n)],
+                "out_bytes": [[p["out_bytes"][i] * scale[j][1] for j in range(m)] for i in range(n)]}
 
 
 @pytest.mark.parametrize("bytes_per_device", [False, True], ids=["bytes", "bytes-per-device"])
@@ -197,6 +198,25 @@ def test_types_merge_clones_but_not_the_source_or_near_clones():
     p["latency"][3][4] = 0.1
     p["unit_bytes"] = [[1, 1, 0.5, 1, 1]] * 3  # device 2 holds its units in half the bytes (bf16)
     assert planner._device_types(Costs(**p)) == [[0], [1, 3], [2], [4]]
+    p["out_bytes"] = [[1, 1, 1, 0.5, 1]] * 3  # device 3 sends in half the bytes
+    assert planner._device_types(Costs(**p)) == [[0], [1], [2], [3], [4]]
+
+
+def test_what_a_device_sends_is_counted_in_its_own_dtype():
+    # units 1..4 take both other devices, two units each, over a slow link between them; device 2
+    # sends its activations in half the bytes (bf16), so the optimum puts it first, sending
+    p = {
+        "compute": [[1.0, 0.1, 0.1]] * 5,
+        "unit_bytes": [1] * 5,
+        "device_memory": [1, 2, 2],
+        "out_bytes": [[100, 100, 50]] * 4 + [[8, 8, 8]],
+        "bandwidth": [[INF] * 3, [INF, INF, 10.0], [INF, 10.0, INF]],
+        "latency": [[0.0] * 3 for _ in range(3)],
+    }
+    costs = Costs(**p)
+    for dp in (plan_latency, plan_throughput):
+        assert dp(costs).stages == (Stage(0, 0, 0), Stage(2, 1, 2), Stage(1, 3, 4))
+    assert predict(costs, plan_latency(costs))["stage_send_s"] == [0.0, approx(5.0), 0.0]
 
 
 def test_a_device_that_fits_the_model_only_in_its_own_dtype_gets_it():
@@ -378,6 +398,9 @@ def test_costs_validation():
     with pytest.raises(PlanError, match="not a mix"):
         Costs(**(p | {"unit_bytes": [[1, 2], 1, 1]}))
     assert Costs(**(p | {"unit_bytes": [[1, 2]] * 3})).bytes_on(1) == (2.0, 2.0, 2.0)
+    with pytest.raises(PlanError, match=r"out_bytes\[0\]\[1\] = -4.0"):
+        Costs(**(p | {"out_bytes": [[4, -4]] * 3}))
+    assert Costs(**(p | {"out_bytes": [[4, 2]] * 3})).out_bytes_on(1) == (2.0, 2.0, 2.0)
     with pytest.raises(PlanError, match=r"bandwidth\[0\]\[1\] = 0.0"):
         Costs(**(p | {"bandwidth": [[1.0, 0.0], [1.0, 1.0]]}))
     with pytest.raises(PlanError, match=r"compute\[2\]\[1\] = -1.0"):
