@@ -10,12 +10,14 @@ kind of node, chosen by shell-style patterns on the node name:
 
     [types.orin]
     nodes = ["edge*"]        # fnmatch patterns; the first type with a matching pattern wins
-    memory = "8GiB"          # the hostfile's device fields: memory, torch, slowdown, link, latency
+    memory = "8GiB"          # the hostfile's device fields: memory, torch, slowdown, link, latency,
+                             # dtype, quantize
     [types.a100]
     nodes = ["gpu-a*"]
     slots = 2                # ranks per node (default 1); each gets its own declaration
     memory = "38GiB"
     torch = "cuda:{slot}"    # {slot} = the slot on its node: one GPU per rank
+    dtype = "float16"        # this type's shards in float16, whatever the job's dtype
 
 Device names are `{node}` (one slot) or `{node}-{slot}` unless the type gives `name` (a template
 with {node}, {slot}, {type}). Ranks follow the node list's order, so rank 0, which reads the prompts
@@ -44,7 +46,8 @@ from .cluster import Cluster, HostfileError, parse_hostfile
 __all__ = ["SlurmError", "expand_nodelist", "hostnames", "DeviceType", "load_device_types", "build_hostfile",
            "main"]
 
-_FIELDS = ("memory", "torch", "slowdown", "link", "latency")  # passed through to `# device:` lines
+# passed through to `# device:` lines
+_FIELDS = ("memory", "torch", "slowdown", "link", "latency", "dtype", "quantize")
 _KEYS = {"nodes", "slots", "name", *_FIELDS}
 
 

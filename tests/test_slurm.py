@@ -26,6 +26,7 @@ slots = 2
 memory = "38GiB"
 torch = "cuda:{slot}"
 link = "10Gbit"
+dtype = "float16"
 """
 
 
@@ -74,6 +75,7 @@ def test_hostfile_declares_each_slot_and_edgeshard_reads_it(tmp_path):
         ("gpu-a7-1", "gpu-a7", "cuda:1", 38 * 2**30, 1.0),
     ]
     assert cluster.devices[2].bandwidth == 10e9 / 8
+    assert [d.dtype for d in cluster.devices] == [None, None, "float16", "float16"]
 
 
 def test_first_matching_type_wins_and_names_follow_the_template(tmp_path):
