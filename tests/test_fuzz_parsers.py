@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeshard_mpi.cluster import MAX_SLOTS, Cluster, HostfileError, parse_hostfile
+from edgeshard_mpi.cluster import DTYPES, MAX_SLOTS, QUANTIZE, Cluster, HostfileError, parse_hostfile
 from edgeshard_mpi.jobs import MAX_LINE_BYTES, JobError, count_prompts, read_prompts
 
 # Each example writes a file; a per-test temporary folder (not pytest's function-scoped tmp_path,
@@ -20,7 +20,8 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 # Pieces of real hostfiles, so that generated files reach past the first check more often than random bytes do
 _HOST_PIECES = st.sampled_from([
-    "# device: ", "name=", "memory=", "torch=", "slowdown=", "link=", "latency=", "dtype=", "quantize=", "speed=", "a", "b", "node1",
+    "# device: ", "name=", "memory=", "torch=", "slowdown=", "link=", "latency=", "dtype=", "quantize=", "speed=",
+    "a", "b", "node1",
     "localhost", ":", "1", "2", "0", "-1", "x", "8GiB", "8GB", "512MiB", "1.5", "inf", "nan", "1e9", "cuda:0",
     "cpu", "50Mbit", "2ms", "=", " ", "\t", "#", "\r", "\n", "\n", "\n", "\ufeff", "\u00b2", "\xa0", "é",
     "99999999999", "9" * 400, "bfloat16", "float16", "int8", "none",
@@ -46,6 +47,7 @@ def _check_hostfile(data: bytes) -> None:
         assert math.isfinite(d.slowdown) and d.slowdown >= 1
         assert d.bandwidth is None or 0 < d.bandwidth < math.inf
         assert 0 <= d.latency < math.inf
+        assert d.dtype in (None, *DTYPES) and d.quantize in (None, *QUANTIZE)
 
 
 @FUZZ
