@@ -37,6 +37,14 @@ def _profile(spec: ModelSpec, devices: list[Device], decode_s: list[float], sour
                    cluster=cluster_fingerprint([d.to_dict() for d in devices]), source=source)
 
 
+def test_a_device_may_declare_what_a_job_may():
+    # cluster.py imports no torch, so it keeps its own list of the choices
+    from edgeshard_mpi import cluster, models
+
+    assert set(cluster.DTYPES) == set(models.DTYPE_BYTES)
+    assert set(cluster.QUANTIZE) - {"none"} == set(models.QUANTIZE) - {None}
+
+
 def test_a_device_that_holds_the_model_only_in_bf16_or_int8_is_planned_with_it(tmp_path, tiny_path):
     # fp32 job; the source holds the embedding alone; the fast device holds units 1..7 only in its own
     # dtype, so its own bytes, not the job's, decide whether it can take them
@@ -121,7 +129,7 @@ def test_a_run_over_devices_in_their_own_dtypes(tmp_path, tiny_path):
     bf16, int8 = fp32.with_precision("bfloat16", None), fp32.with_precision("float32", "int8")
     n, mib = fp32.num_units, 2**20
     head_and_blocks = int8.bytes_of(1, n - 1) + mib
-    assert bf16.bytes_of(0, 0) + mib < fp32.bytes_of(0, 0) and head_and_blocks < bf16.units[-1].param_bytes
+    assert bf16.bytes_of(0, n - 2) + mib < fp32.bytes_of(0, 0) and head_and_blocks < bf16.units[-1].param_bytes
     hosts = tmp_path / "mixed.hosts"
     hosts.write_text(f"# device: name=src dtype=bfloat16 memory={bf16.bytes_of(0, n - 2) + mib}\nlocalhost:1\n"
                      f"# device: name=mid memory={fp32.bytes_of(1, n - 2) + mib}\nlocalhost:1\n"
