@@ -11,14 +11,22 @@ and returns them followed by the new ones. Its buffer holds up to twice the wind
 move back to the front when the end is reached, one copy of `window - 1` tokens every `window` steps.
 
 Rows that finish leave by index (`batch_select_indices`), once, not every step.
+
+A compiled decode step (`static_slot_cache`) needs shapes that do not change from step to step, so
+there the layers are transformers' static ones, as `generate` uses under `torch.compile`: attention
+runs over all `capacity` positions, the ones not yet written masked out. The sums then run over
+more (zero) terms, so logits may differ from `DynamicCache`'s in the last bits.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import (Cache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer,
+                                     get_layer_types_and_kwargs)
 
-__all__ = ["slot_cache"]
+__all__ = ["slot_cache", "static_slot_cache", "STATIC_ROUND"]
+
+STATIC_ROUND = 256  # a static slot's capacity is rounded up to this, so that most slots share one shape
 
 
 class _FullLayer(DynamicLayer):
@@ -118,12 +126,64 @@ class _WindowLayer(_FullLayer, DynamicSlidingWindowLayer):
             self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
 
 
+class _StaticRows:
+    """What a static layer needs beyond transformers': rows that leave by index, and dynamic shapes.
+
+    The batch and capacity dimensions are marked dynamic, so that one compiled graph serves every
+    micro-batch size above 1 and every capacity, instead of one compile per shape.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._mark()
+
+    def _mark(self) -> None:
+        if torch.compiler.is_compiling():
+            return
+        for t in (self.keys, self.values):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+            # transformers marks them static (for CUDA graphs); a graph would then be bound to these
+            # very buffers, and every new slot and every row change would compile again
+            if hasattr(t, "_dynamo_static_input_type"):
+                del t._dynamo_static_input_type
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+            self._mark()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # the buffer's (dynamic) size rather than the Python count, which a graph would be bound to
+        return (self.keys.shape[-2] if self.is_initialized else self.max_cache_len), 0
+
+
+class _StaticFull(_StaticRows, StaticLayer):
+    pass
+
+
+def static_slot_cache(config, layer_ids: list[int], capacity: int) -> Cache:
+    """As `slot_cache`, with static layers for a compiled decode step; `capacity` is rounded up to
+    `STATIC_ROUND` tokens.
+
+    A sliding layer keeps every token too, and its mask (the family's sliding one) shows it only its
+    window. transformers' static sliding layer rolls its buffer by a Python count that every step
+    would compile again for; this costs a sliding layer its capacity instead of its window.
+    """
+    capacity = -(-capacity // STATIC_ROUND) * STATIC_ROUND
+    return _cache(config, layer_ids, lambda: _StaticFull(capacity), lambda window: _StaticFull(capacity))
+
+
 def slot_cache(config, layer_ids: list[int], capacity: int) -> Cache:
     """A cache for the layers `layer_ids` (global indices) of one slot, `capacity` tokens per row.
 
     The other layers' entries are empty `DynamicLayer`s that are never written: transformers indexes
     a cache by global layer index, and mask helpers ask it about this shard's layers only.
     """
+    return _cache(config, layer_ids, lambda: _FullLayer(capacity), lambda window: _WindowLayer(capacity, window))
+
+
+def _cache(config, layer_ids: list[int], full, sliding) -> Cache:
     types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
     mine = set(layer_ids)
     layers = []
@@ -131,9 +191,9 @@ def slot_cache(config, layer_ids: list[int], capacity: int) -> Cache:
         if i not in mine:
             layers.append(DynamicLayer())
         elif t == "full_attention":
-            layers.append(_FullLayer(capacity))
+            layers.append(full())
         elif t == "sliding_attention":
-            layers.append(_WindowLayer(capacity, kw["sliding_window"]))
+            layers.append(sliding(kw["sliding_window"]))
         else:  # families.py admits only these two
             raise ValueError(f"layer {i}: attention type {t!r} has no slot cache")
     return Cache(layers=layers)

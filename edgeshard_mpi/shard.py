@@ -25,8 +25,9 @@ import transformers.generation.utils  # noqa: F401
 import transformers.masking_utils  # noqa: F401
 import transformers.modeling_utils  # noqa: F401
 
+from .compiling import CompiledStep
 from .families import mask_builder
-from .kv_cache import slot_cache
+from .kv_cache import slot_cache, static_slot_cache
 from .models import ModelError, ModelSpec
 from .quant import SCALE_DTYPE, Int8Embedding, int8_keys, int8_shell, quantize_rows
 
@@ -68,7 +69,7 @@ class Shard:
     """
 
     def __init__(self, spec: ModelSpec, first: int, last: int, device: str = "cpu", *, slowdown: float = 1.0,
-                 memory: int | None = None):
+                 memory: int | None = None, compile: bool = False):
         from .families import build_skeleton, family_of, layer_types, unit_modules
 
         n = spec.num_units
@@ -137,6 +138,7 @@ class Shard:
                     tensors[head_key], tensors[scales] = again[embed_key], again[f"{embed_name}.scales"]
             self.lm_head = take(head_name)
         self.slots: dict[int, _SlotState] = {}
+        self.compiled = CompiledStep(self._units, self.device) if compile else None  # decode steps only
 
     def _read_tensors(self, path: Path, int8: set[str], wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
         """Read exactly this shard's tensors (or `wanted`), cast to the job dtype, on the shard's device;
@@ -213,7 +215,8 @@ class Shard:
         """A new micro-batch enters `slot`: rows are left-padded by `pads` tokens each, and the longest
         of them will have been `capacity` tokens long (prompt and padding, then new tokens) by its last step."""
         self.slots[slot] = _SlotState(
-            cache=slot_cache(self.config, self.layer_ids, capacity) if self.layers else None,
+            cache=(static_slot_cache if self.compiled else slot_cache)(self.config, self.layer_ids, capacity)
+            if self.layers else None,
             mask=None, last_pos=torch.zeros(len(pads), 1, dtype=torch.long, device=self.device))
 
     def select(self, slot: int, keep) -> None:
@@ -226,6 +229,22 @@ class Shard:
             state.mask = state.mask[idx]
         state.last_pos = state.last_pos[idx]
 
+    def warm_up(self, rows: int) -> None:
+        """Compile the decode step now rather than in the middle of a run (where a stage silent for
+        longer than the step timeout counts as lost): for micro-batches of `rows` rows, rows leaving,
+        and a single row, on a slot of its own that is then dropped."""
+        if not self.compiled:
+            return
+        for b in dict.fromkeys((1, rows)):
+            shape = (b, 1) if self.has_embed else (b, 1, self.config.hidden_size)
+            x = torch.zeros(shape, dtype=torch.long if self.has_embed else self.dtype, device=self.device)
+            self.forward(-1, torch.cat([x, x], dim=1), [1] + [0] * (b - 1), 4)  # padded, as most micro-batches
+            self.forward(-1, x)
+            if b > 2:
+                self.select(-1, list(range(b - 1)))
+                self.forward(-1, x[:-1])
+            self.release(-1)
+
     def sync(self) -> None:
         """Wait for the device to finish queued work, so that a timer around forward() times the compute."""
         if self.device.type == "cuda":
@@ -234,7 +253,6 @@ class Shard:
     def release(self, slot: int) -> None:
         self.slots.pop(slot, None)
 
-    @torch.inference_mode()
     def forward(self, slot: int, x: torch.Tensor, prefill_pads: list[int] | None = None,
                 capacity: int | None = None) -> torch.Tensor:
         """Run this shard's units for one step of the micro-batch in `slot`.
@@ -246,13 +264,15 @@ class Shard:
         Returns hidden states (B, T, H), or, if the shard holds the head, fp32 logits (B, V)
         of each row's last position.
         """
-        if self.slowdown == 1.0:
-            return self._forward(slot, x, prefill_pads, capacity)
-        wall, cpu = time.perf_counter(), time.thread_time()
-        out = self._forward(slot, x, prefill_pads, capacity)
-        target = self.slowdown * (time.thread_time() - cpu)
-        time.sleep(max(0.0, target - (time.perf_counter() - wall)))
-        return out
+        # a compiled graph cannot take inference tensors (their version counters are gone)
+        with torch.no_grad() if self.compiled else torch.inference_mode():
+            if self.slowdown == 1.0:
+                return self._forward(slot, x, prefill_pads, capacity)
+            wall, cpu = time.perf_counter(), time.thread_time()
+            out = self._forward(slot, x, prefill_pads, capacity)
+            target = self.slowdown * (time.thread_time() - cpu)
+            time.sleep(max(0.0, target - (time.perf_counter() - wall)))
+            return out
 
     def _forward(self, slot: int, x: torch.Tensor, prefill_pads: list[int] | None,
                  capacity: int | None) -> torch.Tensor:
@@ -268,23 +288,37 @@ class Shard:
                 state.mask = mask
             else:
                 pos = torch.arange(T, device=self.device).expand(B, T)
+            if self.compiled and state.cache is not None:
+                # one mask of the slot's whole capacity, written once: positions not reached yet are
+                # hidden by causality, so decode steps pass the same tensor every time
+                full = torch.ones(B, state.cache.layers[self.layer_ids[0]].max_cache_len, dtype=torch.long,
+                                  device=self.device)
+                full[:, :T] = state.mask if state.mask is not None else 1
+                state.mask = full
+                torch._dynamo.maybe_mark_dynamic(full, 0)
+                torch._dynamo.maybe_mark_dynamic(full, 1)
         else:
             pos = state.last_pos + torch.arange(1, T + 1, device=self.device)[None, :]  # (B, T)
-            if state.mask is not None:
+            if state.mask is not None and not self.compiled:
                 state.mask = torch.cat([state.mask, state.mask.new_ones(B, T)], dim=-1)
         state.last_pos = pos[:, -1:]
+        if self.compiled and prefill_pads is None and T == 1:
+            return self.compiled(x, pos, state.mask, state.cache)
+        return self._units(x, pos, state.mask, state.cache)
 
+    def _units(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
+        """The shard's units on one step's input, with position ids `pos` (B, T) and the 2D padding mask."""
         h = self.embed(x) if self.has_embed else x  # (B, T, H)
         if self.layers:
-            masks = {t: self.mask_fn[t](config=self.config, inputs_embeds=h, attention_mask=state.mask,
-                                         cache=state.cache, position_ids=pos, layer_idx=i)
+            masks = {t: self.mask_fn[t](config=self.config, inputs_embeds=h, attention_mask=mask,
+                                         cache=cache, position_ids=pos, layer_idx=i)
                      for t, i in self.mask_layer.items()}
             if self.family.rotary_by_layer_type:
                 rope = {t: self.rotary(h, pos, t) for t in self.mask_layer}
             else:
                 rope = dict.fromkeys(self.mask_layer, self.rotary(h, position_ids=pos))
             for layer, t in zip(self.layers, self.layer_types):
-                h = layer(h, attention_mask=masks[t], position_ids=pos, cache=state.cache,
+                h = layer(h, attention_mask=masks[t], position_ids=pos, cache=cache,
                           use_cache=True, position_embeddings=rope[t])
         if not self.has_head:
             return h
