@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--schedule", choices=list(SCHEDULES), help="pipeline schedule (default: the job's)")
     run.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, "
                      "else twice the plan's stages)")
+    run.add_argument("--compile", action="store_true", default=None,
+                     help="torch.compile each stage's decode step before the run (default: the job's compile)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--trace", help="write every rank's timeline to this Chrome trace JSON (Perfetto opens it)")
     run.add_argument("--step-timeout", type=_seconds, default=25.0, metavar="S",
@@ -76,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, else twice the stages)")
     bench.add_argument("--profile", help="profile JSON to plan from (default: a saved matching one, else measure)")
     bench.add_argument("--json", help="also save the rows as JSON to this file")
+    bench.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile each stage's decode step before each run (default: the job's compile)")
     bench.add_argument("--step-timeout", type=_seconds, default=25.0, metavar="S",
                        help="end the job when no tokens reach rank 0 for S seconds (default 25; 0 = never)")
 
@@ -170,7 +174,7 @@ def _mpi_command(args) -> int:
                                           f"(objectives: {', '.join(OBJECTIVES)}; schedules: {', '.join(SCHEDULES)})",
                                           quiet=comm.rank != 0)
             rows = bench_job(comm, args.job, RunOptions(hostfile=args.hostfile, profile=args.profile,
-                                                        micro_batches=args.micro_batches,
+                                                        micro_batches=args.micro_batches, compile=args.compile,
                                                         step_timeout=args.step_timeout or None), configs)
             if rows is not None:
                 _print_bench(rows)
@@ -186,7 +190,7 @@ def _mpi_command(args) -> int:
         opts = RunOptions(hostfile=args.hostfile, plan=args.plan, objective=args.objective, profile=args.profile,
                           output=args.output, overwrite=args.overwrite, resume=args.resume, schedule=args.schedule,
                           micro_batches=args.micro_batches, progress=not args.no_progress, trace=args.trace,
-                          step_timeout=args.step_timeout or None)
+                          step_timeout=args.step_timeout or None, compile=args.compile)
         summary = run_job(comm, args.job, opts)
     except SetupFailed as e:  # every rank knows; all leave normally, nothing to abort
         if not e.quiet:
@@ -225,6 +229,13 @@ def _print_summary(s, args) -> None:
         print(f"{i:>5}  {st['rank']:>4}  {st['device']:<14} {units:<30} "
               f"{format_bytes(st['bytes']):>11}  {st['compute_s']:>9.2f}  {st['compute_s'] / s.seconds:>5.0%}"
               + (f"  {p['busy'][i]:>9.0%}" if p else ""))
+    compiled = [st for st in s.stages if "compile_s" in st]
+    if compiled:  # before the clock started: not in the figures above
+        from .compiling import cache_dir
+
+        print("compiled decode steps, before the run: " + ", ".join(
+            f"rank {st['rank']} {st['compile_s']:.1f} s ({st['compile_graphs']} graphs)" for st in compiled)
+            + f"; cached in {cache_dir()}")
 
 
 def _show(args) -> int:

@@ -5,6 +5,7 @@ A job file, with paths relative to the job file's folder:
     model = "smollm2-135m"           # preset name or a model folder
     dtype = "float32"                # float32 | bfloat16 | float16
     quantize = "int8"                # optional: weight-only int8 matrices (activations stay in dtype)
+    compile = true                   # optional: torch.compile each stage's decode step (cached on disk)
     prompts = "prompts/demo.jsonl"   # .jsonl (one {"id", "prompt"|"messages"} a line) or .txt
     output = "../results/demo.h5"    # default: results/<job name>.h5 under the current folder
     hostfile = "../hostfiles/local3.hosts"   # optional; --hostfile overrides
@@ -148,6 +149,7 @@ class Job:
     output: str
     dtype: str = "float32"
     quantize: str | None = None  # "int8": weight-only int8 (quant.py)
+    compile: bool = False  # torch.compile each stage's decode step (compiling.py)
     hostfile: str | None = None
     micro_batch_size: int = 1
     micro_batches: int | None = None  # in flight; None = twice the plan's stages
@@ -175,7 +177,7 @@ class Job:
         except tomllib.TOMLDecodeError as e:
             raise JobError(f"{path}: not valid TOML ({e})") from None
         where = str(path)
-        _check_keys(d, {"model", "dtype", "quantize", "prompts", "output", "hostfile", "micro_batch_size", "micro_batches",
+        _check_keys(d, {"model", "dtype", "quantize", "compile", "prompts", "output", "hostfile", "micro_batch_size", "micro_batches",
                         "schedule", "chat", "generation", "plan"}, where)
         base = path.parent.resolve()
 
@@ -228,7 +230,7 @@ class Job:
         return cls(
             path=str(path.resolve()), model=model, prompts=rel(_field(d, "prompts", str, None, where)),
             output=rel(output) if output else str(Path("results", path.stem + ".h5").resolve()),
-            dtype=dtype, quantize=quantize, hostfile=rel(hostfile) if hostfile else None, micro_batch_size=mbs,
+            dtype=dtype, quantize=quantize, compile=_field(d, "compile", bool, False, where), hostfile=rel(hostfile) if hostfile else None, micro_batch_size=mbs,
             micro_batches=in_flight, schedule=schedule, chat=_field(d, "chat", bool, False, where),
             generation=_generation(gen_table, f"{where}: [generation]"), plan=plan, text=text)
 

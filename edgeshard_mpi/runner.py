@@ -58,6 +58,7 @@ class RunOptions:
     repeats: int = 5  # profiling: runs per measurement
     trace: str | None = None  # write every rank's timeline to this Chrome trace JSON
     step_timeout: float | None = 25.0  # rank 0 declares a rank lost after this long without tokens
+    compile: bool | None = None  # torch.compile each stage's decode step; None = as the job says
 
 
 _MAX_REPLAY_EVENTS = 2_000_000  # stage steps the end-of-run prediction replays at most (about 2 s)
@@ -149,6 +150,8 @@ class _Shared:
     cluster: dict
     plan: dict | None  # None: to be made from a profile
     measure: dict | None  # shapes to profile at, when no saved profile fits
+    compile: bool = False  # compile each stage's decode step, warmed up for micro-batches of `rows` rows
+    rows: int = 1
 
     def spec(self) -> ModelSpec:
         return ModelSpec.load(self.model_path, self.dtype, quantize=self.quantize)
@@ -235,7 +238,8 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
                        "model": {"name": spec.name, "path": spec.path, "dtype": spec.dtype, "quantize": spec.quantize,
                                  "config": spec.config},
                        "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    shared = _Shared(str(model_path), job.dtype, job.quantize, cluster.to_dict(), plan.to_dict() if plan else None, measure)
+    shared = _Shared(str(model_path), job.dtype, job.quantize, cluster.to_dict(), plan.to_dict() if plan else None, measure,
+                     compile=job.compile if opts.compile is None else opts.compile, rows=job.micro_batch_size)
     return shared, local
 
 
@@ -325,7 +329,7 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
         summary = _execute(comm, spec, cluster, plan, local, local.prompts if rank == 0 else None,
                            schedule=opts.schedule or (local.job.schedule if rank == 0 else ""),
                            in_flight=local.in_flight if rank == 0 else None, progress=opts.progress,
-                           trace=opts.trace)
+                           trace=opts.trace, shared=shared)
         if rank == 0:
             if opts.trace:
                 local.writer.set_attr("trace", str(Path(opts.trace).resolve()))
@@ -360,7 +364,8 @@ def _predict(local: _Local, plan: Plan, summary: Summary, schedule: str, in_flig
 
 
 def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _Local | None, prompts,
-             *, schedule: str, in_flight: int | None, progress: bool, trace: str | None = None) -> Summary | None:
+             *, schedule: str, in_flight: int | None, progress: bool, shared: _Shared,
+             trace: str | None = None) -> Summary | None:
     """Load this rank's shard (in its device's dtype and quantization), run the loops, gather every
     rank's figures; rank 0 returns the Summary.
 
@@ -377,7 +382,8 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     if index is not None:
         st = plan.stages[index]
         shard = Shard(_own_spec(spec, device), st.first, st.last, device.torch, slowdown=device.slowdown,
-                      memory=device.memory)
+                      memory=device.memory, compile=shared.compile)
+        shard.warm_up(shared.rows)  # compiles before the clock starts, never in a step the timeout watches
     comm.barrier()  # every shard loaded: the clock starts together
     tracer = Tracer(enabled=trace is not None)
     tracer.start()
@@ -398,6 +404,8 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     stats["wall_s"] = time.perf_counter() - start
     stats["cpu_s"] = time.process_time() - cpu_start
     stats["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    if shard is not None and shard.compiled:  # the warm-up's, and any a run needed after it (none, normally)
+        stats["compile_s"], stats["compile_graphs"] = shard.compiled.seconds, shard.compiled.graphs
     all_stats = comm.gather((stats, tracer.events))
     if rank != 0:
         return None
@@ -470,7 +478,7 @@ def bench_job(comm: Comm, job_path: str, opts: RunOptions,
         try:
             summary = _execute(comm, spec, cluster, plan, local, prompts, schedule=schedule,
                                in_flight=opts.micro_batches or (local.job.micro_batches if rank == 0 else None),
-                               progress=False)
+                               progress=False, shared=shared)
         finally:
             if rank == 0:
                 local.writer.close(complete=True)
