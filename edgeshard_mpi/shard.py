@@ -7,6 +7,9 @@ per-slot KV cache (kv_cache.py: buffers allocated once per slot; sliding layers 
 and transformers' mask helpers see the same layout as the full model. Masks and
 positions follow `generate` exactly (left padding, positions from the mask's cumulative sum, no
 mask at all when a micro-batch has no padding), so the tokens equal `generate`'s token for token.
+
+With `compile=True` the decode steps (one token a row) run through compiling.py's compiled `_units`
+on static KV layers, and `warm_up` compiles them before a run; prefills stay eager.
 """
 
 from __future__ import annotations
