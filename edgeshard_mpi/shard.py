@@ -241,7 +241,9 @@ class Shard:
         for b in dict.fromkeys((1, rows)):
             shape = (b, 1) if self.has_embed else (b, 1, self.config.hidden_size)
             x = torch.zeros(shape, dtype=torch.long if self.has_embed else self.dtype, device=self.device)
-            self.forward(-1, torch.cat([x, x], dim=1), [1] + [0] * (b - 1), 4)  # padded, as most micro-batches
+            # padded, as most micro-batches; a capacity of a typical request's size, since the compiler
+            # tunes its kernels for the sizes it first sees
+            self.forward(-1, torch.cat([x, x], dim=1), [1] + [0] * (b - 1), 256)
             self.forward(-1, x)
             if b > 2:
                 self.select(-1, list(range(b - 1)))
