@@ -298,11 +298,16 @@ class _Evictor:
         self.buf.add_(1.0)
 
 
-def _median_time(fn, repeats: int, slowdown: float = 1.0, before=None) -> float:
-    """Median time of fn(): wall time on a real device; on an emulated one, slowdown x its CPU time,
-    which is what the device's shard stretches each forward to in a run. before() runs untimed
-    ahead of each repeat."""
-    clock = time.perf_counter if slowdown == 1.0 else time.thread_time
+def _timed(fn, repeats: int, slowdown: float = 1.0, before=None) -> float:
+    """Time of fn(): on a real device the median wall time of the repeats; on an emulated one,
+    slowdown x its least CPU time, which is what the device's shard stretches each forward to in a
+    run. before() runs untimed ahead of each repeat.
+
+    The least, not the median, on an emulated device: its CPU time swells with whatever else the
+    shared host runs at that moment (2-4x for a few ms on a 2-core VM while another rank is up),
+    which the machine it stands for would not see. The least of the repeats is its own cost."""
+    emulated = slowdown != 1.0
+    clock = time.thread_time if emulated else time.perf_counter
     times = []
     for _ in range(repeats):
         if before is not None:
@@ -310,12 +315,14 @@ def _median_time(fn, repeats: int, slowdown: float = 1.0, before=None) -> float:
         t0 = clock()
         fn()
         times.append(clock() - t0)
-    return statistics.median(times) * slowdown
+    return (min(times) if emulated else statistics.median(times)) * slowdown
 
 
-def _measure_units(spec, device, shapes: dict, repeats: int) -> dict:
-    """Each unit alone on this rank's device: median prefill and decode step time (emulation applied),
+def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn()) -> dict:
+    """Each unit alone on this rank's device: prefill and decode step time (see _timed),
     and the step cost a stage pays once however many units it holds.
+
+    `turn(fn)` runs each measurement when it is this rank's turn (see measure_profile).
 
     Returns {"prefill_s": [per unit], "decode_s": [per unit], "prefill_step_s": s, "decode_step_s": s}.
     Every unit is timed from a cold start (see _Evictor), so each unit's time holds the cold start of
@@ -353,18 +360,18 @@ def _measure_units(spec, device, shapes: dict, repeats: int) -> dict:
 
         x_p, x_c, x_d = inputs(p), inputs(c), inputs(1)
         run(x_p, [0] * b)  # warm-up
-        t_prefill = _median_time(lambda: run(x_p, [0] * b), repeats, device.slowdown, evict)
+        t_prefill = _timed(lambda: run(x_p, [0] * b), repeats, device.slowdown, evict)
         run(x_c, [0] * b)  # a cache holding `context` tokens, then single-token steps
-        return t_prefill, _median_time(lambda: run(x_d, None), repeats, device.slowdown, evict)
+        return t_prefill, _timed(lambda: run(x_d, None), repeats, device.slowdown, evict)
 
     for u in range(spec.num_units):
-        t_prefill, t_decode = measure(u, u)
+        t_prefill, t_decode = turn(lambda: measure(u, u))
         prefill.append(t_prefill)
         decode.append(t_decode)
     out = {"prefill_s": prefill, "decode_s": decode, "prefill_step_s": 0.0, "decode_step_s": 0.0}
     first, last = 1, min(4, spec.num_units - 2)  # up to four blocks (neither embedding nor head)
     if last > first:
-        together = measure(first, last)
+        together = turn(lambda: measure(first, last))
         for key, alone, t in (("prefill", prefill, together[0]), ("decode", decode, together[1])):
             step = (sum(alone[first:last + 1]) - t) / (last - first)
             out[f"{key}_step_s"] = max(0.0, step)  # Profile.costs keeps every unit's share >= 0
@@ -420,11 +427,20 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
     Each rank measures and reports its units in its device's own dtype and quantization."""
     me = devices[comm.rank]
     own = spec.with_precision(*me.precision(spec.dtype, spec.quantize))
-    measured = {}
-    for r in range(comm.size):  # one rank at a time: ranks on one host must not share cores while timed
-        if r == comm.rank:
-            measured = _measure_units(own, me, shapes, repeats)
-        comm.barrier()
+
+    def turn(fn):
+        """Run fn on each rank in turn. Ranks on one host must not share cores while timed, and
+        taking turns unit by unit (not rank by rank) times every device's unit u within moments of
+        the others': this VM's speed drifts by tens of percent over a minute, and the planner
+        needs the devices' relative speeds right above all."""
+        out = None
+        for r in range(comm.size):
+            if r == comm.rank:
+                out = fn()
+            comm.barrier()
+        return out
+
+    measured = _measure_units(own, me, shapes, repeats, turn)
     links = {}
     for a in range(comm.size):
         for b in range(a + 1, comm.size):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -27,15 +28,21 @@ def test_profile_measures_the_emulated_slowdown_and_link(tmp_path, smollm_path):
     assert proc.returncode == 0, proc.stderr
     prof = Profile.load(out)
     quick, slow = prof.devices
-    ratio = sum(slow["decode_s"]) / sum(quick["decode_s"])
-    assert 2.2 < ratio < 4.0, ratio
-    assert 2.2 < sum(slow["prefill_s"]) / sum(quick["prefill_s"]) < 4.0
-    # the cold start of a step, paid once a stage, is small beside a block's own time. It is the
-    # difference of four blocks timed alone and together, so it carries their noise: on this VM a
-    # prefill's once came to 1.07x the quickest block's. Two blocks' time leaves room for that.
+    # 3x apart, unit by unit: the median of the per-unit ratios, because on this VM a few units of
+    # either device time 2-3x slow (the sum's ratio ranged 2.6-4.5 over runs, the median's 2.8-3.3).
+    # Without the slowdown it would be 1x, applied twice 9x.
+    for key in ("decode_s", "prefill_s"):
+        ratio = statistics.median(s / q for s, q in zip(slow[key], quick[key]))
+        assert 2.2 < ratio < 4.0, (key, ratio)
+    # the cold start of a step is paid once a stage: the profiler finds it as the difference of
+    # four blocks timed alone and the same four as one stage, (alone - together) / 3. That stage's
+    # cost is then alone - 3 x step, which must be more than one block alone. (On this VM the
+    # estimate itself is noisy: it ranged 0-2.2x the quickest block's time over runs.)
     for d in (quick, slow):
         for key in ("decode", "prefill"):
-            assert 0 <= d[f"{key}_step_s"] < 2 * min(d[f"{key}_s"][1:-1]), (d["name"], key)
+            alone = d[f"{key}_s"][1:5]
+            step = d[f"{key}_step_s"]
+            assert 0 <= step and sum(alone) - 3 * step > statistics.mean(alone), (d["name"], key, step, alone)
     mbit = prof.bandwidth[0][1] * 8 / 1e6
     assert 14 < mbit < 26, mbit  # link=20Mbit
     assert 0.004 < prof.latency[0][1] < 0.009, prof.latency[0][1]  # latency=5ms (+ 0 on the other side)
