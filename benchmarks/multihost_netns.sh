@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Three hosts on one machine (network namespaces, h1 behind a tc-shaped 2 Mbit/s link), tiny-random:
+# Three hosts on one machine (network namespaces, h1 behind a tc-shaped 5 Mbit/s link), tiny-random:
 #   sudo benchmarks/multihost_netns.sh          (about 40 s; needs root and iproute2)
 # Prints what the profiler measured of each link, the latency and throughput plans from that
 # profile, the latency plan once h1's links are made as fast as h0 <-> h2 in the same profile, and
@@ -27,7 +27,7 @@ cat > "$work/job.toml" <<'TOML'
 model = "tiny-random"
 prompts = "prompts.jsonl"
 output = "multi.h5"
-micro_batch_size = 16     # 4 KiB of activations a decode step: 16 ms over 2 Mbit/s
+micro_batch_size = 16     # 4 KiB of activations a decode step: 6.6 ms over 5 Mbit/s
 [generation]
 max_new_tokens = 12
 TOML
@@ -41,7 +41,7 @@ p = json.load(open(sys.argv[1]))
 bw = p["bandwidth"]
 for k, j in ((0, 1), (1, 2), (0, 2)):
     print(f"link h{k} <-> h{j}: {bw[k][j] * 8 / 1e6:8.1f} Mbit/s"
-          + (f"  ({bw[k][j] * 8 / 2e6:.2f} x the 2 Mbit/s tbf rate)" if 1 in (k, j) else ""))
+          + (f"  ({bw[k][j] * 8 / 5e6:.2f} x the 5 Mbit/s tbf rate)" if 1 in (k, j) else ""))
 # the counterfactual: h1's links as fast as h0 <-> h2, all else as measured
 for k in (0, 2):
     bw[k][1] = bw[1][k] = bw[0][2]

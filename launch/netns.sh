@@ -8,7 +8,7 @@
 #   NETNS_SUBNET=10.77.0   host k gets ${NETNS_SUBNET}.(k+1)/24
 #   NETNS_HOSTS=3          how many hosts
 #   SHAPE_HOST=1           which host's link is shaped (empty: none)
-#   SHAPE_RATE=2mbit       tc tbf rate, applied in both directions of that host's link
+#   SHAPE_RATE=5mbit       tc tbf rate, applied in both directions of that host's link
 # The switch is a bridge inside its own namespace, so nothing is added to the machine's own
 # network and `down` is just deleting namespaces (their interfaces and qdiscs go with them).
 # The kernel here has tbf but no netem, so the link is shaped in rate only: its latency stays
@@ -18,7 +18,7 @@ PREFIX=${NETNS_PREFIX:-es-}
 SUBNET=${NETNS_SUBNET:-10.77.0}
 HOSTS=${NETNS_HOSTS:-3}
 SHAPE_HOST=${SHAPE_HOST-1}
-SHAPE_RATE=${SHAPE_RATE:-2mbit}
+SHAPE_RATE=${SHAPE_RATE:-5mbit}
 SW=${PREFIX}sw
 
 say() { echo "netns: $*" >&2; }

@@ -1,5 +1,5 @@
 """A real multi-host run on one machine: three network namespaces on a switch, one host's link
-shaped to 2 Mbit/s by tc (launch/netns.sh), mpiexec over TCP between them (launch/netns-mpiexec.sh).
+shaped to 5 Mbit/s by tc (launch/netns.sh), mpiexec over TCP between them (launch/netns-mpiexec.sh).
 
 The job gives the tokens of a one-host run; the profiler measures the shaped link; the latency
 plan leaves out the host behind it, and puts it back once the same profile says its link is fast.
@@ -24,7 +24,7 @@ from edgeshard_mpi.profiler import Profile
 from edgeshard_mpi.results import read_attrs, read_results
 
 HOSTFILE = ROOT / "hostfiles" / "netns3.hosts"
-SHAPED = 2e6 / 8  # launch/netns.sh: tc tbf rate 2mbit, in bytes/s
+SHAPED = 5e6 / 8  # launch/netns.sh: tc tbf rate 5mbit, in bytes/s
 PROMPTS = ["The quick brown fox", "In a distant galaxy, a lone explorer discovered", "def fibonacci(n):",
            "Once upon a time"]
 # a per-process prefix: engineers' test runs on one machine each get their own hosts (each set is
@@ -132,7 +132,7 @@ def test_a_run_across_the_hosts_gives_the_tokens_of_one_host(hosts, tmp_path, ti
 
 
 def test_profile_measures_the_shaped_link_and_the_plan_goes_around_it(hosts, tmp_path, tiny_path):
-    # planned for micro-batches of 64 rows: 16 KiB of activations a decode step, 65 ms over the
+    # planned for micro-batches of 64 rows: 16 KiB of activations a decode step, 26 ms over the
     # shaped link, far above the fast host's lead over the other (see hostfiles/netns3.hosts)
     job = _job(tmp_path, micro_batch_size=64)
     out = tmp_path / "profile.json"
@@ -151,7 +151,7 @@ def test_profile_measures_the_shaped_link_and_the_plan_goes_around_it(hosts, tmp
         assert p.returncode == 0, p.stderr
         return [s["rank"] for s in json.loads(p.stdout)["stages"]]
 
-    # h1 computes fastest, but every step would cross its 2 Mbit/s link twice (it cannot hold
+    # h1 computes fastest, but every step would cross its 5 Mbit/s link twice (it cannot hold
     # the head): the plan sends the blocks to h2 instead of keeping them on the slow source
     ranks = plan_ranks(out)
     assert 1 not in ranks and ranks == [0, 2], ranks
