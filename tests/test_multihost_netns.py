@@ -159,9 +159,9 @@ def test_profile_measures_the_shaped_link_and_the_plan_goes_around_it(hosts, tmp
     # the same measurements with h1's links as fast as h0 <-> h2: now h1 gets the blocks, so it
     # was the shaped link, not h1's compute or memory, that kept it out. The cold start of a stage
     # is left out here: on tiny-random it is most of a block's time, so each unit's cost net of it
-    # carries that estimate's noise five times over, and on this VM h2's lead over h1 then ranged
-    # from 11 to 23 ms and sometimes vanished. Without it each device's blocks keep their own
-    # measured times, 5x apart (slowdowns 8 and 1.5), and per-unit noise of 30% cannot close that.
+    # carries that estimate's noise five times over: on this VM h2's lead over h1 ranged from 11 to
+    # 23 ms with it. Without it each device's blocks keep their own measured times, 5x apart
+    # (slowdowns 8 and 1.5), which a unit's noise of 30% cannot close.
     d = json.loads(out.read_text())
     for k in (0, 2):
         d["bandwidth"][k][1] = d["bandwidth"][1][k] = d["bandwidth"][0][2]
