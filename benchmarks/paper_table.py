@@ -12,7 +12,7 @@ Each plan is replayed by simulate.simulate on StepCosts.from_profile:
   latency     ms/token of one request (32 prompt tokens, 96 new: the paper's job), micro-batch 1,
               `sequential` schedule; for one request this equals planner.predict's latency_s.
   throughput  tokens/s of a job of JOB_REQUESTS = 64 such requests, micro-batch 1, `no-bubbles`,
-              2 x stages micro-batches in flight (simulate.default_in_flight: enough to fill the
+              2 x stages micro-batches in flight (scheduler.in_flight_for: enough to fill the
               pipeline); generated tokens over the whole job, prefills and the job's tail included.
 Memory is checked as Profile.costs() does by default: weights plus the KV cache of one micro-batch at
 the mean context (80 tokens); the KV of the other micro-batches in flight is not counted. The paper's
@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 from edgeshard_mpi.planner import PlanError, cloud_edge_opt, plan_for, predict  # noqa: E402
 from edgeshard_mpi.profiler import Profile  # noqa: E402
 from edgeshard_mpi.quant import int8_bytes  # noqa: E402
-from edgeshard_mpi.simulate import StepCosts, default_in_flight, simulate, uniform_requests  # noqa: E402
+from edgeshard_mpi.scheduler import in_flight_for  # noqa: E402
+from edgeshard_mpi.simulate import StepCosts, simulate, uniform_requests  # noqa: E402
 
 PROMPT, NEW, JOB_REQUESTS = 32, 96, 64
 CLOUD = 14  # the RTX 3090 in the paper profiles
@@ -98,7 +99,7 @@ def measure(prof: Profile, plan_fn, schedule: str) -> dict:
         sim = simulate(steps, uniform_requests(1, PROMPT, NEW), micro_batch_size=1, schedule="sequential")
     else:
         sim = simulate(steps, uniform_requests(JOB_REQUESTS, PROMPT, NEW), micro_batch_size=1,
-                       schedule="no-bubbles", in_flight=default_in_flight(len(plan.stages)))
+                       schedule="no-bubbles", in_flight=in_flight_for("no-bubbles", len(plan.stages)))
     p = predict(costs, plan)
     return {"ms_per_token": sim.ms_per_token, "tokens_per_s": sim.tokens_per_s, "in_flight": sim.in_flight,
             "predicted_ms": p["latency_s"] * 1e3, "predicted_tokens_per_s": 1 / p["bottleneck_s"],

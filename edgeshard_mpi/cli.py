@@ -23,11 +23,12 @@ import traceback
 
 from .cluster import HostfileError, format_bytes
 from .jobs import BENCH_DEFAULT, SCHEDULES, JobError
+from .scheduler import ADMISSIONS
 from .models import ModelError
 from .planner import OBJECTIVES, PlanError
 from .profiler import ProfileError
 from .results import ResultsError
-from .simulate import default_in_flight
+from .scheduler import in_flight_for
 
 __all__ = ["main"]
 
@@ -60,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue an existing results file: skip the requests it already holds")
     run.add_argument("--schedule", choices=list(SCHEDULES), help="pipeline schedule (default: the job's)")
+    run.add_argument("--admission", choices=list(ADMISSIONS),
+                     help="row: a finished row's place takes the next prompt at its micro-batch's next step; "
+                          "batch: new prompts only when a whole micro-batch finished (default: the job's)")
     run.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, "
                      "else twice the plan's stages)")
     run.add_argument("--compile", action="store_true", default=None,
@@ -76,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--configs", help="comma-separated objective:schedule pairs (default: "
                        + ",".join(f"{o}:{s}" for o, s in BENCH_DEFAULT) + ")")
     bench.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, else twice the stages)")
+    bench.add_argument("--admission", choices=list(ADMISSIONS), help="row or batch (default: the job's)")
     bench.add_argument("--profile", help="profile JSON to plan from (default: a saved matching one, else measure)")
     bench.add_argument("--json", help="also save the rows as JSON to this file")
     bench.add_argument("--compile", action="store_true", default=None,
@@ -175,6 +180,7 @@ def _mpi_command(args) -> int:
                                           quiet=comm.rank != 0)
             rows = bench_job(comm, args.job, RunOptions(hostfile=args.hostfile, profile=args.profile,
                                                         micro_batches=args.micro_batches, compile=args.compile,
+                                                        admission=args.admission,
                                                         step_timeout=args.step_timeout or None), configs)
             if rows is not None:
                 _print_bench(rows)
@@ -189,6 +195,7 @@ def _mpi_command(args) -> int:
             return 0
         opts = RunOptions(hostfile=args.hostfile, plan=args.plan, objective=args.objective, profile=args.profile,
                           output=args.output, overwrite=args.overwrite, resume=args.resume, schedule=args.schedule,
+                          admission=args.admission,
                           micro_batches=args.micro_batches, progress=not args.no_progress, trace=args.trace,
                           step_timeout=args.step_timeout or None, compile=args.compile)
         summary = run_job(comm, args.job, opts)
@@ -325,7 +332,7 @@ def _shape(args, prof, stages: int) -> dict:
     sh = prof.shapes
     prompt = args.prompt_tokens or sh["prompt_tokens"]
     new = args.new_tokens or max(1, 2 * (sh["context"] - sh["prompt_tokens"]))
-    in_flight = args.in_flight or default_in_flight(stages)
+    in_flight = in_flight_for("no-bubbles", stages, args.in_flight)
     batches = args.micro_batches or in_flight
     for name, v in (("--prompt-tokens", prompt), ("--new-tokens", new), ("--in-flight", in_flight),
                     ("--micro-batches", batches)):

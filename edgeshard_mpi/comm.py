@@ -1,10 +1,9 @@
 """Messages between ranks: the only module that imports mpi4py.
 
-Tensors move as a small fixed int64 header (kind, slot, step, shape, dtype) followed by the raw
-buffer, with uppercase `Isend`/`Irecv` on numpy views: never a pickled tensor. The first step of
-a micro-batch also carries a float64 row table (left pad and sampling parameters per row), and
-a step after some rows finished carries the indices of the rows still generating.
-Lowercase (pickled) calls carry only small control data at start and end.
+A message is a fixed int64 header followed by raw buffers, with uppercase `Isend`/`Irecv` on numpy
+views: never a pickled tensor. The header holds the kind, the send time, up to `MAX_FIELDS` integers
+of the sender's own (what they mean is messages.py's business, not this module's) and each buffer's
+dtype and shape. Lowercase (pickled) calls carry only small control data at start and end.
 
 Emulated links (hostfile `link=`, `latency=`): every header carries its send time, and the
 receiver holds a message until latency_a + latency_b + bytes / min(bw_a, bw_b) after it was sent,
@@ -41,11 +40,13 @@ __all__ = ["Comm", "Message", "RankLost", "ACT", "TOKENS", "STOP", "versions"]
 ACT, TOKENS, STOP = 1, 2, 3  # message kinds
 _TAG_PIPE, _TAG_TOKENS = 11, 12  # stage -> next stage, head -> source
 _TAG_PING, _TAG_PONG = 13, 14  # rank 0 -> a rank it suspects, and the answer (liveness checks)
-_HEADER = 10  # kind, slot, step, ndim, d0, d1, d2, dtype code | meta rows << 8, send time (ns), kept rows
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
+MAX_FIELDS, MAX_BUFFERS, _MAX_NDIM = 12, 4, 3
+# kind, send time (ns), field count, buffer count, the fields, then per buffer: dtype code, ndim, dims
+_HEADER = 4 + MAX_FIELDS + MAX_BUFFERS * (2 + _MAX_NDIM)
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.float64]
 # numpy has no bfloat16: its raw 2-byte words travel as int16 and are viewed back on arrival
-_NP = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.float16, torch.int64: np.int64}
-_META_COLS = 6  # pad, new tokens, temperature, top_k, top_p, seed (pipeline._MicroBatch.meta)
+_NP = {torch.float32: np.float32, torch.bfloat16: np.int16, torch.float16: np.float16, torch.int64: np.int64,
+       torch.float64: np.float64}
 _POLL_MIN = 50e-6
 _POLL_MAX = float(os.environ.get("EDGESHARD_POLL_MAX_US", "1000")) * 1e-6
 
@@ -53,11 +54,12 @@ _POLL_MAX = float(os.environ.get("EDGESHARD_POLL_MAX_US", "1000")) * 1e-6
 @dataclasses.dataclass
 class Message:
     kind: int
-    slot: int = 0
-    step: int = 0
-    tensor: torch.Tensor | None = None
-    meta: np.ndarray | None = None  # (rows, _META_COLS) float64 on a micro-batch's first step
-    keep: np.ndarray | None = None  # int64 rows still generating, when some finished since the last step
+    fields: list[int] = dataclasses.field(default_factory=list)
+    buffers: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        return self.buffers[0] if self.buffers else None
 
 
 class RankLost(RuntimeError):
@@ -212,39 +214,30 @@ class Comm:
         self.comm.Abort(code)
 
     # -- tensors -------------------------------------------------------------------------------
-    def send(self, dest: int, kind: int, slot: int = 0, step: int = 0, tensor: torch.Tensor | None = None,
-             meta: np.ndarray | None = None, keep: np.ndarray | None = None, wait: bool = True) -> None:
-        """Send a header, then the row table, the kept-row indices and the tensor (each if given).
+    def send(self, dest: int, kind: int, fields=(), buffers=(), wait: bool = True) -> None:
+        """Send a header with `fields` (ints), then each of `buffers` (tensors of up to 3 dims).
 
         wait=False returns at once: the buffers are held until MPI is done with them, and finished
         sends are cleared on later calls (or by flush()), so a stage can receive while it sends.
         """
         tag = _TAG_TOKENS if kind == TOKENS else _TAG_PIPE
+        if len(fields) > MAX_FIELDS or len(buffers) > MAX_BUFFERS:
+            raise ValueError(f"a message carries at most {MAX_FIELDS} fields and {MAX_BUFFERS} buffers")
         header = np.zeros(_HEADER, dtype=np.int64)
-        header[:3] = kind, slot, step
-        header[8] = time.monotonic_ns()
+        header[:4] = kind, time.monotonic_ns(), len(fields), len(buffers)
+        header[4:4 + len(fields)] = fields
         bufs = []
-        if meta is not None:
-            meta = np.ascontiguousarray(meta, dtype=np.float64)
-            header[7] |= meta.shape[0] << 8  # row count rides above the dtype code
-            bufs.append(meta)
-        if keep is not None:
-            keep = np.ascontiguousarray(keep, dtype=np.int64)
-            header[9] = len(keep)
-            bufs.append(keep)
-        header[3] = -1
-        if tensor is not None:
-            t = tensor.detach()
+        for i, t in enumerate(buffers):
+            t = t.detach()
             if t.device.type != "cpu":
                 t = t.cpu()  # stage through host memory for MPI
             t = t.contiguous()
-            if t.ndim > 3:
-                raise ValueError(f"tensor messages carry at most 3 dims, got {tuple(t.shape)}")
-            header[3] = t.ndim
-            header[4:4 + t.ndim] = t.shape
+            if t.ndim > _MAX_NDIM:
+                raise ValueError(f"tensor messages carry at most {_MAX_NDIM} dims, got {tuple(t.shape)}")
             if t.dtype not in _DTYPES:
                 raise ValueError(f"tensor messages carry {', '.join(map(str, _DTYPES))}, not {t.dtype}")
-            header[7] |= _DTYPES.index(t.dtype)
+            at = 4 + MAX_FIELDS + i * (2 + _MAX_NDIM)
+            header[at:at + 2 + t.ndim] = [_DTYPES.index(t.dtype), t.ndim, *t.shape]
             bufs.append((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy())
         requests = [self.comm.Isend(header, dest=dest, tag=tag)]
         requests += [self.comm.Isend(b, dest=dest, tag=tag) for b in bufs]
@@ -262,31 +255,23 @@ class Comm:
         self._drop_checks()
 
     def recv(self, source: int, kind_expected: int | None = None) -> Message:
-        """Receive one message from `source` (header, then what the header announces)."""
+        """Receive one message from `source` (header, then the buffers the header announces)."""
         tag = _TAG_TOKENS if kind_expected == TOKENS else _TAG_PIPE
         header = np.empty(_HEADER, dtype=np.int64)
         self._wait([self.comm.Irecv(header, source=source, tag=tag)], peer=source)
-        kind, slot, step, ndim = (int(x) for x in header[:4])
-        code, rows, nkeep = int(header[7]) & 0xFF, int(header[7]) >> 8, int(header[9])
-        msg = Message(kind, slot, step)
+        kind, sent_ns, nfields, nbufs = (int(x) for x in header[:4])
+        msg = Message(kind, [int(x) for x in header[4:4 + nfields]])
         nbytes = header.nbytes
-        if rows:
-            msg.meta = np.empty((rows, _META_COLS), dtype=np.float64)
-            self._wait([self.comm.Irecv(msg.meta, source=source, tag=tag)], peer=source)
-            nbytes += msg.meta.nbytes
-        if nkeep:
-            msg.keep = np.empty(nkeep, dtype=np.int64)
-            self._wait([self.comm.Irecv(msg.keep, source=source, tag=tag)], peer=source)
-            nbytes += msg.keep.nbytes
-        if ndim >= 0:
-            dtype = _DTYPES[code]
-            arr = np.empty(tuple(int(x) for x in header[4:4 + ndim]), dtype=_NP[dtype])
+        for i in range(nbufs):
+            at = 4 + MAX_FIELDS + i * (2 + _MAX_NDIM)
+            dtype, ndim = _DTYPES[int(header[at])], int(header[at + 1])
+            arr = np.empty(tuple(int(x) for x in header[at + 2:at + 2 + ndim]), dtype=_NP[dtype])
             self._wait([self.comm.Irecv(arr, source=source, tag=tag)], peer=source)
             nbytes += arr.nbytes
             t = torch.from_numpy(arr)
-            msg.tensor = t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+            msg.buffers.append(t.view(torch.bfloat16) if dtype == torch.bfloat16 else t)
         if self._links:
-            self._deliver(source, int(header[8]), nbytes)
+            self._deliver(source, sent_ns, nbytes)
         return msg
 
 

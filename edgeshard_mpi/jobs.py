@@ -12,6 +12,8 @@ A job file, with paths relative to the job file's folder:
     micro_batch_size = 4
     micro_batches = 4                # in flight at once (default: twice the pipeline's stages)
     schedule = "no-bubbles"          # no-bubbles (default) | bubbles | sequential
+    admission = "row"                # row (default): a finished row's place takes the next prompt at
+                                     # once | batch: new prompts only when a whole micro-batch finished
     chat = false                     # apply the chat template to plain "prompt" strings too
 
     [generation]                     # defaults for every request; JSONL lines may override
@@ -41,11 +43,11 @@ from typing import Iterator
 
 from .planner import OBJECTIVES
 from .sampling import SamplingParams
+from .scheduler import ADMISSIONS, SCHEDULES
 
 __all__ = ["JobError", "Generation", "Job", "Request", "read_prompts", "count_prompts", "SCHEDULES", "BENCH_DEFAULT",
            "MAX_LINE_BYTES"]
 
-SCHEDULES = ("sequential", "bubbles", "no-bubbles")
 # what `edgeshard bench` runs by default: (plan objective, schedule)
 BENCH_DEFAULT = (("throughput", "no-bubbles"), ("throughput", "bubbles"), ("throughput", "sequential"),
                  ("even", "no-bubbles"), ("edge-solo", "no-bubbles"))
@@ -154,6 +156,7 @@ class Job:
     micro_batch_size: int = 1
     micro_batches: int | None = None  # in flight; None = twice the plan's stages
     schedule: str = "no-bubbles"
+    admission: str = "row"  # scheduler.ADMISSIONS
     chat: bool = False
     generation: Generation = Generation()
     plan: dict | None = None  # {"split": "even"} | {"file": path} | {"stages": [...]}
@@ -178,7 +181,7 @@ class Job:
             raise JobError(f"{path}: not valid TOML ({e})") from None
         where = str(path)
         _check_keys(d, {"model", "dtype", "quantize", "compile", "prompts", "output", "hostfile", "micro_batch_size", "micro_batches",
-                        "schedule", "chat", "generation", "plan"}, where)
+                        "schedule", "admission", "chat", "generation", "plan"}, where)
         base = path.parent.resolve()
 
         def rel(p: str) -> str:
@@ -206,6 +209,9 @@ class Job:
         schedule = _field(d, "schedule", str, "no-bubbles", where)
         if schedule not in SCHEDULES:
             raise JobError(f"{where}: field 'schedule' must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        admission = _field(d, "admission", str, "row", where)
+        if admission not in ADMISSIONS:
+            raise JobError(f"{where}: field 'admission' must be one of {', '.join(ADMISSIONS)}, got {admission!r}")
         gen_table = d.get("generation", {})
         if not isinstance(gen_table, dict):
             raise JobError(f"{where}: [generation] must be a table")
@@ -231,7 +237,7 @@ class Job:
             path=str(path.resolve()), model=model, prompts=rel(_field(d, "prompts", str, None, where)),
             output=rel(output) if output else str(Path("results", path.stem + ".h5").resolve()),
             dtype=dtype, quantize=quantize, compile=_field(d, "compile", bool, False, where), hostfile=rel(hostfile) if hostfile else None, micro_batch_size=mbs,
-            micro_batches=in_flight, schedule=schedule, chat=_field(d, "chat", bool, False, where),
+            micro_batches=in_flight, schedule=schedule, admission=admission, chat=_field(d, "chat", bool, False, where),
             generation=_generation(gen_table, f"{where}: [generation]"), plan=plan, text=text)
 
 

@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import (Cache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer,
                                      get_layer_types_and_kwargs)
 
-__all__ = ["slot_cache", "static_slot_cache", "STATIC_ROUND"]
+__all__ = ["slot_cache", "static_slot_cache", "join_rows", "relayout", "STATIC_ROUND"]
 
 # A static slot's capacity is rounded up to this. Its dimension is dynamic in the compiled graph, so a
 # coarser rounding saves no compiles, and attention runs over the whole capacity every step: at 16 rows,
@@ -85,6 +85,33 @@ class _FullLayer(DynamicLayer):
         if self.is_initialized:
             self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
             self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
+
+    def relayout(self, trim: int, capacity: int) -> None:
+        """Drop every row's first `trim` columns (negative: add that many zero columns first), into
+        buffers of `capacity` columns. Masked columns hold zeros or old values, never uninitialised
+        memory: attention weighs them by exactly 0, and 0 x NaN would not be 0."""
+        if not self.is_initialized:
+            return
+        self.k_buf, self.v_buf = (_relaid(b, self.length, trim, capacity) for b in (self.k_buf, self.v_buf))
+        self.capacity, self.length = capacity, self.length - trim
+        self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
+
+    def write_rows(self, places: list[int], keys: torch.Tensor, values: torch.Tensor, real: list[int]) -> None:
+        """Rows `places` take the last `real[j]` columns of keys/values[j], ending at the newest column."""
+        for j, (p, n) in enumerate(zip(places, real)):
+            if n:
+                self.k_buf[p, :, self.length - n:self.length].copy_(keys[j, :, keys.shape[2] - n:])
+                self.v_buf[p, :, self.length - n:self.length].copy_(values[j, :, values.shape[2] - n:])
+
+
+def _relaid(buf: torch.Tensor, length: int, trim: int, capacity: int) -> torch.Tensor:
+    """A copy of columns 0..length of `buf` with the first `trim` dropped (or -trim zero columns added)."""
+    out = buf.new_zeros(*buf.shape[:2], capacity, buf.shape[3])
+    if trim >= 0:
+        out[:, :, :length - trim].copy_(buf[:, :, trim:length])
+    else:
+        out[:, :, -trim:length - trim].copy_(buf[:, :, :length])
+    return out
 
 
 class _WindowLayer(_FullLayer, DynamicSlidingWindowLayer):
@@ -156,6 +183,24 @@ class _StaticRows:
             self.keys, self.values = self.keys[indices], self.values[indices]
             self._mark()
 
+    def relayout(self, trim: int, capacity: int) -> None:
+        """As `_FullLayer.relayout`, for the static buffers and their write position."""
+        if not self.is_initialized:
+            return
+        capacity = -(-capacity // STATIC_ROUND) * STATIC_ROUND
+        length = int(self.cumulative_length)
+        self.keys, self.values = (_relaid(b, length, trim, capacity) for b in (self.keys, self.values))
+        self.max_cache_len = capacity
+        self.cumulative_length.fill_(length - trim)
+        self._mark()
+
+    def write_rows(self, places: list[int], keys: torch.Tensor, values: torch.Tensor, real: list[int]) -> None:
+        length = int(self.cumulative_length)
+        for j, (p, n) in enumerate(zip(places, real)):
+            if n:
+                self.keys[p, :, length - n:length].copy_(keys[j, :, keys.shape[2] - n:])
+                self.values[p, :, length - n:length].copy_(values[j, :, values.shape[2] - n:])
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # the buffer's (dynamic) size rather than the Python count, which a graph would be bound to
         return (self.keys.shape[-2] if self.is_initialized else self.max_cache_len), 0
@@ -184,6 +229,24 @@ def slot_cache(config, layer_ids: list[int], capacity: int) -> Cache:
     a cache by global layer index, and mask helpers ask it about this shard's layers only.
     """
     return _cache(config, layer_ids, lambda: _FullLayer(capacity), lambda window: _WindowLayer(capacity, window))
+
+
+def join_rows(cache: Cache, new: Cache, layer_ids: list[int], places: list[int], real: list[int]) -> None:
+    """Rows `places` of `cache` take the prefilled tokens of `new`'s rows (the last `real[j]` columns
+    of row j), ending at the newest column. A sliding layer's window moves, so it takes no rows:
+    the scheduler admits whole micro-batches there (families.has_sliding_layers)."""
+    for i in layer_ids:
+        layer, add = cache.layers[i], new.layers[i]
+        if isinstance(layer, _WindowLayer):
+            raise ValueError(f"layer {i} is a sliding-window layer: rows cannot join its cache")
+        if add.is_initialized:
+            layer.write_rows(places, add.k_buf[:, :, :add.length], add.v_buf[:, :, :add.length], real)
+
+
+def relayout(cache: Cache, layer_ids: list[int], trim: int, capacity: int) -> None:
+    """Every layer of this shard: drop `trim` columns on the left (or add -trim), room for `capacity`."""
+    for i in layer_ids:
+        cache.layers[i].relayout(trim, capacity)
 
 
 def _cache(config, layer_ids: list[int], full, sliding) -> Cache:

@@ -26,10 +26,13 @@ import numpy as np
 import torch
 
 from .comm import ACT, STOP, TOKENS, Comm
+from .families import layer_types
 from .jobs import Job, Request
+from .messages import Step
 from .planner import Plan
 from .results import Record, ResultWriter
 from .sampling import Sampler, SamplingParams
+from .scheduler import Launch, Scheduler
 from .shard import Shard
 from .trace import Tracer
 
@@ -54,6 +57,8 @@ class Summary:
     ranks: list[dict] = dataclasses.field(default_factory=list)  # the same figures for every rank
     shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (prompt, output) tokens, admission order
     predicted: dict | None = None  # the simulator's figures for the same plan, schedule and requests
+    admission: str = "row"  # scheduler.ADMISSIONS: as run (a model with sliding layers admits by batch)
+    rows_per_step: float = 0.0  # rows a launched step carried, on average (micro-batch fullness)
 
     @property
     def tokens_per_s(self) -> float:
@@ -81,24 +86,32 @@ def _fault_check(rank: int, step: int) -> None:
         raise RuntimeError(f"injected fault (EDGESHARD_FAULT={os.environ['EDGESHARD_FAULT']}) at step {step}")
 
 
-def _timed_forward(shard: Shard, stats: dict, tracer: Tracer, slot: int, step: int, x: torch.Tensor, meta,
-                   keep=None) -> torch.Tensor:
-    """One step of a slot on this stage; `meta` (the rows' table) comes with a micro-batch's first step."""
+def _apply(shard: Shard, stats: dict, tracer: Tracer, step: Step) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One step of a slot on this stage, in the order every stage applies it (messages.Step): rows
+    kept, the slot re-laid out, rows joining, then one decode step of every row. Returns this stage's
+    (decode output, join output)."""
     t0 = time.perf_counter()
-    if keep is not None:
-        shard.select(slot, keep)
-    pads = capacity = None
-    if meta is not None:  # KV room for the longest row: its prompt, then all but its last new token
-        pads, capacity = [int(p) for p in meta[:, 0]], x.shape[1] + int(meta[:, 1].max()) - 1
+    dec, join = step.split()
     # activations arrive in the sender's dtype (the message header's): this stage computes in its own
-    x = x.to(device=shard.device, dtype=shard.dtype if x.is_floating_point() else x.dtype)
-    out = shard.forward(slot, x, pads, capacity)
+    cast = lambda x: None if x is None else x.to(device=shard.device,
+                                                    dtype=shard.dtype if x.is_floating_point() else x.dtype)
+    dec, join = cast(dec), cast(join)
+    with shard.running():
+        if step.fresh:
+            dec_out, join_out = None, shard.run_units(step.slot, join, step.pads, step.capacity)
+        else:
+            if step.keep is not None:
+                shard.select(step.slot, step.keep)
+            if step.relayout:
+                shard.relayout(step.slot, step.trim, step.capacity)
+            join_out = shard.join(step.slot, step.places, join, step.pads, step.width) if step.pads else None
+            dec_out = shard.run_units(step.slot, dec)
     shard.sync()
     t1 = time.perf_counter()
     stats["compute_s"] += t1 - t0
     stats["steps"] += 1
-    tracer.add("prefill" if pads is not None else "decode", t0, t1, slot, step)
-    return out
+    tracer.add("prefill" if step.fresh or step.width else "decode", t0, t1, step.slot, step.step)
+    return dec_out, join_out
 
 
 def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict, tracer: Tracer) -> None:
@@ -119,26 +132,30 @@ def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict, tr
                 comm.send(nxt, STOP)
             comm.flush()
             return
-        _fault_check(comm.rank, msg.step)
-        # a micro-batch's first step carries its rows' table: left pads, new tokens, sampling settings
-        out = _timed_forward(shard, stats, tracer, msg.slot, msg.step, msg.tensor, msg.meta, msg.keep)
+        step = Step.from_wire(msg)
+        _fault_check(comm.rank, step.step)
+        dec_out, join_out = _apply(shard, stats, tracer, step)
         t0 = time.perf_counter()
         if nxt is not None:
-            comm.send(nxt, ACT, msg.slot, msg.step, out, msg.meta, msg.keep, wait=False)
+            comm.send(nxt, ACT, *step.passed_on(Step.pack(dec_out, join_out)).to_wire(), wait=False)
         else:
-            tokens = _sample_step(samplers, msg.slot, out, msg.meta, msg.keep)
-            comm.send(0, TOKENS, msg.slot, msg.step, tokens, wait=False)
-        tracer.add("send", t0, time.perf_counter(), msg.slot, msg.step)
+            comm.send(0, TOKENS, *step.reply(_sample_step(samplers, step, dec_out, join_out)).to_wire(), wait=False)
+        tracer.add("send", t0, time.perf_counter(), step.slot, step.step)
 
 
-def _sample_step(samplers: dict[int, Sampler], slot: int, logits: torch.Tensor, meta, keep) -> torch.Tensor:
-    """The head's part of a step: a new sampler on a micro-batch's first step (from the same row
-    table every stage receives), the finished rows dropped, then one token per row."""
-    if meta is not None:
-        samplers[slot] = Sampler([SamplingParams.from_row(r) for r in meta[:, 2:]])
-    elif keep is not None:
-        samplers[slot].select(keep)
-    return samplers[slot](logits)
+def _sample_step(samplers: dict[int, Sampler], step: Step, dec_logits, join_logits) -> torch.Tensor:
+    """The head's part of a step: the slot's sampler follows the step's row changes (from the same
+    message every stage receives), then one token per row."""
+    params = [SamplingParams.from_row(r) for r in step.sampling] if step.pads else []
+    if step.fresh:
+        samplers[step.slot] = Sampler(params)
+        return samplers[step.slot](join_logits)
+    sampler = samplers[step.slot]
+    if step.keep is not None:
+        sampler.select(step.keep)
+    if params:
+        sampler.replace(step.places, params)
+    return sampler(dec_logits)
 
 
 def _eos_ids(model_path: str) -> set[int]:
@@ -156,14 +173,13 @@ def _eos_ids(model_path: str) -> set[int]:
 class _Row:
     """One request's progress inside a micro-batch, on the source."""
 
-    def __init__(self, prompt: Prompt, index: int):
+    def __init__(self, prompt: Prompt):
         self.prompt = prompt
-        self.index = index  # its place in admission order
         self.gen = prompt.request.generation
         self.tokens: list[int] = []
         self.finish: str | None = None
         self.text = ""
-        self.t_first = self.t_last = 0.0
+        self.t_start = self.t_first = self.t_last = 0.0  # launched, first token, last token
 
     def add(self, token: int, now: float, eos: set[int], tok) -> None:
         self.tokens.append(token)
@@ -185,67 +201,51 @@ class _Row:
             self.finish = "length"
 
 
-class _MicroBatch:
-    """A micro-batch in a slot, on the source: its rows, and which of them still generate."""
+def _step_of(ln: Launch, pad_id: int) -> Step:
+    """The step message for a scheduler launch, its rows being `_Row`s: the token ids rank 0 embeds."""
 
-    def __init__(self, rows: list[_Row], pad_id: int):
-        self.rows = rows
-        self.active = list(range(len(rows)))  # rows the stages still hold, in their order
-        self.keep: list[int] | None = None  # positions (in the stages' order) kept at the next step
-        self.step = 0
-        self.t_start = 0.0
-        width = max(len(r.prompt.ids) for r in rows)
-        self.pads = [width - len(r.prompt.ids) for r in rows]
-        self.ids = torch.tensor([[pad_id] * p + r.prompt.ids for p, r in zip(self.pads, rows)])  # (B, T)
-        # the rows' table every stage gets with the first step: pads, new tokens, sampling settings
-        self.meta = np.array([[p, r.gen.max_new_tokens, *r.gen.sampling().to_row()] for p, r in zip(self.pads, rows)],
-                             dtype=np.float64)
-        self.last: torch.Tensor | None = None  # last tokens of the active rows, (A,)
+    def padded(rows: list[_Row], cut: int) -> torch.Tensor:  # prompts less `cut` tokens, left-padded
+        ids = [r.prompt.ids[:len(r.prompt.ids) - cut] for r in rows]
+        return torch.tensor([[pad_id] * (ln.width - len(i)) + i for i in ids], dtype=torch.long)
 
-    def take(self, tokens: list[int], now: float, eos: set[int], tok) -> list[_Row]:
-        """Record a step's tokens; drop rows that finished; return them."""
-        done = []
-        for i, t in zip(self.active, tokens):
-            self.rows[i].add(t, now, eos, tok)
-        still = [k for k, i in enumerate(self.active) if not self.rows[i].finish]
-        if len(still) < len(self.active):
-            done = [self.rows[i] for i in self.active if self.rows[i].finish]
-            self.keep = still  # the stages drop the finished rows before the next step
-            self.active = [self.active[k] for k in still]
-        self.last = torch.tensor([tokens[k] for k in still], dtype=torch.long)
-        self.step += 1
-        return done
+    rows = [r.item for r in ln.join]
+    sampling = np.array([r.gen.sampling().to_row() for r in rows], dtype=np.float64) if rows else None
+    if ln.fresh:
+        return Step(ln.slot, 0, padded(rows, 0), True, 0, None, [], ln.pads, ln.width, 0, ln.capacity, sampling)
+    # a staying row feeds its newest token, a joining row its last prompt token (scheduler.py)
+    last = torch.tensor([r.item.tokens[-1] if r.made else r.item.prompt.ids[-1] for r in ln.rows], dtype=torch.long)
+    join = padded(rows, 1) if rows and ln.width else None
+    return Step(ln.slot, ln.step, Step.pack(last[:, None], join), False, len(ln.rows), ln.keep, ln.places, ln.pads,
+                ln.width, ln.trim, ln.capacity if ln.relayout else 0, sampling)
 
 
-def _record(r: _Row, t_start: float, tok) -> Record:
+def _record(r: _Row, tok) -> Record:
     n = len(r.tokens)
     text = r.text if r.finish == "stop" else tok.decode(r.tokens, skip_special_tokens=True)
     tpot = (r.t_last - r.t_first) * 1e3 / (n - 1) if n > 1 else float("nan")
     return Record(r.prompt.request.id, r.prompt.request.where, r.prompt.text, text, r.tokens, r.finish,
-                  len(r.prompt.ids), n, (r.t_first - t_start) * 1e3, tpot)
+                  len(r.prompt.ids), n, (r.t_first - r.t_start) * 1e3, tpot)
 
 
 def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: Iterator[Prompt],
                 writer: ResultWriter, progress: bool, stats: dict, tracer: Tracer, *, schedule: str = "no-bubbles",
-                in_flight: int = 1, total: int | None = None) -> Summary:
-    """Rank 0: feed micro-batches through the pipeline, results to HDF5 as they finish.
+                in_flight: int = 1, admission: str = "row", total: int | None = None,
+                row_budget: int | None = None) -> Summary:
+    """Rank 0: feed micro-batch slots through the pipeline, results to HDF5 as they finish.
 
-    Up to `in_flight` micro-batches (slots) run at once. `no-bubbles`: a slot's next step enters the
-    pipeline as soon as its tokens are back. `bubbles`: step t+1 of any slot starts only when every
-    slot in flight has finished step t. `sequential`: one slot. A slot whose rows have all finished
-    takes the next prompts at once (continuous admission); finished rows leave their micro-batch at
-    the next step, so they cost no more compute.
+    scheduler.py decides what each step of each slot carries (which rows stay, which join) and when it
+    goes; this loop builds the step messages, runs rank 0's units, and takes the tokens that come back.
     """
     from tqdm import tqdm
 
-    if schedule == "sequential":
-        in_flight = 1
     nxt = plan.stages[1].rank if len(plan.stages) > 1 else None
     head = plan.stages[-1].rank
     eos = _eos_ids(shard.spec.path)
     if tok.pad_token_id is None and not eos:
         raise ValueError(f"{shard.spec.path}: the model has no pad token and no eos_token_id to pad with")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
+    if admission == "row" and "sliding_attention" in layer_types(shard.config):
+        admission = "batch"  # a sliding layer's window moves: rows cannot join its cache (kv_cache.join_rows)
     bar = tqdm(total=total, unit="req", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     counts = {"requests": 0, "tokens": 0}
     ttfts, tpots = [], []
@@ -257,35 +257,35 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     # 16 bytes a request (a finished row itself, with its prompt and text, is not kept)
     prompt_lens, output_lens = array("q"), array("q")
 
-    def admit() -> _MicroBatch | None:
-        rows = [_Row(p, len(prompt_lens) + i) for i, p in zip(range(job.micro_batch_size), prompts)]
-        for r in rows:
-            prompt_lens.append(len(r.prompt.ids))
+    def source():
+        for p in prompts:
+            prompt_lens.append(len(p.ids))
             output_lens.append(0)
-        return _MicroBatch(rows, pad_id) if rows else None
+            yield _Row(p), len(p.ids), p.request.generation.max_new_tokens
 
-    def launch(slot: int, mb: _MicroBatch) -> None:
-        """Run rank 0's units for the slot's next step and send it on."""
-        _fault_check(0, mb.step)
-        first = mb.step == 0
-        if first:
-            mb.t_start = time.perf_counter()
-        x = mb.ids if first else mb.last[:, None]  # (B, T) or (A, 1)
-        keep, mb.keep = mb.keep, None
-        out = _timed_forward(shard, stats, tracer, slot, mb.step, x, mb.meta if first else None, keep)
+    sched = Scheduler(source(), micro_batch_size=job.micro_batch_size, schedule=schedule, in_flight=in_flight,
+                      stages=len(plan.stages), admission=admission, row_budget=row_budget)
+    launched: dict[int, Launch] = {}
+
+    def launch(ln: Launch) -> None:
+        """Build the slot's step message, run rank 0's units on it, send it on."""
+        _fault_check(0, ln.step)
+        now = time.perf_counter()
+        for r in ln.join:
+            r.item.t_start = now
+        step = _step_of(ln, pad_id)
+        launched[ln.slot] = ln
+        dec_out, join_out = _apply(shard, stats, tracer, step)
         if nxt is None:
-            local_tokens.append((slot, _sample_step(samplers, slot, out, mb.meta if first else None, keep)))
+            local_tokens.append((ln.slot, _sample_step(samplers, step, dec_out, join_out)))
         else:
             t0 = time.perf_counter()
-            comm.send(nxt, ACT, slot, mb.step, out, mb.meta if first else None,
-                      None if keep is None else np.array(keep), wait=False)
-            tracer.add("send", t0, time.perf_counter(), slot, mb.step)
+            comm.send(nxt, ACT, *step.passed_on(Step.pack(dec_out, join_out)).to_wire(), wait=False)
+            tracer.add("send", t0, time.perf_counter(), ln.slot, ln.step)
 
-    def finish(rows: list[_Row], t_start: float) -> None:
-        records = [_record(r, t_start, tok) for r in rows]
+    def finish(rows: list[_Row]) -> None:
+        records = [_record(r, tok) for r in rows]
         writer.append(records)
-        for r in rows:
-            output_lens[r.index] = len(r.tokens)
         for rec in records:
             counts["tokens"] += rec.output_tokens
             ttfts.append(rec.ttft_ms)
@@ -295,46 +295,38 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
         bar.update(len(records))
         bar.set_postfix_str(f"{counts['tokens'] / (time.perf_counter() - t_run):.1f} tok/s")
 
-    slots: dict[int, _MicroBatch] = {}
-    for slot in range(max(1, in_flight)):
-        mb = admit()
-        if mb is None:
-            break
-        slots[slot] = mb
-        launch(slot, mb)
-    ready: list[int] = []  # bubbles: slots whose step came back, waiting for the others
-    while slots:
+    for ln in sched.start():
+        launch(ln)
+    while sched.slots:
         if local_tokens:
             slot, tokens = local_tokens.pop(0)
         else:
             t0 = time.perf_counter()
             msg = comm.recv(head, TOKENS)
             tracer.add("wait", t0, time.perf_counter())
-            slot, tokens = msg.slot, msg.tensor
-        mb = slots[slot]
-        done = mb.take(tokens.tolist(), time.perf_counter(), eos, tok)
+            back = Step.from_wire(msg)
+            slot, tokens = back.slot, back.tensor
+        ln = launched.pop(slot)
+        now = time.perf_counter()
+        finished = []
+        for i, (row, t) in enumerate(zip(ln.rows, tokens.tolist())):
+            row.item.add(t, now, eos, tok)
+            if row.item.finish:
+                finished.append(i)
+                output_lens[row.index] = len(row.item.tokens)
+        if finished:
+            finish([ln.rows[i].item for i in finished])
+        more, done = sched.returned(slot, finished)
         if done:
-            finish(done, mb.t_start)
-        if not mb.active:  # every row finished: the slot takes new prompts
-            new = admit()
-            if new is None:
-                del slots[slot]
-                shard.release(slot)
-            else:
-                slots[slot] = new
-        if slot in slots:
-            if schedule == "bubbles":
-                ready.append(slot)
-            else:
-                launch(slot, slots[slot])
-        if schedule == "bubbles" and ready and len(ready) == len(slots):
-            for s in sorted(ready):  # the step barrier: everyone in flight has finished this step
-                launch(s, slots[s])
-            ready = []
+            shard.release(slot)
+            samplers.pop(slot, None)
+        for nl in more:
+            launch(nl)
     bar.close()
     if nxt is not None:
         comm.send(nxt, STOP)
     comm.flush()
     return Summary(counts["requests"], counts["tokens"], 0.0, float(np.mean(ttfts)) if ttfts else float("nan"),
                    float(np.mean(tpots)) if tpots else float("nan"), [],
-                   shapes=list(zip(prompt_lens, output_lens)))
+                   shapes=list(zip(prompt_lens, output_lens)), admission=admission,
+                   rows_per_step=sched.row_steps / sched.steps if sched.steps else 0.0)

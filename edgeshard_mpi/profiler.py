@@ -393,21 +393,21 @@ def _ping_pong(comm, peer: int, initiator: bool, repeats: int) -> tuple[float, f
         for _ in range(repeats):
             if initiator:
                 t0 = time.perf_counter()
-                comm.send(peer, ACT, tensor=x)
+                comm.send(peer, ACT, buffers=[x])
                 comm.recv(peer)
                 times.append((time.perf_counter() - t0) / 2)
             else:
                 comm.recv(peer)
-                comm.send(peer, ACT, tensor=x)
+                comm.send(peer, ACT, buffers=[x])
         # the initiator decides whether to grow; it tells the peer with a one-element message
         if initiator:
             results[size] = statistics.median(times)
             # grow until the transfer itself (time beyond the smallest message's) is well above the
             # polling jitter, whatever the latency: then (large - small) / time gives the bandwidth
             grow = size < 16 * 2**20 and (len(results) < 2 or results[size] - results[256] < 0.01)
-            comm.send(peer, ACT, tensor=torch.tensor([1 if grow else 0], dtype=torch.int64))
+            comm.send(peer, ACT, fields=[int(grow)])
         else:
-            grow = bool(comm.recv(peer).tensor[0])
+            grow = bool(comm.recv(peer).fields[0])
         if not grow:
             break
         size *= 16

@@ -35,7 +35,8 @@ from .profiler import (Profile, cluster_fingerprint, find_profile, measure_profi
                        profile_shapes, profiles_dir)
 from .results import ResultWriter
 from .shard import Shard
-from .simulate import Request, Simulation, StepCosts, default_in_flight, simulate
+from .scheduler import in_flight_for
+from .simulate import Request, Simulation, StepCosts, simulate
 from .trace import Tracer, write_chrome_trace
 
 __all__ = ["RunOptions", "SetupFailed", "run_job", "profile_job", "bench_job"]
@@ -53,6 +54,7 @@ class RunOptions:
     overwrite: bool = False
     resume: bool = False
     schedule: str | None = None
+    admission: str | None = None  # scheduler.ADMISSIONS; None: the job's
     micro_batches: int | None = None
     progress: bool = True
     repeats: int = 5  # profiling: runs per measurement
@@ -174,7 +176,8 @@ class _Local:
     kv_tokens: int = 0  # KV cache the planner budgets per unit: micro-batch x longest request x slots
     row_tokens: int = 0  # micro-batch x longest request: the KV cache of one slot
     longest: int = 0  # tokens of the longest request: what a sliding layer's window caps
-    in_flight: int | None = None  # micro-batches in flight if fixed (options, job, sequential schedule)
+    schedule: str = "no-bubbles"
+    in_flight: int | None = None  # micro-batches in flight if asked for (options, job): scheduler.in_flight_for
     shapes: dict | None = None  # the shapes this job is profiled at (profiler.profile_shapes)
     cluster: Cluster | None = None
 
@@ -206,7 +209,7 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
     local = _Local(job, spec, tok, itertools.chain(sample, stream),
                    kv_tokens=longest * job.micro_batch_size * (in_flight or 2 * world))
     local.row_tokens, local.longest = longest * job.micro_batch_size, longest
-    local.in_flight = 1 if (opts.schedule or job.schedule) == "sequential" else in_flight
+    local.schedule, local.in_flight = opts.schedule or job.schedule, in_flight
     plan = _given_plan(job, opts, spec, world) if for_run else None
     if mode == "bench":
         local.objective = "throughput"
@@ -228,7 +231,7 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
     else:
         plan.check_world(world)
         plan.check_for(model_fingerprint(spec), cluster_fingerprint([d.to_dict() for d in cluster.devices]))
-        _check_memory(spec, plan, cluster, local.row_tokens * (local.in_flight or default_in_flight(len(plan.stages))),
+        _check_memory(spec, plan, cluster, local.row_tokens * in_flight_for(local.schedule, len(plan.stages), local.in_flight),
                       longest)
     local.total = count_prompts(job.prompts) - len(done)  # read in chunks, never a whole line
     if for_run:
@@ -278,7 +281,7 @@ def _make_plan(local: _Local, cluster: Cluster, world: int, objective: str | Non
     prof.check_for(local.spec.name, model_fingerprint(local.spec), cluster_fingerprint(devices), devices, cluster.source)
     plan = plan_for(prof.costs(kv_tokens=local.kv_tokens, row_tokens=local.longest), objective or local.objective)
     plan.check_world(world)
-    _check_memory(local.spec, plan, cluster, local.row_tokens * (local.in_flight or default_in_flight(len(plan.stages))),
+    _check_memory(local.spec, plan, cluster, local.row_tokens * in_flight_for(local.schedule, len(plan.stages), local.in_flight),
                   local.longest)
     return plan
 
@@ -329,7 +332,7 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
         summary = _execute(comm, spec, cluster, plan, local, local.prompts if rank == 0 else None,
                            schedule=opts.schedule or (local.job.schedule if rank == 0 else ""),
                            in_flight=local.in_flight if rank == 0 else None, progress=opts.progress,
-                           trace=opts.trace, shared=shared)
+                           trace=opts.trace, shared=shared, admission=opts.admission)
         if rank == 0:
             if opts.trace:
                 local.writer.set_attr("trace", str(Path(opts.trace).resolve()))
@@ -360,12 +363,12 @@ def _predict(local: _Local, plan: Plan, summary: Summary, schedule: str, in_flig
         return None
     requests = [Request(p, n) for p, n in summary.shapes]
     return simulate(StepCosts.from_profile(prof, plan), requests, micro_batch_size=local.job.micro_batch_size,
-                    schedule=schedule, in_flight=in_flight)
+                    schedule=schedule, in_flight=in_flight, admission=summary.admission)
 
 
 def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _Local | None, prompts,
              *, schedule: str, in_flight: int | None, progress: bool, shared: _Shared,
-             trace: str | None = None) -> Summary | None:
+             trace: str | None = None, admission: str | None = None) -> Summary | None:
     """Load this rank's shard (in its device's dtype and quantization), run the loops, gather every
     rank's figures; rank 0 returns the Summary.
 
@@ -393,10 +396,11 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     start, cpu_start = time.perf_counter(), time.process_time()
     summary = None
     schedule = schedule or "no-bubbles"
-    in_flight = 1 if schedule == "sequential" else (in_flight or default_in_flight(len(plan.stages)))
+    in_flight = in_flight_for(schedule, len(plan.stages), in_flight)
     if rank == 0:
         summary = source_loop(comm, shard, plan, local.job, local.tok, prompts, local.writer, progress, stats,
-                              tracer, schedule=schedule, in_flight=in_flight, total=local.total)
+                              tracer, schedule=schedule, in_flight=in_flight, total=local.total,
+                              admission=admission or local.job.admission, row_budget=local.longest)
     elif shard is not None:
         stage_loop(comm, shard, plan, index, stats, tracer)
     comm.barrier()  # ranks done early (or left out) wait here for the last one, without spinning
@@ -478,7 +482,7 @@ def bench_job(comm: Comm, job_path: str, opts: RunOptions,
         try:
             summary = _execute(comm, spec, cluster, plan, local, prompts, schedule=schedule,
                                in_flight=opts.micro_batches or (local.job.micro_batches if rank == 0 else None),
-                               progress=False, shared=shared)
+                               progress=False, shared=shared, admission=opts.admission)
         finally:
             if rank == 0:
                 local.writer.close(complete=True)

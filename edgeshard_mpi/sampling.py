@@ -51,7 +51,7 @@ class Sampler:
     def __init__(self, params: list[SamplingParams]):
         import torch  # imported here so that job files validate without torch
 
-        self.params = params
+        self.params = list(params)
         self.all_greedy = all(p.greedy for p in params)
         self.generators = [None if p.greedy else torch.Generator().manual_seed(p.seed) for p in params]
 
@@ -59,6 +59,15 @@ class Sampler:
         """Keep only rows `keep` (the others finished), each with its own generator."""
         self.params = [self.params[i] for i in keep]
         self.generators = [self.generators[i] for i in keep]
+        self.all_greedy = all(p.greedy for p in self.params)
+
+    def replace(self, places: list[int], params: list[SamplingParams]) -> None:
+        """Rows `places` are taken over by new requests, each with its own parameters and generator."""
+        import torch
+
+        for i, p in zip(places, params):
+            self.params[i] = p
+            self.generators[i] = None if p.greedy else torch.Generator().manual_seed(p.seed)
         self.all_greedy = all(p.greedy for p in self.params)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:

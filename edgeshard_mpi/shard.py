@@ -14,6 +14,7 @@ on static KV layers, and `warm_up` compiles them before a run; prefills stay eag
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import dataclasses
@@ -30,7 +31,7 @@ import transformers.modeling_utils  # noqa: F401
 
 from .compiling import CompiledStep
 from .families import mask_builder
-from .kv_cache import slot_cache, static_slot_cache
+from .kv_cache import join_rows, relayout, slot_cache, static_slot_cache
 from .models import ModelError, ModelSpec
 from .quant import SCALE_DTYPE, Int8Embedding, int8_keys, int8_shell, quantize_rows
 
@@ -61,6 +62,7 @@ class _SlotState:
     cache: object  # a transformers Cache of kv_cache.py's layers, or None when the shard has no blocks
     mask: torch.Tensor | None  # (B, seen) 1 = real token, 0 = left pad; None = no padding
     last_pos: torch.Tensor  # (B, 1) position id of the last token seen
+    columns: int = 0  # the time axis's length: the next decode step writes this column
 
 
 class Shard:
@@ -258,6 +260,20 @@ class Shard:
     def release(self, slot: int) -> None:
         self.slots.pop(slot, None)
 
+    @contextlib.contextmanager
+    def running(self):
+        """Where a step's work runs: without autograd, and, on an emulated device (`slowdown` > 1),
+        stretched to slowdown x the CPU time it used, the rest spent asleep."""
+        # a compiled graph cannot take inference tensors (their version counters are gone)
+        with torch.no_grad() if self.compiled else torch.inference_mode():
+            if self.slowdown == 1.0:
+                yield
+                return
+            wall, cpu = time.perf_counter(), time.thread_time()
+            yield
+            target = self.slowdown * (time.thread_time() - cpu)
+            time.sleep(max(0.0, target - (time.perf_counter() - wall)))
+
     def forward(self, slot: int, x: torch.Tensor, prefill_pads: list[int] | None = None,
                 capacity: int | None = None) -> torch.Tensor:
         """Run this shard's units for one step of the micro-batch in `slot`.
@@ -269,30 +285,78 @@ class Shard:
         Returns hidden states (B, T, H), or, if the shard holds the head, fp32 logits (B, V)
         of each row's last position.
         """
-        # a compiled graph cannot take inference tensors (their version counters are gone)
-        with torch.no_grad() if self.compiled else torch.inference_mode():
-            if self.slowdown == 1.0:
-                return self._forward(slot, x, prefill_pads, capacity)
-            wall, cpu = time.perf_counter(), time.thread_time()
-            out = self._forward(slot, x, prefill_pads, capacity)
-            target = self.slowdown * (time.thread_time() - cpu)
-            time.sleep(max(0.0, target - (time.perf_counter() - wall)))
-            return out
+        with self.running():
+            return self.run_units(slot, x, prefill_pads, capacity)
 
-    def _forward(self, slot: int, x: torch.Tensor, prefill_pads: list[int] | None,
-                 capacity: int | None) -> torch.Tensor:
+    # -- rows joining a running slot (scheduler.py's row admission) --------------------------------
+    def _pads(self, state: _SlotState) -> torch.Tensor:
+        """Each row's masked columns before its first token, from the slot's mask."""
+        if state.mask is None:
+            return torch.zeros(state.last_pos.shape[0], dtype=torch.long, device=self.device)
+        return (state.mask[:, :state.columns] == 0).sum(-1)
+
+    def _set_mask(self, state: _SlotState, pads: torch.Tensor) -> None:
+        """The slot's mask from per-row pads: `columns` wide, or, compiled, the whole capacity (the
+        columns not written yet are hidden by causality)."""
+        width = state.cache.layers[self.layer_ids[0]].max_cache_len if self.compiled else state.columns
+        state.mask = (torch.arange(width, device=self.device)[None, :] >= pads[:, None]).long()
+        if self.compiled:
+            torch._dynamo.maybe_mark_dynamic(state.mask, 0)
+            torch._dynamo.maybe_mark_dynamic(state.mask, 1)
+
+    def relayout(self, slot: int, trim: int, capacity: int) -> None:
+        """Drop the slot's first `trim` columns (negative: add that many), room for `capacity` columns."""
+        state = self.slots[slot]
+        if self.layers:
+            pads = self._pads(state) - trim
+            relayout(state.cache, self.layer_ids, trim, capacity)
+            state.columns -= trim
+            self._set_mask(state, pads)
+        else:
+            state.columns -= trim
+
+    def join(self, slot: int, places: list[int], x: torch.Tensor | None, pads: list[int], width: int):
+        """Rows `places` of the slot take new prompts: x holds all but each one's last prompt token,
+        left-padded to `width` by `pads` (None when every such prompt is one token). They are prefilled
+        here, on a cache of their own, and written into their rows ending just before the next
+        column; the next decode step then feeds their last prompt tokens with the other rows' tokens.
+        Returns the prefill's hidden states for the next stage (None on the head's stage, where the
+        prefill's own logits are not needed: the first new token comes from that decode step)."""
+        state = self.slots[slot]
+        real = [width - p for p in pads]
+        out = None
+        if x is not None:
+            prefill = slot_cache(self.config, self.layer_ids, width) if self.layers else None
+            mask, pos = self._prefill_mask(pads, width)
+            out = self._units(x.to(self.device), pos, mask, prefill, head=False)
+            if self.layers:
+                join_rows(state.cache, prefill, self.layer_ids, places, real)
+        idx = torch.as_tensor(places, dtype=torch.long, device=self.device)
+        state.last_pos[idx, 0] = torch.as_tensor(real, dtype=torch.long, device=self.device) - 1
+        if self.layers:
+            row_pads = self._pads(state)
+            row_pads[idx] = state.columns - torch.as_tensor(real, dtype=torch.long, device=self.device)
+            self._set_mask(state, row_pads)
+        return None if self.has_head else out
+
+    def _prefill_mask(self, pads: list[int], T: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """A prefill's 2D mask (None without padding) and position ids, as generate makes them."""
+        B = len(pads)
+        if not any(pads):
+            return None, torch.arange(T, device=self.device).expand(B, T)
+        mask = (torch.arange(T, device=self.device)[None, :] >=
+                torch.tensor(pads, device=self.device)[:, None]).long()  # (B, T)
+        return mask, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate: pads sit at 0
+
+    def run_units(self, slot: int, x: torch.Tensor, prefill_pads: list[int] | None = None,
+                  capacity: int | None = None) -> torch.Tensor:
+        """`forward` without `running()`, for a caller that runs several parts of a step in one."""
         if prefill_pads is not None:
             self.start(slot, prefill_pads, capacity or x.shape[1] + 64)
         state = self.slots[slot]
         B, T = x.shape[0], x.shape[1]
         if prefill_pads is not None:
-            if any(prefill_pads):
-                mask = (torch.arange(T, device=self.device)[None, :] >=
-                        torch.tensor(prefill_pads, device=self.device)[:, None]).long()  # (B, T)
-                pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate: pads sit at 0
-                state.mask = mask
-            else:
-                pos = torch.arange(T, device=self.device).expand(B, T)
+            state.mask, pos = self._prefill_mask(prefill_pads, T)
             if self.compiled and state.cache is not None:
                 # one mask of the slot's whole capacity, written once: positions not reached yet are
                 # hidden by causality, so decode steps pass the same tensor every time
@@ -307,12 +371,15 @@ class Shard:
             if state.mask is not None and not self.compiled:
                 state.mask = torch.cat([state.mask, state.mask.new_ones(B, T)], dim=-1)
         state.last_pos = pos[:, -1:]
+        state.columns += T
         if self.compiled and prefill_pads is None and T == 1:
             return self.compiled(x, pos, state.mask, state.cache)
         return self._units(x, pos, state.mask, state.cache)
 
-    def _units(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
-        """The shard's units on one step's input, with position ids `pos` (B, T) and the 2D padding mask."""
+    def _units(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache,
+               head: bool = True) -> torch.Tensor:
+        """The shard's units on one step's input, with position ids `pos` (B, T) and the 2D padding mask;
+        head=False stops before the final norm and the LM head."""
         h = self.embed(x) if self.has_embed else x  # (B, T, H)
         if self.layers:
             masks = {t: self.mask_fn[t](config=self.config, inputs_embeds=h, attention_mask=mask,
@@ -325,7 +392,7 @@ class Shard:
             for layer, t in zip(self.layers, self.layer_types):
                 h = layer(h, attention_mask=masks[t], position_ids=pos, cache=cache,
                           use_cache=True, position_embeddings=rope[t])
-        if not self.has_head:
+        if not self.has_head or not head:
             return h
         h = self.norm(h)[:, -1:, :]  # norm all positions then keep the last, as generate does
         logits = self.lm_head(h)[:, -1, :]  # (B, V)

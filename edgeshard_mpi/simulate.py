@@ -3,14 +3,11 @@
     edgeshard simulate --profile profiles/paper-llama2-7b.json --objective throughput
     edgeshard simulate --profile P --plan plan.json --prompt-tokens 32 --new-tokens 96 --micro-batches 16
 
-It replays what `pipeline.source_loop` and `pipeline.stage_loop` do, event by event: rank 0 launches
-up to `in_flight` micro-batches (prefill), each stage serves its arrivals in order (one at a time,
-with that micro-batch's step cost), every hop takes the link's latency plus bytes / bandwidth with
-messages queued on the link one after another (as comm.py's link emulation delivers them), the
-head's token ids go back to rank 0, which launches the micro-batch's next step (`no-bubbles`),
-or waits for every micro-batch in flight to finish the step (`bubbles`), or runs one micro-batch at
-a time (`sequential`). Rows leave their micro-batch when they have their tokens, and a micro-batch
-whose rows have all finished is replaced by the next prompts at once, as in a run.
+The run's own scheduler (scheduler.py) decides what each step carries and when it goes, here as in
+`pipeline.source_loop`; this module only keeps the clock: each stage serves its arrivals in order
+(one at a time, with that step's cost), every hop takes the link's latency plus bytes / bandwidth
+with messages queued on the link one after another (as comm.py's link emulation delivers them), and
+the head's token ids go back to rank 0, which hands them to the scheduler.
 
 Step costs come from the profile: a decode step of a stage is its device's step cost plus its
 units' decode times (Profile.costs, Costs.stage_compute); a prefill of width w is interpolated between the decode step (w = 1) and the profiled prefill (w =
@@ -29,17 +26,9 @@ import math
 from typing import Sequence
 
 from .planner import Plan, PlanError
+from .scheduler import SCHEDULES, Launch, Scheduler
 
-__all__ = ["Request", "Simulation", "StepCosts", "simulate", "uniform_requests", "default_in_flight"]
-
-SCHEDULES = ("sequential", "bubbles", "no-bubbles")
-
-
-def default_in_flight(stages: int) -> int:
-    """Micro-batches in flight when the job does not say: twice the stages (runner.py measured why);
-    a single stage has no pipeline to fill."""
-    return 2 * stages if stages > 1 else 1
-
+__all__ = ["Request", "Simulation", "StepCosts", "simulate", "uniform_requests", "SCHEDULES"]
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -117,6 +106,8 @@ class Simulation:
     ms_per_token: float
     busy: list[float]  # per stage: compute / seconds
     events: list[dict] = dataclasses.field(default_factory=list)  # trace events (with trace=True)
+    admission: str = "row"
+    rows_per_step: float = 0.0  # rows a launched step carried, on average
 
     @property
     def tokens_per_s(self) -> float:
@@ -135,132 +126,95 @@ class Simulation:
         return d
 
 
-class _Batch:
-    """A micro-batch in a slot: rows' remaining tokens, as the source tracks them."""
-
-    def __init__(self, rows: list[Request], first: int):
-        self.rows = rows
-        self.first = first  # index of its first request, for TTFT bookkeeping
-        self.left = [r.new_tokens for r in rows]
-        self.active = [i for i, n in enumerate(self.left) if n > 0]
-        self.width = max(r.prompt_tokens for r in rows)
-        self.step = 0
-        self.t_start = 0.0
-        self.t_first = [0.0] * len(rows)
-
-
 def simulate(costs: StepCosts, requests: Sequence[Request], *, micro_batch_size: int, schedule: str = "no-bubbles",
-             in_flight: int | None = None, ranks: Sequence[int] | None = None, trace: bool = False) -> Simulation:
+             in_flight: int | None = None, admission: str = "row", ranks: Sequence[int] | None = None,
+             trace: bool = False) -> Simulation:
     """Replay `requests` (in admission order) through the stages; see the module docstring.
 
     ranks: each stage's rank, for trace events (default 0..stages-1).
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     n_st = len(costs.decode_s)
-    ranks = list(ranks) if ranks is not None else list(range(n_st))
-    in_flight = 1 if schedule == "sequential" else (in_flight or default_in_flight(n_st))
     pending = [r for r in requests if r.new_tokens > 0]
+    sched = Scheduler(((i, r.prompt_tokens, r.new_tokens) for i, r in enumerate(pending)),
+                      micro_batch_size=micro_batch_size, schedule=schedule, in_flight=in_flight, stages=n_st,
+                      admission=admission)
+    ranks = list(ranks) if ranks is not None else list(range(n_st))
     events: list[dict] = []
     busy = [0.0] * n_st
     free = [0.0] * n_st  # when each stage finishes the work it has
     link_free = [0.0] * n_st  # when the link out of each stage finishes its last message
-    queue: list[tuple[float, int, int, int]] = []  # (arrival time, seq, stage, slot): FIFO per stage
+    queue: list[tuple[float, int, int, Launch]] = []  # (arrival time, seq, stage, step): FIFO per stage
     seq = 0
-    next_req = 0
-    slots: dict[int, _Batch] = {}
-    ready: list[int] = []
+    t_start: dict[int, float] = {}  # request -> when the step it joined in started
+    t_first: dict[int, float] = {}
     ttfts: list[float] = []
     tpots: list[float] = []
     tokens = 0
     t_end = 0.0
 
-    def admit() -> _Batch | None:
-        nonlocal next_req
-        rows = pending[next_req:next_req + micro_batch_size]
-        if not rows:
-            return None
-        b = _Batch(rows, next_req)
-        next_req += len(rows)
-        return b
+    def step_cost(s: int, ln: Launch) -> float:
+        """A fresh step is one prefill. Otherwise one decode of every row, and, when rows join, a
+        prefill of their prompts: a forward of its own (the step's fixed cost again) whose per-token
+        work is the profiled prefill's, for the joining share of the profiled micro-batch."""
+        if ln.fresh:
+            return costs.compute(s, ln.width)
+        cost = costs.compute(s, 1)
+        if ln.width:
+            cost += costs.decode_s[s] + (costs.compute(s, ln.width) - costs.decode_s[s]) * len(ln.join) / micro_batch_size
+        return cost
 
-    def run_stage(s: int, slot: int, t: float) -> float:
-        """Stage s takes the slot's current step at time t (or when it is free); returns when it sends."""
+    def run_stage(s: int, ln: Launch, t: float) -> None:
+        """Stage s takes the step at time t (or when it is free), and sends it on."""
         nonlocal seq
-        b = slots[slot]
-        width = b.width if b.step == 0 else 1
         start = max(t, free[s])
-        dur = costs.compute(s, width)
+        dur = step_cost(s, ln)
         free[s] = start + dur
         busy[s] += dur
         if trace:
-            events.append({"rank": ranks[s], "name": "prefill" if width > 1 else "decode", "ts": start, "dur": dur,
-                           "slot": slot, "step": b.step})
-        rows = len(b.active)
-        nbytes = costs.out_bytes[s] * rows * (width if s < n_st - 1 else 1)
+            events.append({"rank": ranks[s], "name": "prefill" if ln.fresh or ln.width else "decode", "ts": start,
+                           "dur": dur, "slot": ln.slot, "step": ln.step})
+        carried = len(ln.rows) * ln.width if ln.fresh else len(ln.rows) + len(ln.join) * ln.width
+        nbytes = costs.out_bytes[s] * (carried if s < n_st - 1 else len(ln.rows))
         if s == n_st - 1 and n_st == 1:
             arrive = free[s]  # the source holds the head: its tokens are at hand
         else:
             send = max(free[s], link_free[s])
             link_free[s] = send + nbytes / costs.bandwidth[s]
             arrive = link_free[s] + costs.latency[s]
-        heapq.heappush(queue, (arrive, seq, (s + 1) % n_st if n_st > 1 else 0, slot))
+        heapq.heappush(queue, (arrive, seq, (s + 1) % n_st if n_st > 1 else 0, ln))
         seq += 1
-        return free[s]
 
-    def launch(slot: int, t: float) -> None:
-        b = slots[slot]
-        if b.step == 0:
-            b.t_start = max(t, free[0])
-        run_stage(0, slot, t)
+    def launch(ln: Launch, t: float) -> None:
+        for r in ln.join:
+            t_start[r.item] = max(t, free[0])
+        run_stage(0, ln, t)
 
-    for slot in range(max(1, in_flight)):
-        b = admit()
-        if b is None:
-            break
-        slots[slot] = b
-        launch(slot, 0.0)
-
+    for ln in sched.start():
+        launch(ln, 0.0)
     while queue:
-        t, _, s, slot = heapq.heappop(queue)
+        t, _, s, ln = heapq.heappop(queue)
         if s != 0:
-            run_stage(s, slot, t)
+            run_stage(s, ln, t)
             continue
         # tokens back at the source: the source takes them when it is free, then decides
         now = max(t, free[0])
         free[0] = now
-        b = slots[slot]
-        for i in b.active:
-            b.left[i] -= 1
+        finished = []
+        for i, r in enumerate(ln.rows):
             tokens += 1
-            if b.step == 0:
-                b.t_first[i] = now
-                ttfts.append(now - b.t_start)
-            if b.left[i] == 0:
-                n = b.rows[i].new_tokens
-                if n > 1:
-                    tpots.append((now - b.t_first[i]) / (n - 1))
-        b.active = [i for i in b.active if b.left[i] > 0]
-        b.step += 1
+            if r.made == 0:
+                t_first[r.item] = now
+                ttfts.append(now - t_start[r.item])
+            if r.made + 1 >= r.max_new_tokens:
+                finished.append(i)
+                if r.max_new_tokens > 1:
+                    tpots.append((now - t_first[r.item]) / (r.max_new_tokens - 1))
         t_end = max(t_end, now)
-        if not b.active:
-            new = admit()
-            if new is None:
-                del slots[slot]
-            else:
-                slots[slot] = new
-        if slot in slots:
-            if schedule == "bubbles":
-                ready.append(slot)
-            else:
-                launch(slot, now)
-        if schedule == "bubbles" and ready and len(ready) == len(slots):
-            for r in sorted(ready):
-                launch(r, now)
-            ready = []
+        more, _ = sched.returned(ln.slot, finished)
+        for nl in more:
+            launch(nl, now)
 
     mean = lambda xs: sum(xs) / len(xs) if xs else math.nan
-    return Simulation(schedule, in_flight, len(pending), tokens, t_end, mean(ttfts) * 1e3, mean(tpots) * 1e3,
-                      [b / t_end if t_end > 0 else 0.0 for b in busy], events)
+    return Simulation(schedule, sched.in_flight, len(pending), tokens, t_end, mean(ttfts) * 1e3, mean(tpots) * 1e3,
+                      [b / t_end if t_end > 0 else 0.0 for b in busy], events, admission,
+                      sched.row_steps / sched.steps if sched.steps else 0.0)

@@ -70,7 +70,7 @@ def test_a_slow_link_limits_throughput():
 def test_rows_leave_and_slots_take_new_prompts():
     c = _two_stages()
     reqs = [Request(5, n) for n in (1, 7, 3, 3, 0, 9, 2)]  # a request with no tokens to make is not run
-    sim = simulate(c, reqs, micro_batch_size=2, schedule="no-bubbles", in_flight=2, trace=True)
+    sim = simulate(c, reqs, micro_batch_size=2, schedule="no-bubbles", in_flight=2, trace=True, admission="batch")
     assert sim.requests == 6
     assert sim.tokens == 25
     prefills = [e for e in sim.events if e["name"] == "prefill" and e["rank"] == 0]
@@ -82,6 +82,12 @@ def test_rows_leave_and_slots_take_new_prompts():
         assert all(a[1] <= b[0] + 1e-12 for a, b in zip(spans, spans[1:]))
     busy = [sum(e["dur"] for e in sim.events if e["rank"] == r) / sim.seconds for r in (0, 1)]
     assert sim.busy == pytest.approx(busy)
+    # row admission: a finished row's place takes the next prompt at once, so fewer, fuller steps
+    row = simulate(c, reqs, micro_batch_size=2, schedule="no-bubbles", in_flight=2, trace=True)
+    assert (row.requests, row.tokens) == (6, 25)
+    assert row.rows_per_step > sim.rows_per_step
+    assert len([e for e in row.events if e["rank"] == 0]) < 7 + 3 + 9
+    assert row.seconds < sim.seconds
 
 
 @pytest.mark.parametrize("objective", ["latency", "throughput", "edge-solo", "cloud-edge-even"])

@@ -1,0 +1,119 @@
+"""Iteration-level admission: rows that join a running micro-batch give `generate`'s tokens.
+
+In-process: one shard holding the whole model (eager, then compiled) runs the steps the scheduler
+launches, built into step messages as the source loop builds them, and every request's greedy tokens
+are checked against `generate` on that request alone, whatever its neighbours and whenever it joined.
+Under mpiexec: the same across stages, against a run that admits whole micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import reference_tokens, run_mpi, write_job
+from family_models import random_model
+from edgeshard_mpi.jobs import Generation, Request
+from edgeshard_mpi.pipeline import Prompt, _apply, _Row, _sample_step, _step_of
+from edgeshard_mpi.results import read_attrs, read_results
+from edgeshard_mpi.scheduler import Scheduler
+from edgeshard_mpi.trace import Tracer
+
+# prompt lengths from 1 to 40 tokens and outputs from 1 to 14: rows finish at every step, prompts
+# longer than the slot's axis join (the axis is re-laid out), one-token prompts join with no prefill
+SHAPES = [(9, 5), (3, 2), (27, 9), (1, 3), (14, 1), (40, 12), (6, 4), (1, 1), (22, 14), (5, 6), (33, 3), (2, 8),
+          (11, 2), (8, 10), (38, 5), (4, 7), (17, 1), (26, 4)]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    model, tok = random_model("llama")
+    path = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(5, len(tok)) for _ in range(n)] for n, _ in SHAPES]
+    want = []
+    for ids, (_, new) in zip(prompts, SHAPES):
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=new, do_sample=False)[0, len(ids):].tolist()
+        eos = model.generation_config.eos_token_id
+        want.append(out[:next((i + 1 for i, t in enumerate(out) if t == eos), len(out))])
+    return path, prompts, want, model.generation_config.eos_token_id
+
+
+def _run(shard, prompts, eos: int, mbs: int, in_flight: int, admission: str = "row"):
+    """The source loop in one process: scheduler launches, step messages, the shard, greedy tokens."""
+    rows = [_Row(Prompt(Request(f"r{i}", "test", "", generation=Generation(max_new_tokens=n)), ids, ""))
+            for i, (ids, (_, n)) in enumerate(zip(prompts, SHAPES))]
+    sched = Scheduler(((r, len(r.prompt.ids), r.gen.max_new_tokens) for r in rows), micro_batch_size=mbs,
+                      in_flight=in_flight, admission=admission, row_budget=48)
+    samplers, stats, tracer = {}, {"compute_s": 0.0, "steps": 0}, Tracer(enabled=False)
+    queue, late, places = list(sched.start()), set(), set()
+    while queue:
+        ln = queue.pop(0)
+        step = _step_of(ln, pad_id=0)
+        if ln.join and not ln.fresh:
+            late |= {id(r.item) for r in ln.join}
+        places |= {i for i, r in enumerate(ln.rows) if id(r.item) in late}
+        tokens = _sample_step(samplers, step, *_apply(shard, stats, tracer, step)).tolist()
+        finished = []
+        for i, (r, t) in enumerate(zip(ln.rows, tokens)):
+            r.item.add(t, 0.0, {eos}, None)
+            if r.item.finish:
+                finished.append(i)
+        more, done = sched.returned(ln.slot, finished)
+        if done:
+            shard.release(ln.slot)
+        queue += more
+    return [r.tokens for r in rows], places, sched
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_rows_that_join_mid_flight_give_generates_tokens(llama, compiled):
+    from edgeshard_mpi.models import ModelSpec
+    from edgeshard_mpi.shard import Shard
+
+    path, prompts, want, eos = llama
+    spec = ModelSpec.load(path, "float32")
+    shard = Shard(spec, 0, spec.num_units - 1, compile=compiled)
+    if compiled:
+        torch._dynamo.reset()
+        shard.warm_up(4)
+        graphs = shard.compiled.graphs
+    got, places, sched = _run(shard, prompts, eos, mbs=4, in_flight=2)
+    assert got == want
+    assert places == {0, 1, 2, 3}, "requests joined at every row position"
+    if compiled:
+        assert shard.compiled.graphs == graphs, "a join or a re-layout compiled a graph after warm-up"
+    else:  # the same requests admitted by whole micro-batches: the same tokens, emptier steps
+        again, _, batch = _run(shard, prompts, eos, mbs=4, in_flight=2, admission="batch")
+        assert again == want
+        assert sched.row_steps / sched.steps > 1.2 * batch.row_steps / batch.steps
+
+
+PROMPTS = ["The quick brown fox", "In a distant galaxy, a lone explorer discovered", "def fibonacci(n):", "Paris is",
+           "Once upon a time", "The three laws of thermodynamics state that energy cannot be created or destroyed, and",
+           "My favourite colour is", "Water boils at", "A", "Rivers run to the sea because"]
+MAX_NEW = [12, 3, 9, 2, 14, 6, 1, 10, 5, 8]
+
+
+def test_pipelined_row_admission_gives_generates_tokens_and_fuller_steps(tmp_path, tiny_path):
+    want = {p: reference_tokens(tiny_path, [p], n, 1)[0] for p, n in zip(PROMPTS, MAX_NEW)}
+    lines = [{"id": f"p{i}", "prompt": p, "max_new_tokens": n} for i, (p, n) in enumerate(zip(PROMPTS, MAX_NEW))]
+    job = write_job(tmp_path, "tiny-random", lines, extra="micro_batch_size = 3\nmicro_batches = 2")
+    fill = {}
+    for admission in ("row", "batch"):
+        out = tmp_path / f"{admission}.h5"
+        proc = run_mpi(["run", str(job), "--no-progress", "--admission", admission, "--output", str(out)], 3)
+        assert proc.returncode == 0, proc.stderr
+        records = read_results(out)
+        assert {r.id: r.token_ids for r in records} == {f"p{i}": want[p] for i, p in enumerate(PROMPTS)}
+        summary = json.loads(read_attrs(out)["summary"])
+        assert summary["admission"] == admission
+        fill[admission] = summary["rows_per_step"]
+    # 10 requests of 1 to 14 tokens in micro-batches of 3: a batch waits for its longest row
+    assert fill["row"] > 1.2 * fill["batch"], fill

@@ -1,0 +1,138 @@
+"""The scheduler alone, in-process: admission, the KV time axis it lays out, the in-flight rule, the barrier."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from edgeshard_mpi.scheduler import Scheduler, in_flight_for
+
+
+class _Axis:
+    """A slot's KV time axis as the stages hold it: per row, its columns (a token, or None = masked)."""
+
+    def __init__(self):
+        self.rows: list[list] = []
+        self.capacity = 0
+
+    def apply(self, launch) -> None:
+        if launch.fresh:
+            self.rows = [[None] * p + [("p", r.index, i) for i in range(r.prompt_tokens)]
+                         for p, r in zip(launch.pads, launch.join)]
+            self.capacity = launch.capacity
+            return
+        if launch.keep is not None:
+            self.rows = [self.rows[i] for i in launch.keep]
+        if launch.relayout:
+            for i, row in enumerate(self.rows):  # rows a newcomer takes over are written anew
+                assert i in launch.places or all(c is None for c in row[:max(0, launch.trim)]), "dropped a needed column"
+            self.rows = [row[launch.trim:] if launch.trim >= 0 else [None] * -launch.trim + row for row in self.rows]
+            self.capacity = launch.capacity
+        column = len(self.rows[0])
+        for p, pad, r in zip(launch.places, launch.pads, launch.join):
+            assert launch.width + 1 - pad == r.prompt_tokens and column >= launch.width
+            self.rows[p] = [None] * (column - r.prompt_tokens + 1) + [("p", r.index, i) for i in range(r.prompt_tokens - 1)]
+        for row, r in zip(self.rows, launch.rows):  # the step's column: a new token, or a last prompt token
+            row.append(("p", r.index, r.prompt_tokens - 1) if r.made == 0 else ("t", r.index, r.made))
+        assert len(self.rows[0]) <= self.capacity
+
+
+def _drive(requests, **kw):
+    """Run a job through the scheduler with a fake clock; check the layout at every step."""
+    sched = Scheduler(((i, p, n) for i, (p, n) in enumerate(requests)), **kw)
+    axes, made, queue = {}, {}, []
+    for launch in sched.start():
+        queue.append(launch)
+    max_columns = {}
+    while queue:
+        launch = queue.pop(0)  # FIFO: slots come back in the order they went out
+        axis = axes.setdefault(launch.slot, _Axis())
+        axis.apply(launch)
+        cols = len(axis.rows[0])
+        assert all(len(row) == cols for row in axis.rows)
+        for row, r in zip(axis.rows, launch.rows):
+            assert row[:r.pad] == [None] * r.pad and None not in row[r.pad:], "a row's pad is not its masked prefix"
+        max_columns[launch.slot] = max(max_columns.get(launch.slot, 0), cols)
+        finished = []
+        for i, r in enumerate(launch.rows):
+            made[r.item] = made.get(r.item, 0) + 1
+            if made[r.item] == r.max_new_tokens:
+                finished.append(i)
+        more, _ = sched.returned(launch.slot, finished)
+        queue.extend(more)
+    assert made == {i: n for i, (_, n) in enumerate(requests)}
+    return sched, max_columns
+
+
+REQS = [(random.Random(s).randint(1, 40), random.Random(s + 99).randint(1, 30)) for s in range(60)]
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "bubbles", "no-bubbles"])
+@pytest.mark.parametrize("admission", ["row", "batch"])
+@pytest.mark.parametrize("mbs", [1, 3, 8])
+def test_every_request_gets_its_tokens_and_the_axis_holds(schedule, admission, mbs):
+    _drive(REQS, micro_batch_size=mbs, schedule=schedule, in_flight=3, admission=admission)
+
+
+def test_row_admission_keeps_micro_batches_fuller_than_batch_admission():
+    row, _ = _drive(REQS, micro_batch_size=8, admission="row")
+    batch, _ = _drive(REQS, micro_batch_size=8, admission="batch")
+    # batch admission waits for the longest row of each micro-batch; row admission refills at once
+    assert row.row_steps / row.steps > 1.5 * batch.row_steps / batch.steps
+    assert row.steps < batch.steps
+
+
+def test_rows_join_mid_flight_and_sit_at_every_position():
+    # rows finishing one after another: each freed place is taken at the next step, the newcomer
+    # goes after the rows that stay, and moves forward as the rows before it leave
+    reqs = [(5, 2), (3, 3), (7, 4), (2, 5)] + [(4, 6)] * 8
+    sched = Scheduler(((i, p, n) for i, (p, n) in enumerate(reqs)), micro_batch_size=4)
+    (launch,) = sched.start()
+    late, places, made = set(), set(), {}
+    while True:
+        finished = []
+        for i, r in enumerate(launch.rows):
+            made[r.item] = made.get(r.item, 0) + 1
+            if made[r.item] == r.max_new_tokens:
+                finished.append(i)
+            if r.item in late:
+                places.add(i)
+        more, done = sched.returned(launch.slot, finished)
+        if done:
+            break
+        (launch,) = more
+        if launch.join:
+            assert not launch.fresh and len(launch.join) == len(finished)
+            late |= {r.item for r in launch.join}
+    assert late == set(range(4, len(reqs))) and places == {0, 1, 2, 3}
+
+
+def test_the_row_budget_holds_a_long_prompt_back_until_the_axis_is_short():
+    # a 100-token prompt cannot join a slot whose rows still need long; it waits in order, and
+    # the rows behind it wait with it
+    reqs = [(10, 50), (10, 2), (100, 3), (5, 3)]
+    sched, cols = _drive(reqs, micro_batch_size=2, admission="row", row_budget=60)
+    assert max(cols.values()) <= 102  # the long row's own span, not 100 + the other row's 50
+
+
+def test_in_flight_rule():
+    assert in_flight_for("sequential", 4, 8) == 1
+    assert in_flight_for("no-bubbles", 4) == 8
+    assert in_flight_for("bubbles", 1) == 1
+    assert in_flight_for("no-bubbles", 3, 5) == 5
+
+
+def test_bubbles_launches_only_when_every_slot_is_back():
+    sched = Scheduler(((i, 4, 3) for i in range(6)), micro_batch_size=1, schedule="bubbles", in_flight=3)
+    first = sched.start()
+    assert [l.slot for l in first] == [0, 1, 2]
+    assert sched.returned(0, [])[0] == [] and sched.returned(1, [])[0] == []
+    assert [l.slot for l in sched.returned(2, [])[0]] == [0, 1, 2]
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="admission 'rows'"):
+        Scheduler([], micro_batch_size=1, admission="rows")
+    with pytest.raises(ValueError, match="schedule 'fast'"):
+        Scheduler([], micro_batch_size=1, schedule="fast")
