@@ -21,7 +21,8 @@ def slots(hostfile: Path) -> int:
     return n
 
 
-def run_bench(hostfile: str, job: str, configs: list[str], out: Path, profiles: Path | None = None) -> list[dict]:
+def run_bench(hostfile: str, job: str, configs: list[str], out: Path, profiles: Path | None = None,
+              extra: list[str] = ()) -> list[dict]:
     """`mpiexec -f HOSTFILE -n SLOTS python -m edgeshard_mpi bench JOB --configs ... --json OUT`.
 
     profiles: the folder for saved profiles (EDGESHARD_PROFILES); a benchmark gives a fresh one, so
@@ -30,7 +31,7 @@ def run_bench(hostfile: str, job: str, configs: list[str], out: Path, profiles: 
     out.parent.mkdir(parents=True, exist_ok=True)
     hosts = ROOT / hostfile
     cmd = ["mpiexec", "-f", str(hosts), "-n", str(slots(hosts)), sys.executable, "-m", "edgeshard_mpi", "bench",
-           str(ROOT / job), "--hostfile", str(hosts), "--configs", ",".join(configs), "--json", str(out)]
+           str(ROOT / job), "--hostfile", str(hosts), "--configs", ",".join(configs), "--json", str(out), *extra]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
     if profiles is not None:

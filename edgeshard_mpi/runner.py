@@ -492,7 +492,7 @@ def bench_job(comm: Comm, job_path: str, opts: RunOptions,
                 "objective": objective, "schedule": schedule, "plan": plan.to_dict(),
                 "requests": summary.requests, "tokens": summary.tokens, "seconds": summary.seconds,
                 "tokens_per_s": summary.tokens_per_s, "ms_per_token": summary.ms_per_token,
-                "ttft_ms": summary.ttft_ms,
+                "ttft_ms": summary.ttft_ms, "admission": summary.admission, "rows_per_step": summary.rows_per_step,
                 "busy": [c / summary.seconds for c in compute],
                 "predicted": summary.predicted,
                 # the rate if the busiest stage never waited: tokens / its compute time, same run

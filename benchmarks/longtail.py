@@ -1,0 +1,192 @@
+"""Row admission against batch admission and batched `generate`, on a long-tailed job, side by side.
+
+    python benchmarks/longtail.py [--prompts 48] [--mbs 8] [--clusters one,hetero4] [--json out.json]
+
+The workload: `--prompts` text-continuation prompts cut from this repository's own documents, their
+lengths log-uniform from 10 to 500 tokens, each with its own `max_new_tokens` (the JSONL override)
+log-uniform from 8 to 200; smollm2-135m, fp32, greedy, seed 0. A request may stop earlier at EOS.
+
+In one run, one after the other:
+- one rank (`mpiexec -n 1 ... run`): `--admission batch` (a micro-batch takes new prompts only when
+  all its rows finished) and `--admission row` (a finished row's place takes the next prompt at once),
+  at micro-batch `--mbs`;
+- transformers' `generate` in this process, 2 threads, the same prompts in the same micro-batches,
+  left-padded, each batch generating until its longest request's `max_new_tokens` (as a user of
+  `generate` gets it), every row then cut to its own budget and EOS;
+- `hostfiles/hetero4.hosts` (`edgeshard bench`, throughput plan, no-bubbles), both admissions, at
+  micro-batch `--hetero-mbs`.
+Each row prints tokens/s (the requests' own new tokens over the run's wall time), the rows a step
+carried on average, the simulator's prediction on the run's profile, and, on hetero4, the plan's
+ideal rate (tokens over the busiest stage's compute time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench import run_bench  # noqa: E402
+
+SOURCES = ["README.md", "DESIGN.md", "BENCHMARKS.md"]
+
+
+def log_uniform(rng: random.Random, lo: int, hi: int) -> int:
+    return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+
+
+def workload(tok, n: int, seed: int = 0) -> list[dict]:
+    """n prompts cut from the repository's documents, of 10-500 tokens, with 8-200 new tokens each."""
+    text = "\n\n".join((ROOT / f).read_text() for f in SOURCES)
+    ids = tok(text)["input_ids"]
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = log_uniform(rng, 10, 500)
+        at = rng.randrange(0, len(ids) - length)
+        out.append({"id": f"r{i:03d}", "prompt": tok.decode(ids[at:at + length]),
+                    "max_new_tokens": log_uniform(rng, 8, 200)})
+    return out
+
+
+def write_job(workdir: Path, lines: list[dict], mbs: int, extra: str = "") -> Path:
+    (workdir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    job = workdir / "longtail.toml"
+    job.write_text(f'model = "smollm2-135m"\ndtype = "float32"\nprompts = "prompts.jsonl"\noutput = "out.h5"\n'
+                   f'micro_batch_size = {mbs}\n{extra}\n[generation]\nmax_new_tokens = 200\n'
+                   f'[plan]\nobjective = "throughput"\n')
+    return job
+
+
+def run_one_rank(job: Path, admission: str, env: dict) -> dict:
+    from edgeshard_mpi.results import read_attrs
+
+    out = job.parent / f"one-{admission}.h5"
+    cmd = ["mpiexec", "-n", "1", sys.executable, "-m", "edgeshard_mpi", "run", str(job), "--admission", admission,
+           "--output", str(out), "--overwrite", "--no-progress"]
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, env=env, cwd=job.parent)
+    s = json.loads(read_attrs(out)["summary"])
+    return {"tokens": s["tokens"], "seconds": s["seconds"], "tokens_per_s": s["tokens"] / s["seconds"],
+            "rows_per_step": s["rows_per_step"], "threads": s["stages"][0]["threads"],
+            "predicted": (s.get("predicted") or {}).get("tokens_per_s")}
+
+
+def run_generate(model_path: Path, lines: list[dict], mbs: int, threads: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
+    tokens, rows, steps = 0, 0, 0
+    t0 = time.perf_counter()
+    for b in range(0, len(lines), mbs):
+        batch = lines[b:b + mbs]
+        enc = tok([r["prompt"] for r in batch], return_tensors="pt", padding=True)
+        n = max(r["max_new_tokens"] for r in batch)
+        with torch.inference_mode():
+            gen = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=pad)
+        new = gen[:, enc["input_ids"].shape[1]:].tolist()
+        for r, row in zip(batch, new):
+            row = row[:r["max_new_tokens"]]
+            tokens += next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        steps += len(new[0])
+        rows += len(batch) * len(new[0])  # generate runs every row until the batch's longest is done
+    seconds = time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "rows_per_step": rows / steps,
+            "threads": torch.get_num_threads(), "predicted": None}
+
+
+def run_hetero4(job: Path, admission: str, profiles: Path) -> dict:
+    out = job.parent / f"hetero4-{admission}.json"
+    (r,) = run_bench("hostfiles/hetero4.hosts", str(job), ["throughput:no-bubbles"], out, profiles=profiles,
+                     extra=["--admission", admission])
+    if "error" in r:
+        return {"error": r["error"]}
+    return {"tokens": r["tokens"], "seconds": r["seconds"], "tokens_per_s": r["tokens_per_s"],
+            "rows_per_step": r.get("rows_per_step", float("nan")), "threads": 1,
+            "predicted": (r.get("predicted") or {}).get("tokens_per_s"), "ideal": r["ideal_tokens_per_s"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--mbs", type=int, default=8, help="micro-batch size at one rank and for generate")
+    ap.add_argument("--hetero-mbs", type=int, default=4, help="micro-batch size on hetero4 (its memory is small)")
+    ap.add_argument("--clusters", default="one,hetero4")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    os.environ["EDGESHARD_MODELS"] = str(Path(os.environ.get("EDGESHARD_MODELS", ROOT / "models")).resolve())
+    sys.path.insert(0, str(ROOT))
+    from transformers import AutoTokenizer
+
+    from edgeshard_mpi.models import prepare
+
+    model_path = prepare("smollm2-135m")
+    lines = workload(AutoTokenizer.from_pretrained(model_path), args.prompts)
+    work = Path(tempfile.mkdtemp(prefix="edgeshard-longtail-"))
+    profiles = work / "profiles"  # measured now, on the host as it is, and shared by both admissions
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1",
+           "EDGESHARD_PROFILES": str(profiles)}
+    rows = {}
+    clusters = args.clusters.split(",")
+    if "one" in clusters:
+        one = work / "one"
+        one.mkdir()
+        job = write_job(one, lines, args.mbs)
+        for admission in ("batch", "row"):
+            rows[f"1 rank, {admission} admission"] = run_one_rank(job, admission, env)
+        rows["generate, batched"] = run_generate(model_path, lines, args.mbs, threads=2)
+    if "hetero4" in clusters:
+        het = work / "hetero4"
+        het.mkdir()
+        job = write_job(het, lines, args.hetero_mbs)
+        for admission in ("batch", "row"):
+            rows[f"hetero4, {admission} admission"] = run_hetero4(job, admission, profiles)
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.machine())
+    print(f"\n{args.prompts} prompts (10-500 tokens), max_new_tokens 8-200 log-uniform, smollm2-135m fp32; "
+          f"{os.cpu_count()} cores, {cpu}")
+    print(f"{'run':<28} {'threads':>7} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'rows/step':>9} "
+          f"{'predicted':>9} {'meas/pred':>9} {'ideal':>7} {'of ideal':>8}")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"{name:<28} {r['error']}")
+            continue
+        p, ideal = r.get("predicted"), r.get("ideal")
+        print(f"{name:<28} {r['threads']:>7} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>9.2f} "
+              f"{r['rows_per_step']:>9.2f} {p or float('nan'):>9.2f} {r['tokens_per_s'] / p if p else float('nan'):>9.2f} "
+              f"{ideal or float('nan'):>7.2f} {r['tokens_per_s'] / ideal if ideal else float('nan'):>8.0%}")
+
+    def ratio(a, b):
+        return rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"] if a in rows and b in rows and "error" not in rows[a] \
+            and "error" not in rows[b] else float("nan")
+
+    print(f"\nrow / batch admission, 1 rank: {ratio('1 rank, row admission', '1 rank, batch admission'):.2f} "
+          f"(target >= 1.5)")
+    print(f"row admission / batched generate, 1 rank: {ratio('1 rank, row admission', 'generate, batched'):.2f} "
+          f"(target >= 1.8)")
+    print(f"row / batch admission, hetero4: {ratio('hetero4, row admission', 'hetero4, batch admission'):.2f} "
+          f"(target >= 1.3)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
