@@ -222,7 +222,7 @@ def _mpi_command(args) -> int:
 def _print_summary(s, args) -> None:
     print(f"edgeshard run: {s.requests} requests, {s.tokens} tokens in {s.seconds:.2f} s: "
           f"{s.tokens_per_s:.1f} tokens/s, {s.ms_per_token:.1f} ms/token (decode), "
-          f"{s.ttft_ms:.0f} ms to first token")
+          f"{s.ttft_ms:.0f} ms to first token; {s.rows_per_step:.2f} rows a step ({s.admission} admission)")
     p = s.predicted
     if p:
         print(f"predicted (simulated on the profile, same plan, schedule and requests): "

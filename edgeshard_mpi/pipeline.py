@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from .comm import ACT, STOP, TOKENS, Comm
-from .families import layer_types
 from .jobs import Job, Request
 from .messages import Step
 from .planner import Plan
@@ -244,8 +243,6 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     if tok.pad_token_id is None and not eos:
         raise ValueError(f"{shard.spec.path}: the model has no pad token and no eos_token_id to pad with")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
-    if admission == "row" and "sliding_attention" in layer_types(shard.config):
-        admission = "batch"  # a sliding layer's window moves: rows cannot join its cache (kv_cache.join_rows)
     bar = tqdm(total=total, unit="req", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     counts = {"requests": 0, "tokens": 0}
     ttfts, tpots = [], []

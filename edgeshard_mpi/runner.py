@@ -35,7 +35,7 @@ from .profiler import (Profile, cluster_fingerprint, find_profile, measure_profi
                        profile_shapes, profiles_dir)
 from .results import ResultWriter
 from .shard import Shard
-from .scheduler import in_flight_for
+from .scheduler import in_flight_for, slot_columns
 from .simulate import Request, Simulation, StepCosts, simulate
 from .trace import Tracer, write_chrome_trace
 
@@ -176,6 +176,7 @@ class _Local:
     kv_tokens: int = 0  # KV cache the planner budgets per unit: micro-batch x longest request x slots
     row_tokens: int = 0  # micro-batch x longest request: the KV cache of one slot
     longest: int = 0  # tokens of the longest request: what a sliding layer's window caps
+    admission: str = "row"  # scheduler.ADMISSIONS, as this model allows
     schedule: str = "no-bubbles"
     in_flight: int | None = None  # micro-batches in flight if asked for (options, job): scheduler.in_flight_for
     shapes: dict | None = None  # the shapes this job is profiled at (profiler.profile_shapes)
@@ -203,12 +204,15 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
     if not sample and not done:
         raise JobError(f"{job.prompts}: no prompts")
     longest = max((len(p.ids) + p.request.generation.max_new_tokens for p in sample), default=1)
+    # a sliding layer's window moves with the step: rows cannot join its cache (kv_cache.join_rows)
+    admission = "batch" if any(u.kv_window for u in spec.units) else (opts.admission or job.admission)
+    columns = slot_columns(longest, admission)  # the KV time axis a slot may reach
     # every stage keeps a KV cache per micro-batch in flight; the planner, not knowing the plan yet,
     # budgets for the most there can be (twice the ranks); a plan is then checked with its own count
     in_flight = opts.micro_batches or job.micro_batches
     local = _Local(job, spec, tok, itertools.chain(sample, stream),
-                   kv_tokens=longest * job.micro_batch_size * (in_flight or 2 * world))
-    local.row_tokens, local.longest = longest * job.micro_batch_size, longest
+                   kv_tokens=columns * job.micro_batch_size * (in_flight or 2 * world))
+    local.row_tokens, local.longest, local.admission = columns * job.micro_batch_size, longest, admission
     local.schedule, local.in_flight = opts.schedule or job.schedule, in_flight
     plan = _given_plan(job, opts, spec, world) if for_run else None
     if mode == "bench":
@@ -332,7 +336,7 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
         summary = _execute(comm, spec, cluster, plan, local, local.prompts if rank == 0 else None,
                            schedule=opts.schedule or (local.job.schedule if rank == 0 else ""),
                            in_flight=local.in_flight if rank == 0 else None, progress=opts.progress,
-                           trace=opts.trace, shared=shared, admission=opts.admission)
+                           trace=opts.trace, shared=shared)
         if rank == 0:
             if opts.trace:
                 local.writer.set_attr("trace", str(Path(opts.trace).resolve()))
@@ -368,7 +372,7 @@ def _predict(local: _Local, plan: Plan, summary: Summary, schedule: str, in_flig
 
 def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _Local | None, prompts,
              *, schedule: str, in_flight: int | None, progress: bool, shared: _Shared,
-             trace: str | None = None, admission: str | None = None) -> Summary | None:
+             trace: str | None = None) -> Summary | None:
     """Load this rank's shard (in its device's dtype and quantization), run the loops, gather every
     rank's figures; rank 0 returns the Summary.
 
@@ -400,7 +404,7 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     if rank == 0:
         summary = source_loop(comm, shard, plan, local.job, local.tok, prompts, local.writer, progress, stats,
                               tracer, schedule=schedule, in_flight=in_flight, total=local.total,
-                              admission=admission or local.job.admission, row_budget=local.longest)
+                              admission=local.admission, row_budget=local.row_tokens // local.job.micro_batch_size)
     elif shard is not None:
         stage_loop(comm, shard, plan, index, stats, tracer)
     comm.barrier()  # ranks done early (or left out) wait here for the last one, without spinning
@@ -482,7 +486,7 @@ def bench_job(comm: Comm, job_path: str, opts: RunOptions,
         try:
             summary = _execute(comm, spec, cluster, plan, local, prompts, schedule=schedule,
                                in_flight=opts.micro_batches or (local.job.micro_batches if rank == 0 else None),
-                               progress=False, shared=shared, admission=opts.admission)
+                               progress=False, shared=shared)
         finally:
             if rank == 0:
                 local.writer.close(complete=True)
