@@ -144,20 +144,16 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1",
            "EDGESHARD_PROFILES": str(profiles)}
     rows = {}
-    clusters = args.clusters.split(",")
-    if "one" in clusters:
-        one = work / "one"
-        one.mkdir()
-        job = write_job(one, lines, args.mbs)
+    runs = {"one": ("1 rank", args.mbs, lambda job, admission: run_one_rank(job, admission, env)),
+            "hetero4": ("hetero4", args.hetero_mbs, lambda job, admission: run_hetero4(job, admission, profiles))}
+    for cluster in args.clusters.split(","):
+        label, mbs, run = runs[cluster]
+        (work / cluster).mkdir()
+        job = write_job(work / cluster, lines, mbs)
         for admission in ("batch", "row"):
-            rows[f"1 rank, {admission} admission"] = run_one_rank(job, admission, env)
-        rows["generate, batched"] = run_generate(model_path, lines, args.mbs, threads=2)
-    if "hetero4" in clusters:
-        het = work / "hetero4"
-        het.mkdir()
-        job = write_job(het, lines, args.hetero_mbs)
-        for admission in ("batch", "row"):
-            rows[f"hetero4, {admission} admission"] = run_hetero4(job, admission, profiles)
+            rows[f"{label}, {admission} admission"] = run(job, admission)
+        if cluster == "one":
+            rows["generate, batched"] = run_generate(model_path, lines, args.mbs, threads=2)
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.machine())
