@@ -57,10 +57,6 @@ class Message:
     fields: list[int] = dataclasses.field(default_factory=list)
     buffers: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
-    @property
-    def tensor(self) -> torch.Tensor | None:
-        return self.buffers[0] if self.buffers else None
-
 
 class RankLost(RuntimeError):
     """Rank 0 heard nothing from the pipeline for the step timeout; `ranks` did not answer a check."""
