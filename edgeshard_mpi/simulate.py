@@ -9,9 +9,10 @@ The run's own scheduler (scheduler.py) decides what each step carries and when i
 with messages queued on the link one after another (as comm.py's link emulation delivers them), and
 the head's token ids go back to rank 0, which hands them to the scheduler.
 
-Step costs come from the profile: a decode step of a stage is its device's step cost plus its
-units' decode times (Profile.costs, Costs.stage_compute); a prefill of width w is interpolated between the decode step (w = 1) and the profiled prefill (w =
-the profile's prompt length), which keeps the fixed cost of a step in both. Figures are those a run
+Step costs come from the profile, which times a decode step and a prefill of one micro-batch: a
+stage's forward over T tokens (rows x width) is a straight line through those two points (a decode
+step is its device's step cost plus its units' decode times, Profile.costs, Costs.stage_compute), so
+it keeps a step's fixed cost, and a step of fewer rows costs less by their tokens' share of the slope. Figures are those a run
 reports (pipeline.Summary): tokens/s over the whole job, mean decode ms/token per request (first to
 last token), mean time to first token, and each stage's busy share.
 
@@ -55,6 +56,7 @@ class StepCosts:
     out_bytes: tuple[float, ...]
     latency: tuple[float, ...]
     bandwidth: tuple[float, ...]
+    rows: int = 1  # the profile's micro-batch: the rows its decode and prefill times are for
 
     @classmethod
     def from_profile(cls, profile, plan: Plan) -> "StepCosts":
@@ -81,16 +83,18 @@ class StepCosts:
                 b = profile.bandwidth[s.rank][to]
                 bw.append(math.inf if b is None else float(b))
         return cls(tuple(decode), tuple(prefill), int(profile.shapes["prompt_tokens"]), tuple(out),
-                   tuple(lat), tuple(bw))
+                   tuple(lat), tuple(bw), int(profile.shapes.get("micro_batch_size", 1)))
 
-    def compute(self, s: int, width: int) -> float:
-        """Stage s's step over `width` new tokens per row: 1 for a decode step, the prompt for a prefill."""
-        if width <= 1:
-            return self.decode_s[s]
+    def compute(self, s: int, width: int, rows: int | None = None) -> float:
+        """Stage s's forward over `rows` rows (default: the profile's) of `width` new tokens each: 1 for a
+        decode step, the prompt for a prefill. Linear in the tokens between the profiled decode step
+        and prefill, never below nothing."""
+        rows = self.rows if rows is None else rows
         p = self.prompt_tokens
         if p <= 1:
-            return self.prefill_s[s] * width
-        return max(0.0, self.decode_s[s] + (self.prefill_s[s] - self.decode_s[s]) * (width - 1) / (p - 1))
+            return self.prefill_s[s] * width * rows / self.rows
+        per_token = (self.prefill_s[s] - self.decode_s[s]) / (self.rows * (p - 1))
+        return max(0.0, self.decode_s[s] + per_token * (rows * width - self.rows))
 
 
 @dataclasses.dataclass
@@ -153,14 +157,13 @@ def simulate(costs: StepCosts, requests: Sequence[Request], *, micro_batch_size:
     t_end = 0.0
 
     def step_cost(s: int, ln: Launch) -> float:
-        """A fresh step is one prefill. Otherwise one decode of every row, and, when rows join, a
-        prefill of their prompts: a forward of its own (the step's fixed cost again) whose per-token
-        work is the profiled prefill's, for the joining share of the profiled micro-batch."""
+        """A fresh step is one prefill of its rows. Otherwise one decode of every row and, when rows
+        join, a prefill of their prompts but the last token: a forward of its own (its fixed cost again)."""
         if ln.fresh:
-            return costs.compute(s, ln.width)
-        cost = costs.compute(s, 1)
+            return costs.compute(s, ln.width, len(ln.rows))
+        cost = costs.compute(s, 1, len(ln.rows))
         if ln.width:
-            cost += costs.decode_s[s] + (costs.compute(s, ln.width) - costs.decode_s[s]) * len(ln.join) / micro_batch_size
+            cost += costs.compute(s, ln.width, len(ln.join))
         return cost
 
     def run_stage(s: int, ln: Launch, t: float) -> None:

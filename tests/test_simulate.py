@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -37,6 +38,15 @@ def test_prefill_interpolates_between_decode_and_profiled_prefill():
     assert c.compute(0, 1) == pytest.approx(0.010)
     assert c.compute(0, 5) == pytest.approx(0.030)
     assert c.compute(0, 3) == pytest.approx(0.020)
+
+
+def test_a_step_of_fewer_rows_costs_less_by_their_tokens():
+    # profiled at 4 rows: decode 10 ms, prefill of 4 x 5 tokens 30 ms, so 20 ms / 16 tokens = 1.25 ms a token
+    c = dataclasses.replace(_two_stages(), rows=4)
+    assert c.compute(0, 1) == pytest.approx(0.010) == c.compute(0, 1, 4)
+    assert c.compute(0, 1, 1) == pytest.approx(0.010 - 3 * 0.00125)
+    assert c.compute(0, 5, 2) == pytest.approx(0.010 + 0.00125 * (10 - 4))
+    assert c.compute(0, 1, 0) >= 0.0
 
 
 def test_no_bubbles_reaches_the_bottleneck_rate():
