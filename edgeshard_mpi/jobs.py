@@ -16,11 +16,9 @@ A job file, with paths relative to the job file's folder:
                                      # once | batch: new prompts only when a whole micro-batch finished
     chat = false                     # apply the chat template to plain "prompt" strings too
 
-    [generation]                     # defaults for every request; JSONL lines may override
-    max_new_tokens = 64              # (max_new_tokens, temperature, top_k, top_p, seed)
-    temperature = 0.0                # 0 = greedy
-    top_k = 0
-    top_p = 1.0
+    [generation]                     # defaults for every request; a JSONL line may override any
+    max_new_tokens = 64
+    temperature = 0.0                # 0 = greedy; and every other field of sampling.SamplingParams
     seed = 0
     stop = ["\\n\\n"]                # stop strings: the text ends before the first one
 
@@ -76,14 +74,14 @@ def _decode(raw: bytes, path, lineno: int = 1) -> str:
 @dataclasses.dataclass(frozen=True)
 class Generation:
     max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    sampling: SamplingParams = SamplingParams()
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
+
+# what a job's [generation] table and a prompt line may set: the budget, stop strings, and every
+# field of SamplingParams (a new one appears here by itself)
+_SAMPLING_FIELDS = {f.name: type(f.default) for f in dataclasses.fields(SamplingParams)}
+GENERATION_KEYS = {"max_new_tokens", "stop", *_SAMPLING_FIELDS}
 
 
 _TYPES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -117,14 +115,23 @@ def _check_keys(table: dict, known: set[str], where: str) -> None:
 
 
 def _generation(table: dict, where: str, base: Generation = Generation()) -> Generation:
-    g = Generation(
-        max_new_tokens=_field(table, "max_new_tokens", int, base.max_new_tokens, where),
-        temperature=_field(table, "temperature", float, base.temperature, where),
-        top_k=_field(table, "top_k", int, base.top_k, where),
-        top_p=_field(table, "top_p", float, base.top_p, where),
-        seed=_field(table, "seed", int, base.seed, where),
-        stop=base.stop,
-    )
+    """`base` with the generation fields of `table` (a [generation] table or a prompt line) over it."""
+    values = {}
+    for key, typ in _SAMPLING_FIELDS.items():
+        if key not in table:
+            continue
+        if typ is tuple:
+            ids = table[key]
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise JobError(f"{where}: field {key!r} must be a list of integers, got {_short(ids)}")
+            values[key] = tuple(ids)
+        else:
+            values[key] = _field(table, key, typ, None, where)
+    try:
+        sampling = dataclasses.replace(base.sampling, **values)
+    except ValueError as e:
+        raise JobError(f"{where}: {e}") from None
+    g = Generation(_field(table, "max_new_tokens", int, base.max_new_tokens, where), base.stop, sampling)
     if "stop" in table:
         stop = table["stop"]
         if isinstance(stop, str):
@@ -134,10 +141,9 @@ def _generation(table: dict, where: str, base: Generation = Generation()) -> Gen
         g = dataclasses.replace(g, stop=tuple(stop))
     if g.max_new_tokens < 1:
         raise JobError(f"{where}: field 'max_new_tokens' must be >= 1, got {g.max_new_tokens}")
-    try:
-        g.sampling()
-    except ValueError as e:
-        raise JobError(f"{where}: {e}") from None
+    if g.sampling.min_tokens > g.max_new_tokens:
+        raise JobError(f"{where}: field 'min_tokens' ({g.sampling.min_tokens}) must be <= max_new_tokens "
+                       f"({g.max_new_tokens})")
     return g
 
 
@@ -215,8 +221,7 @@ class Job:
         gen_table = d.get("generation", {})
         if not isinstance(gen_table, dict):
             raise JobError(f"{where}: [generation] must be a table")
-        _check_keys(gen_table, {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop"},
-                    f"{where}: [generation]")
+        _check_keys(gen_table, GENERATION_KEYS, f"{where}: [generation]")
         plan = d.get("plan")
         if plan is not None:
             if not isinstance(plan, dict):
@@ -252,7 +257,7 @@ class Request:
     generation: Generation = Generation()
 
 
-_REQUEST_KEYS = {"id", "prompt", "messages", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+_REQUEST_KEYS = {"id", "prompt", "messages", *GENERATION_KEYS}
 
 
 def _request_from_json(obj, where: str, default: Generation) -> Request:
@@ -266,8 +271,7 @@ def _request_from_json(obj, where: str, default: Generation) -> Request:
         raise JobError(f"{where}: field 'id' must be a string or an integer")
     if rid == "":
         raise JobError(f"{where}: field 'id' is empty")
-    gen = _generation({k: obj[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed") if k in obj},
-                      where, default)
+    gen = _generation(obj, where, default)
     if ("prompt" in obj) == ("messages" in obj):
         raise JobError(f"{where}: give exactly one of 'prompt' or 'messages'")
     if "prompt" in obj:

@@ -98,10 +98,14 @@ class _FullLayer(DynamicLayer):
 
     def write_rows(self, places: list[int], keys: torch.Tensor, values: torch.Tensor, real: list[int]) -> None:
         """Rows `places` take the last `real[j]` columns of keys/values[j], ending at the newest column."""
-        for j, (p, n) in enumerate(zip(places, real)):
-            if n:
-                self.k_buf[p, :, self.length - n:self.length].copy_(keys[j, :, keys.shape[2] - n:])
-                self.v_buf[p, :, self.length - n:self.length].copy_(values[j, :, values.shape[2] - n:])
+        _write_rows((self.k_buf, self.v_buf), self.length, places, (keys, values), real)
+
+
+def _write_rows(bufs, length: int, places: list[int], new, real: list[int]) -> None:
+    for j, (p, n) in enumerate(zip(places, real)):
+        if n:
+            for buf, add in zip(bufs, new):
+                buf[p, :, length - n:length].copy_(add[j, :, add.shape[2] - n:])
 
 
 def _relaid(buf: torch.Tensor, length: int, trim: int, capacity: int) -> torch.Tensor:
@@ -195,11 +199,7 @@ class _StaticRows:
         self._mark()
 
     def write_rows(self, places: list[int], keys: torch.Tensor, values: torch.Tensor, real: list[int]) -> None:
-        length = int(self.cumulative_length)
-        for j, (p, n) in enumerate(zip(places, real)):
-            if n:
-                self.keys[p, :, length - n:length].copy_(keys[j, :, keys.shape[2] - n:])
-                self.values[p, :, length - n:length].copy_(values[j, :, values.shape[2] - n:])
+        _write_rows((self.keys, self.values), int(self.cumulative_length), places, (keys, values), real)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # the buffer's (dynamic) size rather than the Python count, which a graph would be bound to

@@ -2,18 +2,19 @@
 
 The source builds a `Step` from the scheduler's `Launch`; every stage applies the same row changes
 from it, in the same order (keep, decode, trim, join), so the slot's KV caches never disagree.
-comm.py moves only its integer fields and buffers; what they mean is said here alone, so a new
-sampling parameter changes `SamplingParams.to_row`, not the transport.
+comm.py moves only its integer fields and buffers; what they mean is said here alone, and a
+joining row's sampling parameters travel as `SamplingParams.to_row()`, so a new sampling parameter
+changes neither this module nor the transport.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 
 from .comm import Message
+from .sampling import SamplingParams
 
 __all__ = ["Step"]
 
@@ -29,7 +30,8 @@ class Step:
     that is not fresh, the slot is re-laid out (`trim` columns dropped on the left, room for
     `capacity`); then joining rows take rows `places`, each prefilled from its tokens in the join
     block (left-padded to `width` by `pads`). A fresh step's `capacity` sizes the slot's new cache.
-    sampling: per joining row (every row of a fresh step), `SamplingParams.to_row()`.
+    sampling: per joining row (every row of a fresh step), its SamplingParams; prompts: per joining
+    row, its prompt's token ids when the head needs them (`SamplingParams.needs_prompt`), else [].
     """
 
     slot: int
@@ -43,7 +45,8 @@ class Step:
     width: int = 0
     trim: int = 0
     capacity: int = 0
-    sampling: np.ndarray | None = None
+    sampling: list[SamplingParams] = dataclasses.field(default_factory=list)
+    prompts: list[list[int]] = dataclasses.field(default_factory=list)
 
     @property
     def relayout(self) -> bool:
@@ -80,7 +83,12 @@ class Step:
         if joining:
             cols = [self.pads] if self.fresh else [self.places, self.pads]
             buffers.append(torch.tensor(cols, dtype=torch.int64))
-            buffers.append(torch.from_numpy(np.ascontiguousarray(self.sampling, dtype=np.float64)))
+            # per joining row: (len(params), len(prompt), *params, *prompt), as float64 (exact for ids < 2**53)
+            flat = []
+            for p, ids in zip(self.sampling, self.prompts or [[]] * joining):
+                row = p.to_row()
+                flat += [len(row), len(ids), *row, *ids]
+            buffers.append(torch.tensor(flat, dtype=torch.float64))
         return fields, buffers
 
     @classmethod
@@ -89,12 +97,18 @@ class Step:
         bufs = iter(msg.buffers)
         tensor = next(bufs)
         keep = next(bufs).tolist() if nkeep >= 0 else None
-        places, pads, sampling = [], [], None
+        places, pads, sampling, prompts = [], [], [], []
         if joining:
             cols = next(bufs).tolist()
             pads, places = cols[-1], ([] if fresh else cols[0])
-            sampling = next(bufs).numpy()
-        return cls(slot, step, tensor, bool(fresh), rows, keep, places, pads, width, trim, capacity, sampling)
+            flat, at = next(bufs).tolist(), 0
+            for _ in range(joining):
+                n, m = int(flat[at]), int(flat[at + 1])
+                sampling.append(SamplingParams.from_row(flat[at + 2:at + 2 + n]))
+                prompts.append([int(t) for t in flat[at + 2 + n:at + 2 + n + m]])
+                at += 2 + n + m
+        return cls(slot, step, tensor, bool(fresh), rows, keep, places, pads, width, trim, capacity, sampling,
+                   prompts)
 
     def reply(self, tokens: torch.Tensor) -> "Step":
         """The head's answer: this step's token ids, one per row of the slot after the step."""

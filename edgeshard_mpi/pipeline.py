@@ -30,7 +30,7 @@ from .jobs import Job, Request
 from .messages import Step
 from .planner import Plan
 from .results import Record, ResultWriter
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler
 from .scheduler import Launch, Scheduler
 from .shard import Shard
 from .trace import Tracer
@@ -122,6 +122,7 @@ def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict, tr
     prev = plan.stages[index - 1].rank
     nxt = plan.stages[index + 1].rank if index + 1 < len(plan.stages) else None
     samplers: dict[int, Sampler] = {}
+    eos = _eos_ids(shard.spec.path) if nxt is None else set()  # min_tokens holds them back
     while True:
         t0 = time.perf_counter()
         msg = comm.recv(prev)
@@ -138,22 +139,22 @@ def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict, tr
         if nxt is not None:
             comm.send(nxt, ACT, *step.passed_on(Step.pack(dec_out, join_out)).to_wire(), wait=False)
         else:
-            comm.send(0, TOKENS, *step.reply(_sample_step(samplers, step, dec_out, join_out)).to_wire(), wait=False)
+            comm.send(0, TOKENS, *step.reply(_sample_step(samplers, step, dec_out, join_out, eos)).to_wire(),
+                      wait=False)
         tracer.add("send", t0, time.perf_counter(), step.slot, step.step)
 
 
-def _sample_step(samplers: dict[int, Sampler], step: Step, dec_logits, join_logits) -> torch.Tensor:
+def _sample_step(samplers: dict[int, Sampler], step: Step, dec_logits, join_logits, eos: set[int]) -> torch.Tensor:
     """The head's part of a step: the slot's sampler follows the step's row changes (from the same
     message every stage receives), then one token per row."""
-    params = [SamplingParams.from_row(r) for r in step.sampling] if step.pads else []
     if step.fresh:
-        samplers[step.slot] = Sampler(params)
+        samplers[step.slot] = Sampler(step.sampling, step.prompts, eos)
         return samplers[step.slot](join_logits)
     sampler = samplers[step.slot]
     if step.keep is not None:
         sampler.select(step.keep)
-    if params:
-        sampler.replace(step.places, params)
+    if step.sampling:
+        sampler.replace(step.places, step.sampling, step.prompts)
     return sampler(dec_logits)
 
 
@@ -185,8 +186,14 @@ class _Row:
         if len(self.tokens) == 1:
             self.t_first = now
         self.t_last = now
-        if token in eos:
+        sp = self.gen.sampling
+        if len(self.tokens) < sp.min_tokens:
+            pass  # nothing ends a request before min_tokens (the head held EOS and the stop ids back)
+        elif token in eos and not sp.ignore_eos:
             self.finish = "eos"
+        elif token in sp.stop_token_ids:
+            self.finish = "stop"
+            self.text = tok.decode(self.tokens[:-1], skip_special_tokens=True)
         elif self.gen.stop:
             # a new stop string must end in the newest tokens: look at a short decoded tail first,
             # so the check stays O(1) per token; decode everything only on a hit
@@ -208,14 +215,16 @@ def _step_of(ln: Launch, pad_id: int) -> Step:
         return torch.tensor([[pad_id] * (ln.width - len(i)) + i for i in ids], dtype=torch.long)
 
     rows = [r.item for r in ln.join]
-    sampling = np.array([r.gen.sampling().to_row() for r in rows], dtype=np.float64) if rows else None
+    sampling = [r.gen.sampling for r in rows]
+    prompts = [r.prompt.ids if r.gen.sampling.needs_prompt else [] for r in rows]
     if ln.fresh:
-        return Step(ln.slot, 0, padded(rows, 0), True, 0, None, [], ln.pads, ln.width, 0, ln.capacity, sampling)
+        return Step(ln.slot, 0, padded(rows, 0), True, 0, None, [], ln.pads, ln.width, 0, ln.capacity, sampling,
+                    prompts)
     # a staying row feeds its newest token, a joining row its last prompt token (scheduler.py)
     last = torch.tensor([r.item.tokens[-1] if r.made else r.item.prompt.ids[-1] for r in ln.rows], dtype=torch.long)
     join = padded(rows, 1) if rows and ln.width else None
     return Step(ln.slot, ln.step, Step.pack(last[:, None], join), False, len(ln.rows), ln.keep, ln.places, ln.pads,
-                ln.width, ln.trim, ln.capacity if ln.relayout else 0, sampling)
+                ln.width, ln.trim, ln.capacity if ln.relayout else 0, sampling, prompts)
 
 
 def _record(r: _Row, tok) -> Record:
@@ -274,7 +283,7 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
         launched[ln.slot] = ln
         dec_out, join_out = _apply(shard, stats, tracer, step)
         if nxt is None:
-            local_tokens.append((ln.slot, _sample_step(samplers, step, dec_out, join_out)))
+            local_tokens.append((ln.slot, _sample_step(samplers, step, dec_out, join_out, eos)))
         else:
             t0 = time.perf_counter()
             comm.send(nxt, ACT, *step.passed_on(Step.pack(dec_out, join_out)).to_wire(), wait=False)

@@ -54,8 +54,9 @@ def write_job(dir: Path, model: str | Path, prompts: list, *, name: str = "job",
 
 
 def reference_tokens(model_path: Path, prompts: list[str], max_new_tokens: int, batch: int,
-                     device: str = "cpu", dtype: str = "float32") -> list[list[int]]:
-    """transformers `generate`, greedy fp32, over micro-batches of `batch` left-padded prompts; each row cut after EOS."""
+                     device: str = "cpu", dtype: str = "float32", **generate_kwargs) -> list[list[int]]:
+    """transformers `generate`, greedy fp32, over micro-batches of `batch` left-padded prompts; each row cut after EOS
+    (and after the ids of an `eos_token_id` list in `generate_kwargs`, which generate stops at too)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,11 +64,13 @@ def reference_tokens(model_path: Path, prompts: list[str], max_new_tokens: int, 
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device)
     eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = {e for e in (eos if isinstance(eos, list) else [eos]) if e is not None} | set(generate_kwargs.get("eos_token_id", []))
+    if "eos_token_id" in generate_kwargs:  # stop ids as well as the model's EOS, as a run has them
+        generate_kwargs = {**generate_kwargs, "eos_token_id": sorted(eos)}
     out = []
     for b in range(0, len(prompts), batch):
         enc = tok(prompts[b:b + batch], return_tensors="pt", padding=True).to(device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
         for row in gen[:, enc["input_ids"].shape[1]:].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
             out.append(row[:cut])

@@ -59,7 +59,7 @@ def _run(shard, prompts, eos: int, mbs: int, in_flight: int, admission: str = "r
         if ln.join and not ln.fresh:
             late |= {id(r.item) for r in ln.join}
         places |= {i for i, r in enumerate(ln.rows) if id(r.item) in late}
-        tokens = _sample_step(samplers, step, *_apply(shard, stats, tracer, step)).tolist()
+        tokens = _sample_step(samplers, step, *_apply(shard, stats, tracer, step), {eos}).tolist()
         finished = []
         for i, (r, t) in enumerate(zip(ln.rows, tokens)):
             r.item.add(t, 0.0, {eos}, None)
@@ -101,9 +101,31 @@ PROMPTS = ["The quick brown fox", "In a distant galaxy, a lone explorer discover
 MAX_NEW = [12, 3, 9, 2, 14, 6, 1, 10, 5, 8]
 
 
+def _penalized(tiny_path) -> tuple[list[dict], dict]:
+    """Requests with a repetition penalty, min_tokens and stop token ids, and generate's tokens for each
+    with the same settings. The stop ids are tokens the request makes without them, so they bite."""
+    free = reference_tokens(tiny_path, [PROMPTS[0]], 14, 1)[0]
+    stop, early = free[3], free[2]
+    settings = {
+        "rep": ({"repetition_penalty": 1.5}, {"repetition_penalty": 1.5}),
+        "stop": ({"stop_token_ids": [stop]}, {"eos_token_id": [stop]}),
+        "min": ({"stop_token_ids": [early], "min_tokens": 6}, {"eos_token_id": [early], "min_new_tokens": 6}),
+    }
+    lines, want = [], {}
+    for name, (ours, theirs) in settings.items():
+        lines.append({"id": name, "prompt": PROMPTS[0], "max_new_tokens": 14, **ours})
+        want[name] = reference_tokens(tiny_path, [PROMPTS[0]], 14, 1, **theirs)[0]
+    assert want["rep"] != free and len(want["stop"]) == 4 and len(want["min"]) > 6, (free, want)
+    return lines, want
+
+
 def test_pipelined_row_admission_gives_generates_tokens_and_fuller_steps(tmp_path, tiny_path):
-    want = {p: reference_tokens(tiny_path, [p], n, 1)[0] for p, n in zip(PROMPTS, MAX_NEW)}
+    want = {f"p{i}": reference_tokens(tiny_path, [p], n, 1)[0] for i, (p, n) in enumerate(zip(PROMPTS, MAX_NEW))}
     lines = [{"id": f"p{i}", "prompt": p, "max_new_tokens": n} for i, (p, n) in enumerate(zip(PROMPTS, MAX_NEW))]
+    # requests with penalties join mid-flight too, and still give generate's tokens with the same settings
+    penalized, want_penalized = _penalized(tiny_path)
+    lines[3:3] = penalized
+    want.update(want_penalized)
     job = write_job(tmp_path, "tiny-random", lines, extra="micro_batch_size = 3\nmicro_batches = 2")
     fill = {}
     for admission in ("row", "batch"):
@@ -111,7 +133,7 @@ def test_pipelined_row_admission_gives_generates_tokens_and_fuller_steps(tmp_pat
         proc = run_mpi(["run", str(job), "--no-progress", "--admission", admission, "--output", str(out)], 3)
         assert proc.returncode == 0, proc.stderr
         records = read_results(out)
-        assert {r.id: r.token_ids for r in records} == {f"p{i}": want[p] for i, p in enumerate(PROMPTS)}
+        assert {r.id: r.token_ids for r in records} == want
         summary = json.loads(read_attrs(out)["summary"])
         assert summary["admission"] == admission
         fill[admission] = summary["rows_per_step"]

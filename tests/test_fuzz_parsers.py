@@ -90,7 +90,7 @@ def _check_prompts(data: bytes, suffix: str) -> None:
         text = r.prompt if r.prompt is not None else "".join(m["content"] for m in r.messages)
         text.encode("utf-8")  # writable to the results file: no lone surrogates
         assert len(text.encode("utf-8")) <= MAX_LINE_BYTES
-        assert r.generation.max_new_tokens >= 1 and math.isfinite(r.generation.temperature)
+        assert r.generation.max_new_tokens >= 1 and math.isfinite(r.generation.sampling.temperature)
     # the progress count (chunked, bytes) never counts fewer prompts than the reader yields
     assert len(got) <= count_prompts(path)
 

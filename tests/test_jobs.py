@@ -20,7 +20,7 @@ def test_job_fields_and_relative_paths(tmp_path):
     assert job.model == "smollm2-135m"  # a preset stays a name
     assert job.prompts == str(tmp_path / "p.jsonl") and job.output == str(tmp_path / "out" / "r.h5")
     assert job.micro_batch_size == 4 and job.generation.max_new_tokens == 8
-    assert job.generation.temperature == 1.0 and job.generation.stop == ("\n\n",)
+    assert job.generation.sampling.temperature == 1.0 and job.generation.stop == ("\n\n",)
     assert job.plan == {"split": "even"}
 
 
@@ -49,7 +49,7 @@ def test_prompt_files(tmp_path):
     reqs = list(read_prompts(p))
     assert [r.id for r in reqs] == ["a", "3"]  # no id: the line number
     assert reqs[1].messages[0]["content"] == "yo" and reqs[1].generation.max_new_tokens == 3
-    assert reqs[1].generation.seed == 9
+    assert reqs[1].generation.sampling.seed == 9
     t = tmp_path / "p.txt"
     t.write_text("first prompt\n\nsecond prompt\r\n")
     assert [(r.id, r.prompt) for r in read_prompts(t)] == [("1", "first prompt"), ("3", "second prompt")]
