@@ -1,6 +1,7 @@
 """Row admission against batch admission and batched `generate`, on a long-tailed job, side by side.
 
-    python benchmarks/longtail.py [--prompts 48] [--mbs 8] [--clusters one,hetero4] [--json out.json]
+    python benchmarks/longtail.py [--prompts 96] [--mbs 8] [--clusters one,hetero4] [--json out.json]
+    python benchmarks/longtail.py --replay WORK_DIR     # the last table again, from an earlier run's files
 
 The workload: `--prompts` text-continuation prompts cut from this repository's own documents, their
 lengths log-uniform from 10 to 500 tokens, each with its own `max_new_tokens` (the JSONL override)
@@ -17,7 +18,13 @@ In one run, one after the other:
   micro-batch `--hetero-mbs`.
 Each row prints tokens/s (the requests' own new tokens over the run's wall time), the rows a step
 carried on average, the simulator's prediction on the run's profile, and, on hetero4, the plan's
-ideal rate (tokens over the busiest stage's compute time).
+ideal rate (tokens over the busiest stage's compute time). A last table replays each run in the
+simulator with every stage's profiled costs scaled by one factor, its measured compute over its
+predicted compute: how far the schedule's model is from the run once the profile's costs are right.
+
+96 prompts by default: on hetero4, 8 micro-batches of 4 are in flight, so a job of 48 admits only
+16 prompts after the first 32, and the drain at its end, where no prompt is left to join, is most
+of the run.
 """
 
 from __future__ import annotations
@@ -123,14 +130,78 @@ def run_hetero4(job: Path, admission: str, profiles: Path) -> dict:
             "predicted": (r.get("predicted") or {}).get("tokens_per_s"), "ideal": r["ideal_tokens_per_s"]}
 
 
+def replay_on_measured_compute(work: Path) -> dict:
+    """Each run of `work` replayed by the simulator with every stage's profiled costs scaled by one
+    factor, its compute in the run over its compute in the prediction: what the simulator gets right
+    when the profile's absolute costs are right. {run: {factors, replayed, measured}}."""
+    import dataclasses
+
+    import h5py
+
+    from edgeshard_mpi.planner import Plan, Stage
+    from edgeshard_mpi.profiler import Profile
+    from edgeshard_mpi.results import read_attrs
+    from edgeshard_mpi.simulate import Request, StepCosts, simulate
+
+    source = work / "one" / "one-row.h5"
+    if not source.is_file():
+        return {}
+    with h5py.File(source) as h:  # the requests in admission order: the same on any partition (greedy)
+        r = h["requests"]
+        line = [int(w.decode().rsplit(":", 1)[1]) for w in r["where"][:]]
+        requests = [Request(int(p), int(o)) for _, p, o in sorted(zip(line, r["prompt_tokens"][:], r["output_tokens"][:]))]
+    runs = {}
+    for admission in ("batch", "row"):
+        f = work / "one" / f"one-{admission}.h5"
+        if f.is_file():
+            s = json.loads(read_attrs(f)["summary"])
+            runs[f"1 rank, {admission} admission"] = (s, None, s["tokens"] / s["seconds"])
+        f = work / "hetero4" / f"hetero4-{admission}.json"
+        if f.is_file():
+            (b,) = json.loads(f.read_text())
+            runs[f"hetero4, {admission} admission"] = (b, b["plan"], b["tokens_per_s"])
+    out = {}
+    for name, (s, plan, measured) in runs.items():
+        if not s.get("predicted"):
+            continue
+        mbs = 8 if plan is None else 4
+        prof = Profile.load(next((work / "profiles").glob(f"*-b{mbs}-*.json")))
+        plan = (Plan((Stage(0, 0, prof.num_units - 1),), prof.num_units) if plan is None else
+                Plan(tuple(Stage(**st) for st in plan["stages"]), plan["num_units"]))
+        costs = StepCosts.from_profile(prof, plan)
+        p = s["predicted"]
+        k = [st["compute_s"] / (busy * p["seconds"]) for st, busy in zip(s["stages"], p["busy"])]
+        costs = dataclasses.replace(costs, decode_s=tuple(x * f for x, f in zip(costs.decode_s, k)),
+                                    prefill_s=tuple(x * f for x, f in zip(costs.prefill_s, k)))
+        sim = simulate(costs, requests, micro_batch_size=mbs, admission=p["admission"])
+        out[name] = {"factors": k, "replayed": sim.tokens_per_s, "measured": measured}
+    return out
+
+
+def print_replay(work: Path) -> None:
+    rows = replay_on_measured_compute(work)
+    if not rows:
+        return
+    print("\nThe simulator on each stage's measured compute (its profiled costs x one factor per stage):")
+    print(f"{'run':<28} {'factors':>18} {'replayed':>9} {'measured':>9} {'meas/replay':>11}")
+    for name, r in rows.items():
+        print(f"{name:<28} {' '.join(f'{x:.2f}' for x in r['factors']):>18} {r['replayed']:>9.2f} "
+              f"{r['measured']:>9.2f} {r['measured'] / r['replayed']:>11.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--prompts", type=int, default=96)
     ap.add_argument("--mbs", type=int, default=8, help="micro-batch size at one rank and for generate")
     ap.add_argument("--hetero-mbs", type=int, default=4, help="micro-batch size on hetero4 (its memory is small)")
     ap.add_argument("--clusters", default="one,hetero4")
     ap.add_argument("--json")
+    ap.add_argument("--replay", metavar="DIR", help="only replay the runs of an earlier run's work folder")
     args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.replay:
+        print_replay(Path(args.replay))
+        return
     os.environ["EDGESHARD_MODELS"] = str(Path(os.environ.get("EDGESHARD_MODELS", ROOT / "models")).resolve())
     sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer
@@ -180,6 +251,8 @@ def main() -> None:
           f"(target >= 1.8)")
     print(f"row / batch admission, hetero4: {ratio('hetero4, row admission', 'hetero4, batch admission'):.2f} "
           f"(target >= 1.3)")
+    print_replay(work)
+    print(f"\nthe runs' files: {work} (--replay {work} prints the last table again)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
