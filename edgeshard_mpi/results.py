@@ -302,17 +302,16 @@ def _recover(path: Path) -> list[Record]:
 
 
 def read_attrs(path: str | Path) -> dict:
-    with h5py.File(_existing(path), "r") as f:
+    with _open(path) as f:
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
 
 
 def read_results(path: str | Path, f: h5py.File | None = None) -> list[Record]:
     """The committed records, in the order they finished (from `f` if the file is already open)."""
     if f is None:
-        with h5py.File(_existing(path), "r") as f:
+        with _open(path) as f:
             return read_results(path, f)
-    if f.attrs.get("format") != FORMAT or "requests" not in f:
-        raise ResultsError(f"{path}: not an edgeshard results file")
+    _check_format(path, f)
     g = f["requests"]
     n = int(g.attrs["count"])
     cols = {name: g[name][:n] for name in _COLUMNS}
@@ -334,8 +333,35 @@ def read_results(path: str | Path, f: h5py.File | None = None) -> list[Record]:
     return out
 
 
-def _existing(path) -> Path:
+def _open(path) -> h5py.File:
+    """A results file opened for reading, or a ResultsError that says what it is instead."""
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"{path}: results file not found")
-    return path
+    if not h5py.is_hdf5(path):
+        raise ResultsError(f"{path}: not an HDF5 file (an edgeshard results file is one)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ResultsError(f"{path}: cannot read this HDF5 file: {e}") from None
+    try:
+        _check_format(path, f)
+    except ResultsError:
+        f.close()
+        raise
+    return f
+
+
+def _check_format(path, f: h5py.File) -> None:
+    fmt = f.attrs.get("format")
+    fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+    name, _, version = str(fmt).rpartition("/")
+    ours, _, mine = FORMAT.rpartition("/")
+    if name != ours or not version.isdigit():
+        raise ResultsError(f"{path}: an HDF5 file, but not an edgeshard results file (format attribute: "
+                           f"{fmt!r}, expected {FORMAT!r})")
+    if int(version) > int(mine):
+        raise ResultsError(f"{path}: written by a newer edgeshard (format {fmt}); this one reads {FORMAT}: "
+                           "upgrade edgeshard-mpi to read it")
+    if "requests" not in f:
+        raise ResultsError(f"{path}: an edgeshard results file without its requests group: damaged")
