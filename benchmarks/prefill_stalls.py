@@ -1,0 +1,110 @@
+"""How much a long prompt's prefill stalls the pipeline: what chunked prefill could win, measured.
+
+    python benchmarks/prefill_stalls.py [--prompts 32] [--long 1500] [--every 6] [--json out.json]
+
+Chunked prefill (Sarathi-Serve) splits a long prompt's prefill into pieces run beside other
+micro-batches' decode steps, so that one 2,000-token prompt does not hold every stream up. It moves
+work, it does not remove any: on a pipeline its tokens/s gain is bounded by the time the busiest
+stage, which sets the rate, sits idle while prompts keep arriving. This measures that time.
+
+Two jobs on `hostfiles/hetero4.hosts` (throughput plan, no-bubbles, row admission, micro-batch 4,
+smollm2-135m fp32, greedy, 64 new tokens each), one after the other, each with `--trace`:
+- `mixed`: `--prompts` prompts, every `--every`-th one `--long` tokens, the others 10-40;
+- `short`: the same job with every long prompt cut to a short one.
+For each: tokens/s, and, from the trace, the busiest stage's idle share between its first step and
+its last joining (prefill) step, while the source still had prompts to admit. Idle there that the
+mixed job has and the short one has not is what the long prefills cost the pipeline beyond their
+own compute, and the most that chunking them could win back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SOURCES = ["README.md", "DESIGN.md"]
+HOSTS = ROOT / "hostfiles" / "hetero4.hosts"
+
+
+def prompts(tok, n: int, long: int, every: int, with_long: bool, seed: int = 0) -> list[dict]:
+    text = "\n\n".join((ROOT / f).read_text() for f in SOURCES)
+    ids = tok(text)["input_ids"]
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        short = rng.randint(10, 40)
+        length = long if with_long and i % every == every - 1 else short
+        at = rng.randrange(0, len(ids) - long)
+        out.append({"id": f"r{i:03d}", "prompt": tok.decode(ids[at:at + length])})
+    return out
+
+
+def run(work: Path, name: str, lines: list[dict], env: dict) -> dict:
+    from edgeshard_mpi.results import read_attrs
+    from edgeshard_mpi.trace import load_trace
+
+    d = work / name
+    d.mkdir()
+    (d / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (d / "job.toml").write_text('model = "smollm2-135m"\ndtype = "float32"\nprompts = "prompts.jsonl"\n'
+                                'output = "out.h5"\nmicro_batch_size = 4\n[generation]\nmax_new_tokens = 64\n'
+                                '[plan]\nobjective = "throughput"\n')
+    cmd = ["mpiexec", "-f", str(HOSTS), "-n", "4", sys.executable, "-m", "edgeshard_mpi", "run", str(d / "job.toml"),
+           "--admission", "row", "--overwrite", "--no-progress", "--trace", str(d / "trace.json")]
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, env=env, cwd=d)
+    s = json.loads(read_attrs(d / "out.h5")["summary"])
+    tracks, _ = load_trace(d / "trace.json")
+    busiest = max(tracks, key=lambda t: sum(dur for name, _, dur, *_ in t["events"] if name in ("prefill", "decode")))
+    steps = sorted((t0, dur, name) for name, t0, dur, *_ in busiest["events"] if name in ("prefill", "decode"))
+    joins = [t0 + dur for t0, dur, name in steps if name == "prefill"]
+    lo, hi = steps[0][0] + steps[0][1], joins[-1]  # after its first step, up to its last join
+    busy = sum(max(0.0, min(t0 + dur, hi) - max(t0, lo)) for t0, dur, _ in steps)
+    return {"tokens": s["tokens"], "seconds": s["seconds"], "tokens_per_s": s["tokens"] / s["seconds"],
+            "busiest": busiest["label"], "window_s": hi - lo, "idle_s": (hi - lo) - busy,
+            "idle_share": 1 - busy / (hi - lo), "rows_per_step": s["rows_per_step"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--long", type=int, default=1500)
+    ap.add_argument("--every", type=int, default=6)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    os.environ["EDGESHARD_MODELS"] = str(Path(os.environ.get("EDGESHARD_MODELS", ROOT / "models")).resolve())
+    from transformers import AutoTokenizer
+
+    from edgeshard_mpi.models import prepare
+
+    tok = AutoTokenizer.from_pretrained(prepare("smollm2-135m"))
+    work = Path(tempfile.mkdtemp(prefix="edgeshard-stalls-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1",
+           "EDGESHARD_PROFILES": str(work / "profiles")}  # measured now, shared by both jobs
+    rows = {name: run(work, name, prompts(tok, args.prompts, args.long, args.every, with_long), env)
+            for name, with_long in (("mixed", True), ("short", False))}
+    n_long = sum(1 for i in range(args.prompts) if i % args.every == args.every - 1)
+    print(f"\nhetero4, row admission, micro-batch 4, 64 new tokens; {args.prompts} prompts of 10-40 tokens, "
+          f"{n_long} of them {args.long} tokens in `mixed`")
+    print(f"{'job':<6} {'tokens/s':>9} {'seconds':>8} {'busiest':>10} {'window s':>9} {'idle s':>7} {'idle':>6}")
+    for name, r in rows.items():
+        print(f"{name:<6} {r['tokens_per_s']:>9.2f} {r['seconds']:>8.1f} {r['busiest']:>10} {r['window_s']:>9.1f} "
+              f"{r['idle_s']:>7.1f} {r['idle_share']:>6.1%}")
+    m, s = rows["mixed"], rows["short"]
+    extra = max(0.0, m["idle_s"] - s["idle_share"] * m["window_s"])
+    print(f"\nidle the long prefills add at the busiest stage: {extra:.1f} s of {m['seconds']:.1f} s; chunking them "
+          f"could raise the mixed job's tokens/s by at most {m['seconds'] / (m['seconds'] - extra):.3f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
