@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="results HDF5 file (default: the job's)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing results file")
     run.add_argument("--resume", action="store_true",
-                     help="continue an existing results file: skip the requests it already holds")
+                     help="continue an existing results file: skip the requests it already holds (errors too)")
+    run.add_argument("--strict", action="store_true",
+                     help="stop at the first request that cannot run (default: record it as an error and go on)")
     run.add_argument("--schedule", choices=list(SCHEDULES), help="pipeline schedule (default: the job's)")
     run.add_argument("--admission", choices=list(ADMISSIONS),
                      help="row: a finished row's place takes the next prompt at its micro-batch's next step; "
@@ -197,7 +199,7 @@ def _mpi_command(args) -> int:
                           output=args.output, overwrite=args.overwrite, resume=args.resume, schedule=args.schedule,
                           admission=args.admission,
                           micro_batches=args.micro_batches, progress=not args.no_progress, trace=args.trace,
-                          step_timeout=args.step_timeout or None, compile=args.compile)
+                          step_timeout=args.step_timeout or None, compile=args.compile, strict=args.strict)
         summary = run_job(comm, args.job, opts)
     except SetupFailed as e:  # every rank knows; all leave normally, nothing to abort
         if not e.quiet:
@@ -220,7 +222,8 @@ def _mpi_command(args) -> int:
 
 
 def _print_summary(s, args) -> None:
-    print(f"edgeshard run: {s.requests} requests, {s.tokens} tokens in {s.seconds:.2f} s: "
+    errors = f" ({s.errors} could not run: errors in the results file)" if s.errors else ""
+    print(f"edgeshard run: {s.requests} requests{errors}, {s.tokens} tokens in {s.seconds:.2f} s: "
           f"{s.tokens_per_s:.1f} tokens/s, {s.ms_per_token:.1f} ms/token (decode), "
           f"{s.ttft_ms:.0f} ms to first token; {s.rows_per_step:.2f} rows a step ({s.admission} admission)")
     p = s.predicted
@@ -260,6 +263,9 @@ def _show(args) -> int:
                 if math.isnan(d[k]):
                     d[k] = None
             print(json.dumps(d, ensure_ascii=False))
+        elif r.status == "error":
+            print(f"--- {r.id} ({r.where}) [error]")
+            print(f"error:  {r.error}")
         else:
             print(f"--- {r.id} ({r.where}) [{r.finish_reason}, {r.output_tokens} tokens]")
             print(f"prompt: {r.prompt}")

@@ -255,6 +255,7 @@ class Request:
     prompt: str | None = None
     messages: tuple | None = None  # chat messages: ({"role": ..., "content": ...}, ...)
     generation: Generation = Generation()
+    error: str | None = None  # why this line cannot run (read_prompts with strict=False), with its file:line
 
 
 _REQUEST_KEYS = {"id", "prompt", "messages", *GENERATION_KEYS}
@@ -291,8 +292,9 @@ def _request_from_json(obj, where: str, default: Generation) -> Request:
     return Request(str(rid), where, messages=tuple(msgs), generation=gen)
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(lineno, bytes without the line end) of each line, never holding more than MAX_LINE_BYTES of one.
+def _lines(path: Path) -> Iterator[tuple[int, bytes | JobError]]:
+    """(lineno, bytes without the line end) of each line, never holding more than MAX_LINE_BYTES of one
+    (a longer line is skipped, and comes as the JobError that says so).
 
     Lines end at "\n"; a "\r" before it (CRLF) and a UTF-8 byte-order mark at the start are dropped.
     """
@@ -306,8 +308,12 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
             line = raw[:-1] if raw.endswith(b"\n") else raw
             line = line[:-1] if line.endswith(b"\r") else line
             if len(line) > MAX_LINE_BYTES:
-                raise JobError(f"{path}:{lineno}: line longer than the {MAX_LINE_BYTES // 2**20} MiB limit "
-                               f"({MAX_LINE_BYTES} bytes)")
+                error = JobError(f"{path}:{lineno}: line longer than the {MAX_LINE_BYTES // 2**20} MiB limit "
+                                 f"({MAX_LINE_BYTES} bytes)")
+                while raw and not raw.endswith(b"\n"):  # the rest of the line, a chunk at a time
+                    raw = f.readline(MAX_LINE_BYTES)
+                yield lineno, error
+                continue
             yield lineno, line
 
 
@@ -322,11 +328,15 @@ def _parse_json(text: str, where: str):
         raise JobError(f"{where}: not valid JSON ({str(e).split(':')[0]})") from None
 
 
-def read_prompts(path: str | Path, default: Generation = Generation()) -> Iterator[Request]:
+def read_prompts(path: str | Path, default: Generation = Generation(), *, strict: bool = True) -> Iterator[Request]:
     """Yield requests one line at a time (files are streamed, never read whole).
 
     Blank lines are skipped; each line is at most MAX_LINE_BYTES of UTF-8. Lines are only parsed as
     JSON (or taken as text): nothing in a prompt file is ever evaluated.
+
+    A line that is not a valid request raises a JobError naming it (`strict`), or comes as a Request
+    whose `error` says why, with the line's own id if it has a usable one, else its line number.
+    A file that cannot be read at all raises either way.
     """
     path = Path(path)
     if not path.is_file():
@@ -337,26 +347,51 @@ def read_prompts(path: str | Path, default: Generation = Generation()) -> Iterat
     seen: dict[str, int] = {}  # id -> the line it came from
     for lineno, raw in _lines(path):
         where = f"{path}:{lineno}"
-        line = _decode(raw, path, lineno)
-        if not line.strip():
-            continue
-        if suffix == ".txt":
-            req = Request(str(lineno), where, prompt=line, generation=default)
-        else:
-            obj = _parse_json(line, where)
-            try:
-                # JSON may spell a lone surrogate ("\ud800"): valid JSON, but not text that can be
-                # tokenised or written to the results file, so refuse it here rather than mid-run
-                json.dumps(obj, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:
-                raise JobError(f"{where}: a string holds an unpaired surrogate (\\ud800-\\udfff), "
-                               "which is not text") from None
-            req = _request_from_json(obj, where, default)
-        if req.id in seen:
-            raise JobError(f"{where}: id {req.id!r} appears twice in the prompt file "
-                           f"(lines {seen[req.id]} and {lineno})")
+        try:
+            if isinstance(raw, JobError):
+                raise raw
+            req = _line_request(raw, path, lineno, suffix == ".txt", default)
+            if req is None:
+                continue
+            if req.id in seen:
+                raise JobError(f"{where}: id {req.id!r} appears twice in the prompt file "
+                               f"(lines {seen[req.id]} and {lineno})")
+        except JobError as e:
+            if strict:
+                raise
+            req = Request(_error_id(raw, lineno, seen), where, error=str(e))
         seen[req.id] = lineno
         yield req
+
+
+def _line_request(raw: bytes, path: Path, lineno: int, text: bool, default: Generation) -> Request | None:
+    """The request on one line (None when it is blank), or a JobError naming the line."""
+    where = f"{path}:{lineno}"
+    line = _decode(raw, path, lineno)
+    if not line.strip():
+        return None
+    if text:
+        return Request(str(lineno), where, prompt=line, generation=default)
+    obj = _parse_json(line, where)
+    try:
+        # JSON may spell a lone surrogate ("\ud800"): valid JSON, but not text that can be
+        # tokenised or written to the results file, so refuse it here rather than mid-run
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise JobError(f"{where}: a string holds an unpaired surrogate (\\ud800-\\udfff), "
+                       "which is not text") from None
+    return _request_from_json(obj, where, default)
+
+
+def _error_id(raw, lineno: int, seen: dict) -> str:
+    """A failed line's id: its own when it has one that is free, else its line number."""
+    try:
+        rid = json.loads(raw).get("id")
+        if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid) and str(rid) not in seen:
+            return str(rid)
+    except Exception:  # not JSON, not an object: the line number it is
+        pass
+    return str(lineno) if str(lineno) not in seen else f"line {lineno}"
 
 
 def count_prompts(path: str | Path) -> int:

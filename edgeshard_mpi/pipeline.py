@@ -43,6 +43,7 @@ class Prompt:
     request: Request
     ids: list[int]
     text: str  # the prompt as stored with the results (messages as JSON)
+    error: str | None = None  # why it cannot run: it is recorded as an error, not run
 
 
 @dataclasses.dataclass
@@ -58,6 +59,7 @@ class Summary:
     predicted: dict | None = None  # the simulator's figures for the same plan, schedule and requests
     admission: str = "row"  # scheduler.ADMISSIONS: as run (a model with sliding layers admits by batch)
     rows_per_step: float = 0.0  # rows a launched step carried, on average (micro-batch fullness)
+    errors: int = 0  # requests that could not run, recorded with their error (not in `requests`)
 
     @property
     def tokens_per_s(self) -> float:
@@ -227,6 +229,11 @@ def _step_of(ln: Launch, pad_id: int) -> Step:
                 ln.width, ln.trim, ln.capacity if ln.relayout else 0, sampling, prompts)
 
 
+def _error_record(p: Prompt) -> Record:
+    nan = float("nan")
+    return Record(p.request.id, p.request.where, p.text, "", [], "error", len(p.ids), 0, nan, nan, "error", p.error)
+
+
 def _record(r: _Row, tok) -> Record:
     n = len(r.tokens)
     text = r.text if r.finish == "stop" else tok.decode(r.tokens, skip_special_tokens=True)
@@ -253,7 +260,7 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
         raise ValueError(f"{shard.spec.path}: the model has no pad token and no eos_token_id to pad with")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
     bar = tqdm(total=total, unit="req", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    counts = {"requests": 0, "tokens": 0}
+    counts = {"requests": 0, "tokens": 0, "errors": 0}
     ttfts, tpots = [], []
     t_run = time.perf_counter()
     samplers: dict[int, Sampler] = {}  # slot -> sampler, when rank 0 holds the head itself
@@ -265,6 +272,11 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
 
     def source():
         for p in prompts:
+            if p.error:  # recorded as it is, and the job goes on
+                writer.append([_error_record(p)])
+                counts["errors"] += 1
+                bar.update(1)
+                continue
             prompt_lens.append(len(p.ids))
             output_lens.append(0)
             yield _Row(p), len(p.ids), p.request.generation.max_new_tokens
@@ -299,7 +311,8 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
                 tpots.append(rec.ms_per_token)
         counts["requests"] += len(records)
         bar.update(len(records))
-        bar.set_postfix_str(f"{counts['tokens'] / (time.perf_counter() - t_run):.1f} tok/s")
+        errors = f", {counts['errors']} errors" if counts["errors"] else ""
+        bar.set_postfix_str(f"{counts['tokens'] / (time.perf_counter() - t_run):.1f} tok/s{errors}")
 
     for ln in sched.start():
         launch(ln)
@@ -335,4 +348,4 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     return Summary(counts["requests"], counts["tokens"], 0.0, float(np.mean(ttfts)) if ttfts else float("nan"),
                    float(np.mean(tpots)) if tpots else float("nan"), [],
                    shapes=list(zip(prompt_lens, output_lens)), admission=admission,
-                   rows_per_step=sched.row_steps / sched.steps if sched.steps else 0.0)
+                   rows_per_step=sched.row_steps / sched.steps if sched.steps else 0.0, errors=counts["errors"])

@@ -14,6 +14,12 @@ Layout (`h5ls -r results/demo.h5`):
     /requests/output_tokens  (n,) int32
     /requests/ttft_ms        (n,) float64   time to first token
     /requests/ms_per_token   (n,) float64   mean time per token after the first
+    /requests/status         (n,) utf-8     ok | error (format 2 on; a format-1 file reads as all ok)
+    /requests/error          (n,) utf-8     why a request could not run (file:line and the reason), else ""
+
+A request that cannot run (a line that is not a request, a prompt longer than the context) is a
+record too: status `error`, finish_reason `error`, no tokens, so every line of the prompt file has
+its record and a resume skips it like any other.
 
 Every column grows together; `count` is raised only after a batch of rows is written and is
 flushed with them, so a reader (or a resume) trusts exactly the first `count` rows.
@@ -45,7 +51,7 @@ import numpy as np
 
 __all__ = ["Record", "ResultWriter", "read_results", "read_attrs", "ResultsError"]
 
-FORMAT = "edgeshard-results/1"
+FORMAT = "edgeshard-results/2"
 
 
 class ResultsError(ValueError):
@@ -64,14 +70,17 @@ class Record:
     output_tokens: int
     ttft_ms: float
     ms_per_token: float
+    status: str = "ok"  # ok | error
+    error: str = ""
 
 
 _STR = h5py.string_dtype("utf-8")
 _COLUMNS = {
     "id": _STR, "where": _STR, "prompt": _STR, "text": _STR, "token_ids": h5py.vlen_dtype(np.int32),
     "finish_reason": _STR, "prompt_tokens": np.int32, "output_tokens": np.int32,
-    "ttft_ms": np.float64, "ms_per_token": np.float64,
+    "ttft_ms": np.float64, "ms_per_token": np.float64, "status": _STR, "error": _STR,
 }
+_ADDED = {"status": "ok", "error": ""}  # columns format 1 did not have, and what its records hold there
 
 
 def _journal(path: Path) -> Path:
@@ -138,7 +147,10 @@ class ResultWriter:
         _probe(path)
         if overwrite:
             return set()
-        return {r.id for r in _recover(path)}
+        records = _recover(path)
+        if _format_of(path) != FORMAT:  # an older file: continued in this format, its records as they are
+            _rebuild(path, {k: v for k, v in read_attrs(path).items() if k != "format"}, records)
+        return {r.id for r in records}
 
     def __init__(self, path: str | Path, attrs: dict, *, overwrite: bool = False, resume: bool = False):
         path = Path(path)
@@ -285,6 +297,12 @@ def _recover(path: Path) -> list[Record]:
     attrs, keep = _read_journal(path)
     if records is not None and len(records) > len(keep):  # a journal cut short: the file has more
         attrs, keep = {k: v for k, v in read_attrs(path).items() if k != "format"}, records
+    _rebuild(path, attrs, keep)
+    return keep
+
+
+def _rebuild(path: Path, attrs: dict, records: list[Record]) -> None:
+    """Replace `path` with a file in this format holding `attrs` and `records`."""
     tmp = path.with_name(path.name + ".rebuild")
     with h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT
@@ -293,29 +311,33 @@ def _recover(path: Path) -> list[Record]:
         g = f.create_group("requests")
         for name, dtype in _COLUMNS.items():
             g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
-        _append(g, 0, keep)
-        g.attrs["count"] = len(keep)
+        _append(g, 0, records)
+        g.attrs["count"] = len(records)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)  # a reader sees the old file or the whole new one
-    return keep
+
+
+def _format_of(path: Path) -> str:
+    with _open(path) as f:
+        fmt = f.attrs.get("format")
+        return fmt.decode() if isinstance(fmt, bytes) else str(fmt)
 
 
 def read_attrs(path: str | Path) -> dict:
-    with h5py.File(_existing(path), "r") as f:
+    with _open(path) as f:
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
 
 
 def read_results(path: str | Path, f: h5py.File | None = None) -> list[Record]:
     """The committed records, in the order they finished (from `f` if the file is already open)."""
     if f is None:
-        with h5py.File(_existing(path), "r") as f:
+        with _open(path) as f:
             return read_results(path, f)
-    if f.attrs.get("format") != FORMAT or "requests" not in f:
-        raise ResultsError(f"{path}: not an edgeshard results file")
+    _check_format(path, f)
     g = f["requests"]
     n = int(g.attrs["count"])
-    cols = {name: g[name][:n] for name in _COLUMNS}
+    cols = {name: g[name][:n] if name in g else [_ADDED[name]] * n for name in _COLUMNS}
     out = []
     for i in range(n):
         row = {}
@@ -334,8 +356,35 @@ def read_results(path: str | Path, f: h5py.File | None = None) -> list[Record]:
     return out
 
 
-def _existing(path) -> Path:
+def _open(path) -> h5py.File:
+    """A results file opened for reading, or a ResultsError that says what it is instead."""
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"{path}: results file not found")
-    return path
+    if not h5py.is_hdf5(path):
+        raise ResultsError(f"{path}: not an HDF5 file (an edgeshard results file is one)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ResultsError(f"{path}: cannot read this HDF5 file: {e}") from None
+    try:
+        _check_format(path, f)
+    except ResultsError:
+        f.close()
+        raise
+    return f
+
+
+def _check_format(path, f: h5py.File) -> None:
+    fmt = f.attrs.get("format")
+    fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+    name, _, version = str(fmt).rpartition("/")
+    ours, _, mine = FORMAT.rpartition("/")
+    if name != ours or not version.isdigit():
+        raise ResultsError(f"{path}: an HDF5 file, but not an edgeshard results file (format attribute: "
+                           f"{fmt!r}, expected {FORMAT!r})")
+    if int(version) > int(mine):
+        raise ResultsError(f"{path}: written by a newer edgeshard (format {fmt}); this one reads {FORMAT}: "
+                           "upgrade edgeshard-mpi to read it")
+    if "requests" not in f:
+        raise ResultsError(f"{path}: an edgeshard results file without its requests group: damaged")

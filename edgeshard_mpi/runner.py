@@ -61,6 +61,7 @@ class RunOptions:
     trace: str | None = None  # write every rank's timeline to this Chrome trace JSON
     step_timeout: float | None = 25.0  # rank 0 declares a rank lost after this long without tokens
     compile: bool | None = None  # torch.compile each stage's decode step; None = as the job says
+    strict: bool = False  # the first request that cannot run stops the job (else it is recorded, and the job goes on)
 
 
 _MAX_REPLAY_EVENTS = 2_000_000  # stage steps the end-of-run prediction replays at most (about 2 s)
@@ -117,29 +118,44 @@ def _given_plan(job: Job, opts: RunOptions, spec: ModelSpec, world: int) -> Plan
     return even_plan(n, world)
 
 
-def _tokenize(job: Job, tok, spec: ModelSpec, skip: set[str]) -> Iterator[Prompt]:
-    """Prompts one at a time, tokenised and checked, leaving out ids in `skip` (already done)."""
-    for req in read_prompts(job.prompts, job.generation):
+def _tokenize(job: Job, tok, spec: ModelSpec, skip: set[str], strict: bool = False) -> Iterator[Prompt]:
+    """Prompts one at a time, tokenised and checked, leaving out ids in `skip` (already done).
+
+    A request that cannot run (a bad line, a prompt too long for the context) comes as a Prompt with
+    its `error`, which the run records and goes on; with `strict` it raises instead."""
+    for req in read_prompts(job.prompts, job.generation, strict=strict):
         if req.id in skip:
             continue
-        if req.messages is not None or job.chat:
-            messages = list(req.messages) if req.messages is not None else [{"role": "user", "content": req.prompt}]
-            if not tok.chat_template:
-                raise JobError(f"{req.where}: chat messages given but the model has no chat template")
-            rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = tok(rendered, add_special_tokens=False)["input_ids"]
-            text = req.prompt if req.messages is None else json.dumps(messages, ensure_ascii=False)
-        else:
-            ids = tok(req.prompt)["input_ids"]
-            text = req.prompt
-        if not ids:
-            raise JobError(f"{req.where}: prompt tokenises to nothing")
-        need = len(ids) + req.generation.max_new_tokens
-        if need > spec.context:
-            raise JobError(f"{req.where}: prompt of {len(ids)} tokens + max_new_tokens "
-                           f"{req.generation.max_new_tokens} = {need} exceeds the model's context of "
-                           f"{spec.context} tokens")
-        yield Prompt(req, ids, text)
+        if req.error:
+            yield Prompt(req, [], "", error=req.error)
+            continue
+        try:
+            yield _tokenized(job, tok, spec, req)
+        except JobError as e:
+            if strict:
+                raise
+            yield Prompt(req, [], req.prompt or "", error=str(e))
+
+
+def _tokenized(job: Job, tok, spec: ModelSpec, req) -> Prompt:
+    if req.messages is not None or job.chat:
+        messages = list(req.messages) if req.messages is not None else [{"role": "user", "content": req.prompt}]
+        if not tok.chat_template:
+            raise JobError(f"{req.where}: chat messages given but the model has no chat template")
+        rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tok(rendered, add_special_tokens=False)["input_ids"]
+        text = req.prompt if req.messages is None else json.dumps(messages, ensure_ascii=False)
+    else:
+        ids = tok(req.prompt)["input_ids"]
+        text = req.prompt
+    if not ids:
+        raise JobError(f"{req.where}: prompt tokenises to nothing")
+    need = len(ids) + req.generation.max_new_tokens
+    if need > spec.context:
+        raise JobError(f"{req.where}: prompt of {len(ids)} tokens + max_new_tokens "
+                       f"{req.generation.max_new_tokens} = {need} exceeds the model's context of "
+                       f"{spec.context} tokens")
+    return Prompt(req, ids, text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,10 +215,14 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)  # never run code shipped with a model
-    stream = _tokenize(job, tok, spec, done)
-    sample = list(itertools.islice(stream, _SAMPLE))  # sizes the profile and the KV cache; the rest streams
-    if not sample and not done:
+    stream = _tokenize(job, tok, spec, done, strict=opts.strict)
+    read_ahead = list(itertools.islice(stream, _SAMPLE))  # sizes the profile and the KV cache; the rest streams
+    sample = [p for p in read_ahead if not p.error]
+    if not read_ahead and not done:
         raise JobError(f"{job.prompts}: no prompts")
+    if read_ahead and not sample:  # not one request to run: not a prompt file, or not one for this model
+        raise JobError(f"{job.prompts}: none of the first {len(read_ahead)} requests can run; the first: "
+                       f"{read_ahead[0].error}")
     longest = max((len(p.ids) + p.request.generation.max_new_tokens for p in sample), default=1)
     # a sliding layer's window moves with the step: rows cannot join its cache (kv_cache.join_rows)
     admission = "batch" if any(u.kv_window for u in spec.units) else (opts.admission or job.admission)
@@ -210,7 +230,7 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
     # every stage keeps a KV cache per micro-batch in flight; the planner, not knowing the plan yet,
     # budgets for the most there can be (twice the ranks); a plan is then checked with its own count
     in_flight = opts.micro_batches or job.micro_batches
-    local = _Local(job, spec, tok, itertools.chain(sample, stream),
+    local = _Local(job, spec, tok, itertools.chain(read_ahead, stream),
                    kv_tokens=columns * job.micro_batch_size * (in_flight or 2 * world))
     local.row_tokens, local.longest, local.admission = columns * job.micro_batch_size, longest, admission
     local.schedule, local.in_flight = opts.schedule or job.schedule, in_flight
@@ -482,7 +502,7 @@ def bench_job(comm: Comm, job_path: str, opts: RunOptions,
         prompts = None
         if rank == 0:
             local.writer = ResultWriter(Path(tmp) / f"bench-{i}.h5", {"job": local.job.text}, overwrite=True)
-            prompts = _tokenize(local.job, local.tok, spec, set())
+            prompts = _tokenize(local.job, local.tok, spec, set(), strict=opts.strict)
         try:
             summary = _execute(comm, spec, cluster, plan, local, prompts, schedule=schedule,
                                in_flight=opts.micro_batches or (local.job.micro_batches if rank == 0 else None),

@@ -39,20 +39,21 @@ def test_more_ranks_than_slots(tmp_path, tiny_path):
     _fails(run_mpi(["run", str(job), "--hostfile", str(hosts)], 3, timeout=60), "two.hosts", "2 slot(s)", "3 ranks")
 
 
+# a request that cannot run is an error record by default (tests/test_request_errors.py); --strict stops
 def test_prompt_line_not_json(tmp_path, tiny_path):
     job = write_job(tmp_path, "tiny-random", [OK[0], '{"id": "b", "prompt": "unterminated'])
-    _fails(run_mpi(["run", str(job)], 2, timeout=60), "job-prompts.jsonl:2", "not valid JSON")
+    _fails(run_mpi(["run", str(job), "--strict"], 2, timeout=60), "job-prompts.jsonl:2", "not valid JSON")
 
 
 def test_empty_prompt(tmp_path, tiny_path):
     job = write_job(tmp_path, "tiny-random", [OK[0], {"id": "b", "prompt": "   "}])
-    _fails(run_mpi(["run", str(job)], 2, timeout=60), "job-prompts.jsonl:2", "'prompt' is empty")
+    _fails(run_mpi(["run", str(job), "--strict"], 2, timeout=60), "job-prompts.jsonl:2", "'prompt' is empty")
 
 
 def test_prompt_longer_than_context(tmp_path, tiny_path):
     long = " ".join(["word"] * 400)  # tiny-random's context is 256 tokens
     job = write_job(tmp_path, "tiny-random", [OK[0], {"id": "long", "prompt": long}])
-    _fails(run_mpi(["run", str(job)], 2, timeout=60), "job-prompts.jsonl:2", "context of 256")
+    _fails(run_mpi(["run", str(job), "--strict"], 2, timeout=60), "job-prompts.jsonl:2", "context of 256")
 
 
 @pytest.mark.parametrize("stages,needle", [
@@ -170,7 +171,8 @@ def test_a_bad_prompt_line_after_the_read_ahead_keeps_the_results_so_far(tmp_pat
     prompts = tmp_path / "job-prompts.jsonl"
     data = prompts.read_bytes()
     prompts.write_bytes(data.replace("caf\u00e9".encode(), b"caf\xe9"))  # line 261: Latin-1, not UTF-8
-    _fails(run_mpi(["run", str(job), "--no-progress"], 2, timeout=120), "job-prompts.jsonl:261: not UTF-8")
+    _fails(run_mpi(["run", str(job), "--no-progress", "--strict"], 2, timeout=120),
+           "job-prompts.jsonl:261: not UTF-8")
     kept = {r.id for r in read_results(tmp_path / "job.h5")}
     assert kept and kept <= {p["id"] for p in good}
     prompts.write_bytes(data)  # the line fixed: --resume runs only what is missing

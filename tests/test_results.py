@@ -82,3 +82,26 @@ def test_a_torn_last_journal_line_loses_nothing_after_it(tmp_path):
     path.write_bytes(b"")
     assert ResultWriter.check_target(path, resume=True) == {"r1", "r2"}
     assert read_results(path) == [_rec(1), _rec(2)]
+
+
+def test_files_that_are_not_our_results_get_a_clear_error(tmp_path):
+    from edgeshard_mpi.cli import main
+
+    notes = tmp_path / "notes.h5"
+    notes.write_text("not results at all\n")
+    with pytest.raises(ResultsError, match="notes.h5: not an HDF5 file"):
+        read_results(notes)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.create_dataset("x", data=[1, 2])
+    with pytest.raises(ResultsError, match="other.h5: an HDF5 file, but not an edgeshard results file"):
+        read_attrs(other)
+    newer = tmp_path / "newer.h5"
+    ResultWriter(newer, {}).close(complete=True)
+    with h5py.File(newer, "a") as f:
+        f.attrs["format"] = "edgeshard-results/99"
+    with pytest.raises(ResultsError, match="newer.h5: written by a newer edgeshard .format edgeshard-results/99."):
+        read_results(newer)
+    # the command line says so in one line, with no traceback
+    for path in (notes, other, newer):
+        assert main(["show", str(path)]) != 0
