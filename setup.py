@@ -21,7 +21,8 @@ setup(
         "pytest",
         "hypothesis",  # the parser fuzz tests
     ],
-    # timelines (`edgeshard show --timeline`) and the benchmarks' plots
-    extras_require={"plot": ["matplotlib>=3.7"]},
+    # plot: timelines and the benchmarks' plots; test: the `openai` package, whose types the tests hold
+    # `export --format openai` to (never imported outside the tests)
+    extras_require={"plot": ["matplotlib>=3.7"], "test": ["openai"]},
     entry_points={"console_scripts": ["edgeshard=edgeshard_mpi.cli:main"]},
 )

@@ -124,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--out", help="PNG to draw the timeline into (default: the trace's name with .png)")
     show.add_argument("--window", help="only START:END seconds of the timeline")
 
+    export = sub.add_parser("export", help="write a results file as OpenAI batch output or flat JSON lines")
+    export.add_argument("results", help="results HDF5 file")
+    export.add_argument("--format", choices=["openai", "jsonl"], default="openai",
+                        help="openai: one batch response line a request (chat.completion or text_completion, or "
+                             "its error); jsonl: one flat record a line. Both in the prompt file's order")
+    export.add_argument("--out", help="JSONL file to write (default: standard output)")
+
     model = sub.add_parser("model", help="prepare or describe a model")
     msub = model.add_subparsers(dest="model_command", required=True)
     prep = msub.add_parser("prepare", help="prepare a preset, convert a GGUF file (or check a folder); print its folder")
@@ -152,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "show":
             return _show(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "plan":
             return _plan(args)
         if args.command == "simulate":
@@ -270,6 +279,33 @@ def _show(args) -> int:
             print(f"--- {r.id} ({r.where}) [{r.finish_reason}, {r.output_tokens} tokens]")
             print(f"prompt: {r.prompt}")
             print(f"text:   {r.text}")
+    return 0
+
+
+def _export(args) -> int:
+    import datetime
+
+    from .openai_batch import export_flat, export_openai
+    from .results import read_attrs, read_results
+
+    records = read_results(args.results)
+    if args.format == "openai":
+        attrs = read_attrs(args.results)
+        model = json.loads(attrs.get("model", "{}")).get("name", "edgeshard")
+        try:  # the run's start, as the responses' `created`
+            created = int(datetime.datetime.strptime(attrs.get("created", ""), "%Y-%m-%dT%H:%M:%S%z").timestamp())
+        except ValueError:
+            created = 0
+        lines = export_openai(records, model, created)
+    else:
+        lines = export_flat(records)
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        for line in lines:
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    finally:
+        if args.out:
+            out.close()
     return 0
 
 

@@ -6,7 +6,8 @@ A job file, with paths relative to the job file's folder:
     dtype = "float32"                # float32 | bfloat16 | float16
     quantize = "int8"                # optional: weight-only int8 matrices (activations stay in dtype)
     compile = true                   # optional: torch.compile each stage's decode step (cached on disk)
-    prompts = "prompts/demo.jsonl"   # .jsonl (one {"id", "prompt"|"messages"} a line) or .txt
+    prompts = "prompts/demo.jsonl"   # .jsonl (one {"id", "prompt"|"messages"} a line, or OpenAI batch
+                                     # request lines: openai_batch.py) or .txt
     output = "../results/demo.h5"    # default: results/<job name>.h5 under the current folder
     hostfile = "../hostfiles/local3.hosts"   # optional; --hostfile overrides
     micro_batch_size = 4
@@ -256,6 +257,7 @@ class Request:
     messages: tuple | None = None  # chat messages: ({"role": ..., "content": ...}, ...)
     generation: Generation = Generation()
     error: str | None = None  # why this line cannot run (read_prompts with strict=False), with its file:line
+    endpoint: str | None = None  # an OpenAI batch line's url (openai_batch.py)
 
 
 _REQUEST_KEYS = {"id", "prompt", "messages", *GENERATION_KEYS}
@@ -264,6 +266,10 @@ _REQUEST_KEYS = {"id", "prompt", "messages", *GENERATION_KEYS}
 def _request_from_json(obj, where: str, default: Generation) -> Request:
     if not isinstance(obj, dict):
         raise JobError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "custom_id" in obj:  # a line of an OpenAI batch file
+        from .openai_batch import request_from_batch_line
+
+        return request_from_batch_line(obj, where, default)
     _check_keys(obj, _REQUEST_KEYS, where)
     rid = obj.get("id")
     if rid is None:
@@ -386,7 +392,8 @@ def _line_request(raw: bytes, path: Path, lineno: int, text: bool, default: Gene
 def _error_id(raw, lineno: int, seen: dict) -> str:
     """A failed line's id: its own when it has one that is free, else its line number."""
     try:
-        rid = json.loads(raw).get("id")
+        obj = json.loads(raw)
+        rid = obj.get("custom_id", obj.get("id"))  # an OpenAI batch line's id is its custom_id
         if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid) and str(rid) not in seen:
             return str(rid)
     except Exception:  # not JSON, not an object: the line number it is

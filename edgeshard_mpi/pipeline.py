@@ -44,6 +44,7 @@ class Prompt:
     ids: list[int]
     text: str  # the prompt as stored with the results (messages as JSON)
     error: str | None = None  # why it cannot run: it is recorded as an error, not run
+    endpoint: str = ""  # the OpenAI endpoint it answers as: chat messages or a text completion
 
 
 @dataclasses.dataclass
@@ -231,7 +232,8 @@ def _step_of(ln: Launch, pad_id: int) -> Step:
 
 def _error_record(p: Prompt) -> Record:
     nan = float("nan")
-    return Record(p.request.id, p.request.where, p.text, "", [], "error", len(p.ids), 0, nan, nan, "error", p.error)
+    return Record(p.request.id, p.request.where, p.text, "", [], "error", len(p.ids), 0, nan, nan, "error", p.error,
+                  p.endpoint)
 
 
 def _record(r: _Row, tok) -> Record:
@@ -239,7 +241,7 @@ def _record(r: _Row, tok) -> Record:
     text = r.text if r.finish == "stop" else tok.decode(r.tokens, skip_special_tokens=True)
     tpot = (r.t_last - r.t_first) * 1e3 / (n - 1) if n > 1 else float("nan")
     return Record(r.prompt.request.id, r.prompt.request.where, r.prompt.text, text, r.tokens, r.finish,
-                  len(r.prompt.ids), n, (r.t_first - r.t_start) * 1e3, tpot)
+                  len(r.prompt.ids), n, (r.t_first - r.t_start) * 1e3, tpot, endpoint=r.prompt.endpoint)
 
 
 def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: Iterator[Prompt],

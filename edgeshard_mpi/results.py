@@ -16,6 +16,7 @@ Layout (`h5ls -r results/demo.h5`):
     /requests/ms_per_token   (n,) float64   mean time per token after the first
     /requests/status         (n,) utf-8     ok | error (format 2 on; a format-1 file reads as all ok)
     /requests/error          (n,) utf-8     why a request could not run (file:line and the reason), else ""
+    /requests/endpoint       (n,) utf-8     /v1/chat/completions | /v1/completions (format 2 on)
 
 A request that cannot run (a line that is not a request, a prompt longer than the context) is a
 record too: status `error`, finish_reason `error`, no tokens, so every line of the prompt file has
@@ -72,15 +73,16 @@ class Record:
     ms_per_token: float
     status: str = "ok"  # ok | error
     error: str = ""
+    endpoint: str = ""  # /v1/chat/completions | /v1/completions: how `export --format openai` answers it
 
 
 _STR = h5py.string_dtype("utf-8")
 _COLUMNS = {
     "id": _STR, "where": _STR, "prompt": _STR, "text": _STR, "token_ids": h5py.vlen_dtype(np.int32),
     "finish_reason": _STR, "prompt_tokens": np.int32, "output_tokens": np.int32,
-    "ttft_ms": np.float64, "ms_per_token": np.float64, "status": _STR, "error": _STR,
+    "ttft_ms": np.float64, "ms_per_token": np.float64, "status": _STR, "error": _STR, "endpoint": _STR,
 }
-_ADDED = {"status": "ok", "error": ""}  # columns format 1 did not have, and what its records hold there
+_ADDED = {"status": "ok", "error": "", "endpoint": ""}  # columns format 1 did not have, and what its records hold there
 
 
 def _journal(path: Path) -> Path:

@@ -28,6 +28,7 @@ from typing import Iterator
 from .cluster import Cluster, format_bytes, parse_hostfile
 from .comm import Comm, versions
 from .jobs import BENCH_DEFAULT, Job, JobError, count_prompts, read_prompts
+from .openai_batch import CHAT, COMPLETIONS
 from .models import ModelSpec, prepare
 from .pipeline import Prompt, Summary, source_loop, stage_loop
 from .planner import Plan, PlanError, even_plan, plan_for
@@ -127,14 +128,14 @@ def _tokenize(job: Job, tok, spec: ModelSpec, skip: set[str], strict: bool = Fal
         if req.id in skip:
             continue
         if req.error:
-            yield Prompt(req, [], "", error=req.error)
+            yield Prompt(req, [], "", error=req.error, endpoint=req.endpoint or "")
             continue
         try:
             yield _tokenized(job, tok, spec, req)
         except JobError as e:
             if strict:
                 raise
-            yield Prompt(req, [], req.prompt or "", error=str(e))
+            yield Prompt(req, [], req.prompt or "", error=str(e), endpoint=req.endpoint or "")
 
 
 def _tokenized(job: Job, tok, spec: ModelSpec, req) -> Prompt:
@@ -145,9 +146,11 @@ def _tokenized(job: Job, tok, spec: ModelSpec, req) -> Prompt:
         rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tok(rendered, add_special_tokens=False)["input_ids"]
         text = req.prompt if req.messages is None else json.dumps(messages, ensure_ascii=False)
+        endpoint = CHAT
     else:
         ids = tok(req.prompt)["input_ids"]
         text = req.prompt
+        endpoint = COMPLETIONS
     if not ids:
         raise JobError(f"{req.where}: prompt tokenises to nothing")
     need = len(ids) + req.generation.max_new_tokens
@@ -155,7 +158,7 @@ def _tokenized(job: Job, tok, spec: ModelSpec, req) -> Prompt:
         raise JobError(f"{req.where}: prompt of {len(ids)} tokens + max_new_tokens "
                        f"{req.generation.max_new_tokens} = {need} exceeds the model's context of "
                        f"{spec.context} tokens")
-    return Prompt(req, ids, text)
+    return Prompt(req, ids, text, endpoint=req.endpoint or endpoint)
 
 
 @dataclasses.dataclass(frozen=True)

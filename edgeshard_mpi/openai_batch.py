@@ -1,0 +1,114 @@
+"""OpenAI Batch API files: request lines in, response lines out (the format `vllm run-batch` reads and writes).
+
+A prompt line with a `custom_id` is a batch request:
+
+    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "...", "messages": [...], "max_tokens": 64, "temperature": 0.7, "seed": 1}}
+
+`custom_id` is the request's id. The body's generation fields are those of a job's [generation]
+table (sampling.SamplingParams), with `max_tokens` or `max_completion_tokens` for `max_new_tokens`;
+a field the body does not give takes the job's value (so a request without `temperature` is greedy
+when the job is, not OpenAI's 1.0). `body.model` may name any model: the job's model answers every
+request, and each response names the model that did. A body field not supported here makes that
+request an error; none is ignored.
+
+`export_openai` writes one response line per record, in the prompt file's order: a `chat.completion`
+or `text_completion` body with its usage, or, for a request that could not run, `response: null`
+and the error, as OpenAI's batch output does.
+
+Pure Python: no torch, no MPI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Iterator
+
+__all__ = ["ENDPOINTS", "request_from_batch_line", "export_openai", "export_flat"]
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+ENDPOINTS = (CHAT, COMPLETIONS)
+_SAME = {"temperature", "top_p", "seed", "stop", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+         "frequency_penalty", "min_tokens", "stop_token_ids", "ignore_eos"}  # named as in a job's [generation]
+_ACCEPTED = {"model", "max_tokens", "max_completion_tokens", "n", "logprobs", "top_logprobs", "stream", "user"}
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+def request_from_batch_line(obj: dict, where: str, default):
+    """The Request of one batch request line (jobs.Request), or a JobError naming what is wrong."""
+    from .jobs import JobError, _check_keys, _generation, _request_from_json
+
+    _check_keys(obj, {"custom_id", "method", "url", "body"}, where)
+    cid, body, url = obj.get("custom_id"), obj.get("body"), obj.get("url")
+    if not isinstance(cid, str) or not cid:
+        raise JobError(f"{where}: field 'custom_id' must be a non-empty string")
+    if obj.get("method", "POST") != "POST":
+        raise JobError(f"{where}: field 'method' must be \"POST\", got {obj.get('method')!r}")
+    if url not in ENDPOINTS:
+        raise JobError(f"{where}: field 'url' must be one of {', '.join(ENDPOINTS)}, got {url!r}")
+    if not isinstance(body, dict):
+        raise JobError(f"{where}: field 'body' must be an object")
+    text_field = "messages" if url == CHAT else "prompt"
+    unknown = sorted(set(body) - _SAME - _ACCEPTED - {text_field})
+    if unknown:
+        raise JobError(f"{where}: body field(s) {', '.join(map(repr, unknown))} not supported for {url} "
+                       f"(supported: {', '.join(sorted(_SAME | _ACCEPTED | {text_field}))})")
+    if text_field not in body:
+        raise JobError(f"{where}: body field {text_field!r} is required for {url}")
+    for key, ok, why in (("n", body.get("n", 1) == 1, "only 1 choice a request is supported so far"),
+                         ("logprobs", not body.get("logprobs"), "logprobs are not supported so far"),
+                         ("top_logprobs", not body.get("top_logprobs"), "logprobs are not supported so far"),
+                         ("stream", not body.get("stream"), "a batch does not stream")):
+        if not ok:
+            raise JobError(f"{where}: body field {key!r} = {body[key]!r}: {why}")
+    if "model" in body and not isinstance(body["model"], str):
+        raise JobError(f"{where}: body field 'model' must be a string")
+    gen = {k: body[k] for k in _SAME if k in body}
+    budget = [body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None]
+    if budget:
+        gen["max_new_tokens"] = budget[0]  # OpenAI's newer name first, as its API reads them
+    line = {"id": cid, text_field: body[text_field], **gen}
+    return dataclasses.replace(_request_from_json(line, where, default), endpoint=url)
+
+
+def _line(where: str) -> int:
+    tail = where.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def _in_input_order(records: Iterable) -> list:
+    return sorted(records, key=lambda r: (r.where.rsplit(":", 1)[0], _line(r.where)))
+
+
+def export_openai(records: Iterable, model: str, created: int) -> Iterator[dict]:
+    """OpenAI batch output lines, in the prompt file's order. `model`: the model that answered."""
+    for i, r in enumerate(_in_input_order(records)):
+        rid = f"{i:08d}"
+        if r.status == "error":
+            yield {"id": f"batch_req_{rid}", "custom_id": r.id, "response": None,
+                   "error": {"code": "invalid_request", "message": r.error}}
+            continue
+        usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.output_tokens,
+                 "total_tokens": r.prompt_tokens + r.output_tokens}
+        finish = _FINISH.get(r.finish_reason, "stop")
+        if r.endpoint == CHAT:
+            body = {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
+                                 "finish_reason": finish, "logprobs": None}], "usage": usage}
+        else:
+            body = {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": r.text, "finish_reason": finish, "logprobs": None}],
+                    "usage": usage}
+        yield {"id": f"batch_req_{rid}", "custom_id": r.id,
+               "response": {"status_code": 200, "request_id": f"req_{rid}", "body": body}, "error": None}
+
+
+def export_flat(records: Iterable) -> Iterator[dict]:
+    """One flat object a record, in the prompt file's order (times that do not exist are null)."""
+    for r in _in_input_order(records):
+        d = dict(r.__dict__)
+        for k, v in d.items():
+            if isinstance(v, float) and math.isnan(v):
+                d[k] = None
+        yield d
