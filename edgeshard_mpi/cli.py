@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing results file")
     run.add_argument("--resume", action="store_true",
                      help="continue an existing results file: skip the requests it already holds (errors too)")
+    run.add_argument("--retry-errors", action="store_true",
+                     help="with --resume: run the requests the file holds as errors again (after fixing their lines)")
     run.add_argument("--strict", action="store_true",
                      help="stop at the first request that cannot run (default: record it as an error and go on)")
     run.add_argument("--schedule", choices=list(SCHEDULES), help="pipeline schedule (default: the job's)")
@@ -208,7 +210,8 @@ def _mpi_command(args) -> int:
                           output=args.output, overwrite=args.overwrite, resume=args.resume, schedule=args.schedule,
                           admission=args.admission,
                           micro_batches=args.micro_batches, progress=not args.no_progress, trace=args.trace,
-                          step_timeout=args.step_timeout or None, compile=args.compile, strict=args.strict)
+                          step_timeout=args.step_timeout or None, compile=args.compile, strict=args.strict,
+                          retry_errors=args.retry_errors)
         summary = run_job(comm, args.job, opts)
     except SetupFailed as e:  # every rank knows; all leave normally, nothing to abort
         if not e.quiet:

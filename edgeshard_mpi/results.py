@@ -135,11 +135,16 @@ class ResultWriter:
     """Appends records to an HDF5 results file (new, replaced with `overwrite`, or continued with `resume`)."""
 
     @staticmethod
-    def check_target(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> set[str]:
-        """Before any compute: may this path be written? Returns the ids a resume skips."""
+    def check_target(path: str | Path, *, overwrite: bool = False, resume: bool = False,
+                     retry_errors: bool = False) -> set[str]:
+        """Before any compute: may this path be written? Returns the ids a resume skips.
+
+        retry_errors: the file's error records are dropped now, so that their requests run again."""
         path = Path(path)
         if overwrite and resume:
             raise ResultsError(f"{path}: pass --resume or --overwrite, not both")
+        if retry_errors and not resume:
+            raise ResultsError(f"{path}: --retry-errors runs a results file's errors again: pass --resume with it")
         if not (path.exists() or _journal(path).exists()):
             _probe(path)
             return set()
@@ -150,9 +155,11 @@ class ResultWriter:
         if overwrite:
             return set()
         records = _recover(path)
-        if _format_of(path) != FORMAT:  # an older file: continued in this format, its records as they are
-            _rebuild(path, {k: v for k, v in read_attrs(path).items() if k != "format"}, records)
-        return {r.id for r in records}
+        kept = [r for r in records if r.status != "error"] if retry_errors else records
+        if _format_of(path) != FORMAT or len(kept) < len(records):  # continued in this format, without
+            # the errors to run again; the records kept stay as they are
+            _rebuild(path, {k: v for k, v in read_attrs(path).items() if k != "format"}, kept)
+        return {r.id for r in kept}
 
     def __init__(self, path: str | Path, attrs: dict, *, overwrite: bool = False, resume: bool = False):
         path = Path(path)

@@ -54,6 +54,7 @@ class RunOptions:
     output: str | None = None
     overwrite: bool = False
     resume: bool = False
+    retry_errors: bool = False  # with resume: run the requests recorded as errors again
     schedule: str | None = None
     admission: str | None = None  # scheduler.ADMISSIONS; None: the job's
     micro_batches: int | None = None
@@ -212,7 +213,8 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
     output = opts.output or job.output
     # before the model is prepared (a preset's first conversion takes a while): a target that
     # cannot be written fails at once
-    done = ResultWriter.check_target(output, overwrite=opts.overwrite, resume=opts.resume) if for_run else set()
+    done = ResultWriter.check_target(output, overwrite=opts.overwrite, resume=opts.resume,
+                                     retry_errors=opts.retry_errors) if for_run else set()
     model_path = prepare(job.model)  # a preset is prepared once, here, while the others wait
     spec = ModelSpec.load(model_path, job.dtype, name=Path(job.model).name, quantize=job.quantize)
     from transformers import AutoTokenizer

@@ -83,6 +83,15 @@ def test_a_job_with_a_bad_line_after_the_read_ahead_and_an_overlong_prompt_finis
     assert again.returncode == 0, again.stderr
     key = lambda rs: [(r.id, r.status, r.error, r.token_ids) for r in rs]  # noqa: E731 (error records hold NaN times)
     assert key(read_results(tmp_path / "job.h5")) == key(records)
+    # --retry-errors runs them again: the line fixed now runs, the prompt still too long fails again
+    prompts = tmp_path / "job-prompts.jsonl"
+    prompts.write_text(prompts.read_text().replace('"no end\n', '"no end"}\n'))
+    retry = run_mpi(["run", str(job), "--no-progress", "--resume", "--retry-errors"], 2)
+    assert retry.returncode == 0, retry.stderr
+    after = {r.id: r for r in read_results(tmp_path / "job.h5")}
+    assert len(after) == 262 == len(read_results(tmp_path / "job.h5"))  # one record an id
+    assert after["broken"].status == "ok" and after["broken"].output_tokens >= 1 and "260" not in after
+    assert after["long"].status == "error"
     # --strict stops at the first request that cannot run, naming it
     strict = run_mpi(["run", str(job), "--no-progress", "--overwrite", "--strict"], 2)
     assert strict.returncode != 0 and ":5: prompt of" in strict.stderr
