@@ -279,7 +279,8 @@ def _show(args) -> int:
             print(f"--- {r.id} ({r.where}) [error]")
             print(f"error:  {r.error}")
         else:
-            print(f"--- {r.id} ({r.where}) [{r.finish_reason}, {r.output_tokens} tokens]")
+            choice = f"choice {r.choice}, " if r.choice else ""
+            print(f"--- {r.id} ({r.where}) [{choice}{r.finish_reason}, {r.output_tokens} tokens]")
             print(f"prompt: {r.prompt}")
             print(f"text:   {r.text}")
     return 0

@@ -77,12 +77,22 @@ class Generation:
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
     sampling: SamplingParams = SamplingParams()
+    n: int = 1  # choices to generate for the prompt, each with its own seed (choice_seed)
+
+
+MAX_CHOICES = 128
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """Choice k's seed: the request's own for the first, then spread over the seed range (a golden-ratio
+    step), so that the choices of one request and nearby seeds of others do not draw the same numbers."""
+    return (seed + choice * 0x9E3779B97F4A7C15) % 2**53
 
 
 # what a job's [generation] table and a prompt line may set: the budget, stop strings, and every
 # field of SamplingParams (a new one appears here by itself)
 _SAMPLING_FIELDS = {f.name: type(f.default) for f in dataclasses.fields(SamplingParams)}
-GENERATION_KEYS = {"max_new_tokens", "stop", *_SAMPLING_FIELDS}
+GENERATION_KEYS = {"max_new_tokens", "stop", "n", *_SAMPLING_FIELDS}
 
 
 _TYPES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -132,7 +142,10 @@ def _generation(table: dict, where: str, base: Generation = Generation()) -> Gen
         sampling = dataclasses.replace(base.sampling, **values)
     except ValueError as e:
         raise JobError(f"{where}: {e}") from None
-    g = Generation(_field(table, "max_new_tokens", int, base.max_new_tokens, where), base.stop, sampling)
+    g = Generation(_field(table, "max_new_tokens", int, base.max_new_tokens, where), base.stop, sampling,
+                   _field(table, "n", int, base.n, where))
+    if not 1 <= g.n <= MAX_CHOICES:
+        raise JobError(f"{where}: field 'n' must be in [1, {MAX_CHOICES}], got {g.n}")
     if "stop" in table:
         stop = table["stop"]
         if isinstance(stop, str):

@@ -22,6 +22,7 @@ Pure Python: no torch, no MPI.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Iterable, Iterator
 
@@ -29,9 +30,9 @@ __all__ = ["ENDPOINTS", "request_from_batch_line", "export_openai", "export_flat
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 ENDPOINTS = (CHAT, COMPLETIONS)
-_SAME = {"temperature", "top_p", "seed", "stop", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+_SAME = {"n", "temperature", "top_p", "seed", "stop", "top_k", "min_p", "repetition_penalty", "presence_penalty",
          "frequency_penalty", "min_tokens", "stop_token_ids", "ignore_eos"}  # named as in a job's [generation]
-_ACCEPTED = {"model", "max_tokens", "max_completion_tokens", "n", "logprobs", "top_logprobs", "stream", "user"}
+_ACCEPTED = {"model", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "stream", "user"}
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
@@ -56,8 +57,7 @@ def request_from_batch_line(obj: dict, where: str, default):
                        f"(supported: {', '.join(sorted(_SAME | _ACCEPTED | {text_field}))})")
     if text_field not in body:
         raise JobError(f"{where}: body field {text_field!r} is required for {url}")
-    for key, ok, why in (("n", body.get("n", 1) == 1, "only 1 choice a request is supported so far"),
-                         ("logprobs", not body.get("logprobs"), "logprobs are not supported so far"),
+    for key, ok, why in (("logprobs", not body.get("logprobs"), "logprobs are not supported so far"),
                          ("top_logprobs", not body.get("top_logprobs"), "logprobs are not supported so far"),
                          ("stream", not body.get("stream"), "a batch does not stream")):
         if not ok:
@@ -78,29 +78,34 @@ def _line(where: str) -> int:
 
 
 def _in_input_order(records: Iterable) -> list:
-    return sorted(records, key=lambda r: (r.where.rsplit(":", 1)[0], _line(r.where)))
+    return sorted(records, key=lambda r: (r.where.rsplit(":", 1)[0], _line(r.where), r.choice))
 
 
 def export_openai(records: Iterable, model: str, created: int) -> Iterator[dict]:
-    """OpenAI batch output lines, in the prompt file's order. `model`: the model that answered."""
-    for i, r in enumerate(_in_input_order(records)):
-        rid = f"{i:08d}"
-        if r.status == "error":
-            yield {"id": f"batch_req_{rid}", "custom_id": r.id, "response": None,
-                   "error": {"code": "invalid_request", "message": r.error}}
+    """OpenAI batch output lines, one a request with its `n` choices, in the prompt file's order.
+    `model`: the model that answered."""
+    for i, (_, group) in enumerate(itertools.groupby(_in_input_order(records), key=lambda r: (r.where, r.id))):
+        group = list(group)
+        rid, first = f"{i:08d}", group[0]
+        failed = [r for r in group if r.status == "error"]
+        if failed:
+            yield {"id": f"batch_req_{rid}", "custom_id": first.id, "response": None,
+                   "error": {"code": "invalid_request", "message": failed[0].error}}
             continue
-        usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.output_tokens,
-                 "total_tokens": r.prompt_tokens + r.output_tokens}
-        finish = _FINISH.get(r.finish_reason, "stop")
-        if r.endpoint == CHAT:
+        completion = sum(r.output_tokens for r in group)
+        usage = {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": first.prompt_tokens + completion}
+        if first.endpoint == CHAT:
+            choices = [{"index": r.choice, "message": {"role": "assistant", "content": r.text},
+                        "finish_reason": _FINISH.get(r.finish_reason, "stop"), "logprobs": None} for r in group]
             body = {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
-                                 "finish_reason": finish, "logprobs": None}], "usage": usage}
+                    "choices": choices, "usage": usage}
         else:
+            choices = [{"index": r.choice, "text": r.text, "finish_reason": _FINISH.get(r.finish_reason, "stop"),
+                        "logprobs": None} for r in group]
             body = {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "text": r.text, "finish_reason": finish, "logprobs": None}],
-                    "usage": usage}
-        yield {"id": f"batch_req_{rid}", "custom_id": r.id,
+                    "choices": choices, "usage": usage}
+        yield {"id": f"batch_req_{rid}", "custom_id": first.id,
                "response": {"status_code": 200, "request_id": f"req_{rid}", "body": body}, "error": None}
 
 

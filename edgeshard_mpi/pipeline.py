@@ -45,6 +45,7 @@ class Prompt:
     text: str  # the prompt as stored with the results (messages as JSON)
     error: str | None = None  # why it cannot run: it is recorded as an error, not run
     endpoint: str = ""  # the OpenAI endpoint it answers as: chat messages or a text completion
+    choice: int = 0  # which of the request's n choices (each runs as a row of its own)
 
 
 @dataclasses.dataclass
@@ -241,7 +242,8 @@ def _record(r: _Row, tok) -> Record:
     text = r.text if r.finish == "stop" else tok.decode(r.tokens, skip_special_tokens=True)
     tpot = (r.t_last - r.t_first) * 1e3 / (n - 1) if n > 1 else float("nan")
     return Record(r.prompt.request.id, r.prompt.request.where, r.prompt.text, text, r.tokens, r.finish,
-                  len(r.prompt.ids), n, (r.t_first - r.t_start) * 1e3, tpot, endpoint=r.prompt.endpoint)
+                  len(r.prompt.ids), n, (r.t_first - r.t_start) * 1e3, tpot, endpoint=r.prompt.endpoint,
+                  choice=r.prompt.choice)
 
 
 def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: Iterator[Prompt],

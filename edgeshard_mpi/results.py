@@ -17,6 +17,7 @@ Layout (`h5ls -r results/demo.h5`):
     /requests/status         (n,) utf-8     ok | error (format 2 on; a format-1 file reads as all ok)
     /requests/error          (n,) utf-8     why a request could not run (file:line and the reason), else ""
     /requests/endpoint       (n,) utf-8     /v1/chat/completions | /v1/completions (format 2 on)
+    /requests/choice         (n,) int32     which of the request's `n` choices (format 2 on)
 
 A request that cannot run (a line that is not a request, a prompt longer than the context) is a
 record too: status `error`, finish_reason `error`, no tokens, so every line of the prompt file has
@@ -50,7 +51,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-__all__ = ["Record", "ResultWriter", "read_results", "read_attrs", "ResultsError"]
+__all__ = ["Record", "ResultWriter", "read_results", "read_attrs", "ResultsError", "done_key"]
 
 FORMAT = "edgeshard-results/2"
 
@@ -74,6 +75,16 @@ class Record:
     status: str = "ok"  # ok | error
     error: str = ""
     endpoint: str = ""  # /v1/chat/completions | /v1/completions: how `export --format openai` answers it
+    choice: int = 0  # which of the request's n choices
+
+    @property
+    def key(self) -> str:
+        return done_key(self.id, self.choice)
+
+
+def done_key(rid: str, choice: int) -> str:
+    """What a resume skips: a request's id, or, for its choices after the first, the id and the choice."""
+    return rid if choice == 0 else f"{rid}\x1f{choice}"  # a unit separator: never part of a prompt file's id
 
 
 _STR = h5py.string_dtype("utf-8")
@@ -81,8 +92,9 @@ _COLUMNS = {
     "id": _STR, "where": _STR, "prompt": _STR, "text": _STR, "token_ids": h5py.vlen_dtype(np.int32),
     "finish_reason": _STR, "prompt_tokens": np.int32, "output_tokens": np.int32,
     "ttft_ms": np.float64, "ms_per_token": np.float64, "status": _STR, "error": _STR, "endpoint": _STR,
+    "choice": np.int32,
 }
-_ADDED = {"status": "ok", "error": "", "endpoint": ""}  # columns format 1 did not have, and what its records hold there
+_ADDED = {"status": "ok", "error": "", "endpoint": "", "choice": 0}  # columns format 1 did not have, and what its records hold there
 
 
 def _journal(path: Path) -> Path:
@@ -159,7 +171,7 @@ class ResultWriter:
         if _format_of(path) != FORMAT or len(kept) < len(records):  # continued in this format, without
             # the errors to run again; the records kept stay as they are
             _rebuild(path, {k: v for k, v in read_attrs(path).items() if k != "format"}, kept)
-        return {r.id for r in kept}
+        return {r.key for r in kept}
 
     def __init__(self, path: str | Path, attrs: dict, *, overwrite: bool = False, resume: bool = False):
         path = Path(path)
@@ -356,7 +368,7 @@ def read_results(path: str | Path, f: h5py.File | None = None) -> list[Record]:
                 v = v.decode() if isinstance(v, bytes) else str(v)
             elif name == "token_ids":
                 v = [int(x) for x in v]
-            elif name in ("prompt_tokens", "output_tokens"):
+            elif name in ("prompt_tokens", "output_tokens", "choice"):
                 v = int(v)
             else:
                 v = float(v)

@@ -27,14 +27,14 @@ from typing import Iterator
 
 from .cluster import Cluster, format_bytes, parse_hostfile
 from .comm import Comm, versions
-from .jobs import BENCH_DEFAULT, Job, JobError, count_prompts, read_prompts
+from .jobs import BENCH_DEFAULT, Job, JobError, choice_seed, count_prompts, read_prompts
 from .openai_batch import CHAT, COMPLETIONS
 from .models import ModelSpec, prepare
 from .pipeline import Prompt, Summary, source_loop, stage_loop
 from .planner import Plan, PlanError, even_plan, plan_for
 from .profiler import (Profile, cluster_fingerprint, find_profile, measure_profile, model_fingerprint,
                        profile_shapes, profiles_dir)
-from .results import ResultWriter
+from .results import ResultWriter, done_key
 from .shard import Shard
 from .scheduler import in_flight_for, slot_columns
 from .simulate import Request, Simulation, StepCosts, simulate
@@ -126,17 +126,25 @@ def _tokenize(job: Job, tok, spec: ModelSpec, skip: set[str], strict: bool = Fal
     A request that cannot run (a bad line, a prompt too long for the context) comes as a Prompt with
     its `error`, which the run records and goes on; with `strict` it raises instead."""
     for req in read_prompts(job.prompts, job.generation, strict=strict):
-        if req.id in skip:
-            continue
         if req.error:
-            yield Prompt(req, [], "", error=req.error, endpoint=req.endpoint or "")
+            if req.id not in skip:
+                yield Prompt(req, [], "", error=req.error, endpoint=req.endpoint or "")
+            continue
+        choices = [k for k in range(req.generation.n) if done_key(req.id, k) not in skip]
+        if not choices:
             continue
         try:
-            yield _tokenized(job, tok, spec, req)
+            prompt = _tokenized(job, tok, spec, req)
         except JobError as e:
             if strict:
                 raise
             yield Prompt(req, [], req.prompt or "", error=str(e), endpoint=req.endpoint or "")
+            continue
+        for k in choices:  # each choice a request of its own, with its own seed
+            sampling = dataclasses.replace(req.generation.sampling,
+                                           seed=choice_seed(req.generation.sampling.seed, k))
+            gen = dataclasses.replace(req.generation, sampling=sampling)
+            yield dataclasses.replace(prompt, request=dataclasses.replace(req, generation=gen), choice=k)
 
 
 def _tokenized(job: Job, tok, spec: ModelSpec, req) -> Prompt:
