@@ -21,8 +21,9 @@ setup(
         "pytest",
         "hypothesis",  # the parser fuzz tests
     ],
-    # plot: timelines and the benchmarks' plots; test: the `openai` package, whose types the tests hold
-    # `export --format openai` to (never imported outside the tests)
-    extras_require={"plot": ["matplotlib>=3.7"], "test": ["openai"]},
+    # plot: timelines and the benchmarks' plots; parquet: `export --format parquet`; test: what the tests
+    # check exports with (the `openai` package's own types, never imported outside the tests) and read
+    # Parquet back with
+    extras_require={"plot": ["matplotlib>=3.7"], "parquet": ["pyarrow"], "test": ["openai", "pyarrow"]},
     entry_points={"console_scripts": ["edgeshard=edgeshard_mpi.cli:main"]},
 )

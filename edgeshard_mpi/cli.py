@@ -128,10 +128,11 @@ def _parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a results file as OpenAI batch output or flat JSON lines")
     export.add_argument("results", help="results HDF5 file")
-    export.add_argument("--format", choices=["openai", "jsonl"], default="openai",
+    export.add_argument("--format", choices=["openai", "jsonl", "parquet"], default="openai",
                         help="openai: one batch response line a request (chat.completion or text_completion, or "
-                             "its error); jsonl: one flat record a line. Both in the prompt file's order")
-    export.add_argument("--out", help="JSONL file to write (default: standard output)")
+                             "its error); jsonl: one flat record a line; parquet: the flat records as a Parquet "
+                             "table (needs pyarrow: the parquet extra). All in the prompt file's order")
+    export.add_argument("--out", help="file to write (default: standard output; parquet needs one)")
 
     model = sub.add_parser("model", help="prepare or describe a model")
     msub = model.add_subparsers(dest="model_command", required=True)
@@ -293,6 +294,16 @@ def _export(args) -> int:
     from .results import read_attrs, read_results
 
     records = read_results(args.results)
+    if args.format == "parquet":
+        try:
+            import pyarrow
+            import pyarrow.parquet
+        except ImportError:
+            raise ResultsError("export --format parquet needs pyarrow: pip install -e \".[parquet]\"") from None
+        if not args.out:
+            raise ResultsError("export --format parquet writes a file: give --out FILE.parquet")
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(list(export_flat(records))), args.out)
+        return 0
     if args.format == "openai":
         attrs = read_attrs(args.results)
         model = json.loads(attrs.get("model", "{}")).get("name", "edgeshard")
@@ -300,7 +311,7 @@ def _export(args) -> int:
             created = int(datetime.datetime.strptime(attrs.get("created", ""), "%Y-%m-%dT%H:%M:%S%z").timestamp())
         except ValueError:
             created = 0
-        lines = export_openai(records, model, created)
+        lines = export_openai(records, model, created, _token_text(attrs) if any(r.logprobs for r in records) else None)
     else:
         lines = export_flat(records)
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
@@ -311,6 +322,18 @@ def _export(args) -> int:
         if args.out:
             out.close()
     return 0
+
+
+def _token_text(attrs: dict):
+    """A token id's text, from the run's tokenizer (its model folder, as the results file names it)."""
+    from transformers import AutoTokenizer
+
+    path = json.loads(attrs.get("model", "{}")).get("path")
+    if not path or not os.path.isdir(path):
+        raise ResultsError(f"the results name the model folder {path!r}, which is not here: its tokenizer "
+                           "names the tokens of logprobs")
+    tok = AutoTokenizer.from_pretrained(path)
+    return lambda t: tok.decode([t])
 
 
 def _model(args) -> int:

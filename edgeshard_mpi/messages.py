@@ -47,6 +47,8 @@ class Step:
     capacity: int = 0
     sampling: list[SamplingParams] = dataclasses.field(default_factory=list)
     prompts: list[list[int]] = dataclasses.field(default_factory=list)
+    logprobs: torch.Tensor | None = None  # on the way back, when rows ask: (rows, 1 + K) chosen then top K
+    top_ids: torch.Tensor | None = None  # (rows, K) the top K's token ids
 
     @property
     def relayout(self) -> bool:
@@ -76,8 +78,10 @@ class Step:
     def to_wire(self) -> tuple[list[int], list[torch.Tensor]]:
         joining = len(self.pads)
         fields = [self.slot, self.step, int(self.fresh), self.rows, joining, self.width, self.trim, self.capacity,
-                  -1 if self.keep is None else len(self.keep)]
+                  -1 if self.keep is None else len(self.keep), int(self.logprobs is not None)]
         buffers = [self.tensor]
+        if self.logprobs is not None:
+            buffers += [self.logprobs, self.top_ids]
         if self.keep is not None:
             buffers.append(torch.tensor(self.keep, dtype=torch.int64))
         if joining:
@@ -93,9 +97,10 @@ class Step:
 
     @classmethod
     def from_wire(cls, msg: Message) -> "Step":
-        slot, step, fresh, rows, joining, width, trim, capacity, nkeep = msg.fields
+        slot, step, fresh, rows, joining, width, trim, capacity, nkeep, has_logprobs = msg.fields
         bufs = iter(msg.buffers)
         tensor = next(bufs)
+        logprobs, top_ids = (next(bufs), next(bufs)) if has_logprobs else (None, None)
         keep = next(bufs).tolist() if nkeep >= 0 else None
         places, pads, sampling, prompts = [], [], [], []
         if joining:
@@ -108,8 +113,10 @@ class Step:
                 prompts.append([int(t) for t in flat[at + 2 + n:at + 2 + n + m]])
                 at += 2 + n + m
         return cls(slot, step, tensor, bool(fresh), rows, keep, places, pads, width, trim, capacity, sampling,
-                   prompts)
+                   prompts, logprobs, top_ids)
 
-    def reply(self, tokens: torch.Tensor) -> "Step":
-        """The head's answer: this step's token ids, one per row of the slot after the step."""
-        return Step(self.slot, self.step, tokens)
+    def reply(self, tokens: torch.Tensor, logprobs=None) -> "Step":
+        """The head's answer: this step's token ids, one per row of the slot after the step, and, when
+        rows asked for them, their logprobs (Sampler.logprobs)."""
+        values, ids = logprobs if logprobs is not None else (None, None)
+        return Step(self.slot, self.step, tokens, logprobs=values, top_ids=ids)

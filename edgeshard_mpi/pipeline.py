@@ -143,23 +143,24 @@ def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict, tr
         if nxt is not None:
             comm.send(nxt, ACT, *step.passed_on(Step.pack(dec_out, join_out)).to_wire(), wait=False)
         else:
-            comm.send(0, TOKENS, *step.reply(_sample_step(samplers, step, dec_out, join_out, eos)).to_wire(),
-                      wait=False)
+            comm.send(0, TOKENS, *_sample_step(samplers, step, dec_out, join_out, eos).to_wire(), wait=False)
         tracer.add("send", t0, time.perf_counter(), step.slot, step.step)
 
 
-def _sample_step(samplers: dict[int, Sampler], step: Step, dec_logits, join_logits, eos: set[int]) -> torch.Tensor:
+def _sample_step(samplers: dict[int, Sampler], step: Step, dec_logits, join_logits, eos: set[int]) -> Step:
     """The head's part of a step: the slot's sampler follows the step's row changes (from the same
-    message every stage receives), then one token per row."""
+    message every stage receives), then one token per row (and logprobs, for rows that ask): the reply."""
     if step.fresh:
-        samplers[step.slot] = Sampler(step.sampling, step.prompts, eos)
-        return samplers[step.slot](join_logits)
-    sampler = samplers[step.slot]
-    if step.keep is not None:
-        sampler.select(step.keep)
-    if step.sampling:
-        sampler.replace(step.places, step.sampling, step.prompts)
-    return sampler(dec_logits)
+        sampler = samplers[step.slot] = Sampler(step.sampling, step.prompts, eos)
+        logits = join_logits
+    else:
+        sampler, logits = samplers[step.slot], dec_logits
+        if step.keep is not None:
+            sampler.select(step.keep)
+        if step.sampling:
+            sampler.replace(step.places, step.sampling, step.prompts)
+    tokens = sampler(logits)
+    return step.reply(tokens, sampler.logprobs(logits, tokens))
 
 
 def _eos_ids(model_path: str) -> set[int]:
@@ -181,12 +182,22 @@ class _Row:
         self.prompt = prompt
         self.gen = prompt.request.generation
         self.tokens: list[int] = []
+        self.logprobs: list[float] = []  # the chosen tokens', when the request asks (SamplingParams.logprobs)
+        self.top_ids: list[int] = []  # the top k tokens of each step, flattened
+        self.top_logprobs: list[float] = []
         self.finish: str | None = None
         self.text = ""
         self.t_start = self.t_first = self.t_last = 0.0  # launched, first token, last token
 
-    def add(self, token: int, now: float, eos: set[int], tok) -> None:
+    def add(self, token: int, now: float, eos: set[int], tok, logprobs=None) -> None:
+        """One new token; logprobs: the head's ([chosen, top...], [top ids]) for it, when rows asked."""
         self.tokens.append(token)
+        k = self.gen.sampling.logprobs
+        if k >= 0 and logprobs is not None:
+            values, ids = logprobs
+            self.logprobs.append(values[0])
+            self.top_logprobs += values[1:1 + k]
+            self.top_ids += ids[:k]
         if len(self.tokens) == 1:
             self.t_first = now
         self.t_last = now
@@ -243,7 +254,7 @@ def _record(r: _Row, tok) -> Record:
     tpot = (r.t_last - r.t_first) * 1e3 / (n - 1) if n > 1 else float("nan")
     return Record(r.prompt.request.id, r.prompt.request.where, r.prompt.text, text, r.tokens, r.finish,
                   len(r.prompt.ids), n, (r.t_first - r.t_start) * 1e3, tpot, endpoint=r.prompt.endpoint,
-                  choice=r.prompt.choice)
+                  choice=r.prompt.choice, logprobs=r.logprobs, top_ids=r.top_ids, top_logprobs=r.top_logprobs)
 
 
 def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: Iterator[Prompt],
@@ -268,7 +279,7 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     ttfts, tpots = [], []
     t_run = time.perf_counter()
     samplers: dict[int, Sampler] = {}  # slot -> sampler, when rank 0 holds the head itself
-    local_tokens: list[tuple[int, torch.Tensor]] = []  # (slot, tokens) computed here when rank 0 is the head
+    local_tokens: list[Step] = []  # the head's replies, computed here when rank 0 is the head
 
     # the job's shape for the simulator: (prompt, output) tokens of each request in admission order,
     # 16 bytes a request (a finished row itself, with its prompt and text, is not kept)
@@ -299,7 +310,7 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
         launched[ln.slot] = ln
         dec_out, join_out = _apply(shard, stats, tracer, step)
         if nxt is None:
-            local_tokens.append((ln.slot, _sample_step(samplers, step, dec_out, join_out, eos)))
+            local_tokens.append(_sample_step(samplers, step, dec_out, join_out, eos))
         else:
             t0 = time.perf_counter()
             comm.send(nxt, ACT, *step.passed_on(Step.pack(dec_out, join_out)).to_wire(), wait=False)
@@ -322,18 +333,20 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
         launch(ln)
     while sched.slots:
         if local_tokens:
-            slot, tokens = local_tokens.pop(0)
+            back = local_tokens.pop(0)
         else:
             t0 = time.perf_counter()
             msg = comm.recv(head, TOKENS)
             tracer.add("wait", t0, time.perf_counter())
             back = Step.from_wire(msg)
-            slot, tokens = back.slot, back.tensor
+        slot = back.slot
         ln = launched.pop(slot)
         now = time.perf_counter()
         finished = []
-        for i, (row, t) in enumerate(zip(ln.rows, tokens.tolist())):
-            row.item.add(t, now, eos, tok)
+        values = back.logprobs.tolist() if back.logprobs is not None else None
+        ids = back.top_ids.tolist() if back.logprobs is not None else None
+        for i, (row, t) in enumerate(zip(ln.rows, back.tensor.tolist())):
+            row.item.add(t, now, eos, tok, (values[i], ids[i]) if values is not None else None)
             if row.item.finish:
                 finished.append(i)
                 output_lens[row.index] = len(row.item.tokens)

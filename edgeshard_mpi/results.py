@@ -18,6 +18,9 @@ Layout (`h5ls -r results/demo.h5`):
     /requests/error          (n,) utf-8     why a request could not run (file:line and the reason), else ""
     /requests/endpoint       (n,) utf-8     /v1/chat/completions | /v1/completions (format 2 on)
     /requests/choice         (n,) int32     which of the request's `n` choices (format 2 on)
+    /requests/logprobs       (n,) vlen float32  each token's logprob, when asked (format 2 on)
+    /requests/top_ids        (n,) vlen int32    the top k tokens of each step, flattened, when asked
+    /requests/top_logprobs   (n,) vlen float32  their logprobs
 
 A request that cannot run (a line that is not a request, a prompt longer than the context) is a
 record too: status `error`, finish_reason `error`, no tokens, so every line of the prompt file has
@@ -76,6 +79,11 @@ class Record:
     error: str = ""
     endpoint: str = ""  # /v1/chat/completions | /v1/completions: how `export --format openai` answers it
     choice: int = 0  # which of the request's n choices
+    # when the request asked for them (`logprobs`): each token's logprob, and the top k per token
+    # (ids and logprobs, flattened: k = len(top_ids) // len(logprobs))
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_ids: list[int] = dataclasses.field(default_factory=list)
+    top_logprobs: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -92,9 +100,13 @@ _COLUMNS = {
     "id": _STR, "where": _STR, "prompt": _STR, "text": _STR, "token_ids": h5py.vlen_dtype(np.int32),
     "finish_reason": _STR, "prompt_tokens": np.int32, "output_tokens": np.int32,
     "ttft_ms": np.float64, "ms_per_token": np.float64, "status": _STR, "error": _STR, "endpoint": _STR,
-    "choice": np.int32,
+    "choice": np.int32, "logprobs": h5py.vlen_dtype(np.float32), "top_ids": h5py.vlen_dtype(np.int32),
+    "top_logprobs": h5py.vlen_dtype(np.float32),
 }
-_ADDED = {"status": "ok", "error": "", "endpoint": "", "choice": 0}  # columns format 1 did not have, and what its records hold there
+_LISTS = {"token_ids": (np.int32, int), "top_ids": (np.int32, int), "logprobs": (np.float32, float),
+          "top_logprobs": (np.float32, float)}  # vlen columns: their dtype on disk and in a Record
+_ADDED = {"status": "ok", "error": "", "endpoint": "", "choice": 0, "logprobs": [], "top_ids": [],
+          "top_logprobs": []}  # columns format 1 did not have, and what its records hold there
 
 
 def _journal(path: Path) -> Path:
@@ -274,9 +286,9 @@ def _append(group, n: int, records: list[Record]) -> None:
     for name in _COLUMNS:
         ds = group[name]
         ds.resize((n + k,))
-        if name == "token_ids":
+        if name in _LISTS:
             for i, r in enumerate(records):
-                ds[n + i] = np.asarray(r.token_ids, dtype=np.int32)
+                ds[n + i] = np.asarray(getattr(r, name), dtype=_LISTS[name][0])
         else:
             ds[n:n + k] = [getattr(r, name) for r in records]
 
@@ -366,8 +378,8 @@ def read_results(path: str | Path, f: h5py.File | None = None) -> list[Record]:
             v = cols[name][i]
             if dtype is _STR:
                 v = v.decode() if isinstance(v, bytes) else str(v)
-            elif name == "token_ids":
-                v = [int(x) for x in v]
+            elif name in _LISTS:
+                v = [_LISTS[name][1](x) for x in v]
             elif name in ("prompt_tokens", "output_tokens", "choice"):
                 v = int(v)
             else:

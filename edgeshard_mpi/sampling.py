@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SamplingParams", "Sampler"]
+__all__ = ["SamplingParams", "Sampler", "MAX_LOGPROBS"]
+
+MAX_LOGPROBS = 20  # top logprobs a token may carry (OpenAI's limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,9 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are held back until this many tokens
     ignore_eos: bool = False  # EOS does not end the request
     stop_token_ids: tuple[int, ...] = ()  # these end the request (the token is kept in its ids)
+    # -1: none; k >= 0: each chosen token's logprob and the k likeliest tokens' (the model's own
+    # distribution, before penalties and temperature, as vLLM's default)
+    logprobs: int = -1
 
     def __post_init__(self):
         checks = (
@@ -49,6 +54,7 @@ class SamplingParams:
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
             ("min_tokens", self.min_tokens >= 0, ">= 0"),
             ("stop_token_ids", all(0 <= t < 2**53 for t in self.stop_token_ids), "token ids >= 0"),
+            ("logprobs", -1 <= self.logprobs <= MAX_LOGPROBS, f"in [-1, {MAX_LOGPROBS}]"),
         )
         for name, ok, limit in checks:
             if not ok:
@@ -127,6 +133,19 @@ class Sampler:
             else:
                 self.rows[i] = row
         self._plain = all(r.params.greedy and not r.params.penalized for r in self.rows)
+
+    def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For rows that ask (`logprobs` >= 0): (B, 1 + K) fp32, each chosen token's logprob then the K
+        likeliest tokens', and (B, K) int64 their ids, K the most any row asks for (at least 1; a row
+        keeps its own k of them); None when none asks."""
+        import torch
+
+        k = max((r.params.logprobs for r in self.rows), default=-1)
+        if k < 0:
+            return None
+        lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        top = torch.topk(lp, max(k, 1), dim=-1)  # at least one: no empty buffer on the wire
+        return torch.cat([lp.gather(1, tokens.view(-1, 1)), top.values], dim=1), top.indices
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: (B, V) fp32 -> token ids (B,) int64 on the CPU."""

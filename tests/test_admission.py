@@ -59,7 +59,7 @@ def _run(shard, prompts, eos: int, mbs: int, in_flight: int, admission: str = "r
         if ln.join and not ln.fresh:
             late |= {id(r.item) for r in ln.join}
         places |= {i for i, r in enumerate(ln.rows) if id(r.item) in late}
-        tokens = _sample_step(samplers, step, *_apply(shard, stats, tracer, step), {eos}).tolist()
+        tokens = _sample_step(samplers, step, *_apply(shard, stats, tracer, step), {eos}).tensor.tolist()
         finished = []
         for i, (r, t) in enumerate(zip(ln.rows, tokens)):
             r.item.add(t, 0.0, {eos}, None)
@@ -116,7 +116,24 @@ def _penalized(tiny_path) -> tuple[list[dict], dict]:
         lines.append({"id": name, "prompt": PROMPTS[0], "max_new_tokens": 14, **ours})
         want[name] = reference_tokens(tiny_path, [PROMPTS[0]], 14, 1, **theirs)[0]
     assert want["rep"] != free and len(want["stop"]) == 4 and len(want["min"]) > 6, (free, want)
+    lines.append({"id": "lp", "prompt": PROMPTS[0], "max_new_tokens": 14, "logprobs": 3})
+    want["lp"] = free
     return lines, want
+
+
+def _generate_logprobs(path, prompt: str, n: int, k: int):
+    """generate's raw logits for a request, as (each chosen token's logprob, each step's top-k ids and logprobs)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    enc = tok([prompt], return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    new = out.sequences[0, enc["input_ids"].shape[1]:].tolist()
+    lps = [torch.log_softmax(step[0].float(), -1) for step in out.logits]
+    tops = [torch.topk(lp, k) for lp in lps]
+    return ([float(lp[t]) for lp, t in zip(lps, new)], sum((t.indices.tolist() for t in tops), []),
+            sum((t.values.tolist() for t in tops), []))
 
 
 def test_pipelined_row_admission_gives_generates_tokens_and_fuller_steps(tmp_path, tiny_path):
@@ -134,6 +151,12 @@ def test_pipelined_row_admission_gives_generates_tokens_and_fuller_steps(tmp_pat
         assert proc.returncode == 0, proc.stderr
         records = read_results(out)
         assert {r.id: r.token_ids for r in records} == want
+        # logprobs asked for: generate's raw distribution at every step, across ranks, whenever it joined
+        lp = next(r for r in records if r.id == "lp")
+        chosen, top_ids, top_values = _generate_logprobs(tiny_path, PROMPTS[0], len(lp.token_ids), 3)
+        assert lp.top_ids == top_ids and len(lp.logprobs) == len(lp.token_ids)
+        assert lp.logprobs == pytest.approx(chosen, abs=1e-4) and lp.top_logprobs == pytest.approx(top_values, abs=1e-4)
+        assert all(not r.logprobs for r in records if r.id != "lp")
         summary = json.loads(read_attrs(out)["summary"])
         assert summary["admission"] == admission
         fill[admission] = summary["rows_per_step"]

@@ -28,15 +28,21 @@ LINES = [
     _line("many", COMPLETIONS, prompt="My favourite fruit is", max_tokens=4, n=3, temperature=1.0, seed=7),
     _line("many-1", COMPLETIONS, prompt="My favourite fruit is", max_tokens=4, temperature=1.0,
           seed=choice_seed(7, 1)),  # what the second of "many"'s choices must be
+    _line("lp-chat", CHAT, messages=[{"role": "user", "content": "Say hi."}], max_tokens=3, logprobs=True,
+          top_logprobs=2),
+    _line("lp-text", COMPLETIONS, prompt="Once upon a", max_tokens=3, logprobs=2),
 ]
+IDS = ["chat-1", "chat-2", "text-1", "text-2", "bad-field", "bad-n", "bad-url", "8", "many", "many-1", "lp-chat",
+       "lp-text"]
 
 
 def test_batch_lines_map_to_requests_and_their_errors(tmp_path):
     p = tmp_path / "batch.jsonl"
     p.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in LINES))
     reqs = {r.id: r for r in read_prompts(p, Generation(max_new_tokens=9), strict=False)}
-    assert list(reqs) == ["chat-1", "chat-2", "text-1", "text-2", "bad-field", "bad-n", "bad-url", "8", "many",
-                          "many-1"]
+    assert list(reqs) == IDS
+    assert reqs["lp-chat"].generation.sampling.logprobs == 2 == reqs["lp-text"].generation.sampling.logprobs
+    assert reqs["text-1"].generation.sampling.logprobs == -1
     assert reqs["many"].generation.n == 3 and reqs["many"].generation.sampling.seed == 7
     c2, t2 = reqs["chat-2"], reqs["text-2"]
     assert c2.endpoint == CHAT and len(c2.messages) == 2 and c2.generation.max_new_tokens == 3
@@ -59,17 +65,17 @@ def test_a_batch_file_runs_end_to_end_and_exports_as_openai_batch_output(tmp_pat
     job = write_job(tmp_path, "smollm2-135m", LINES, generation="max_new_tokens = 4")
     proc = run_mpi(["run", str(job), "--no-progress"], 1)
     assert proc.returncode == 0, proc.stderr
-    assert "8 requests (4 could not run" in proc.stdout  # "many" runs as 3
+    assert "10 requests (4 could not run" in proc.stdout  # "many" runs as 3
     out = tmp_path / "out.jsonl"
     assert main(["export", str(tmp_path / "job.h5"), "--format", "openai", "--out", str(out)]) == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     # one line a request, in the file's order, custom_ids one to one
-    assert [x["custom_id"] for x in lines] == ["chat-1", "chat-2", "text-1", "text-2", "bad-field", "bad-n",
-                                               "bad-url", "8", "many", "many-1"]
-    for x in lines[:4] + lines[8:]:
+    assert [x["custom_id"] for x in lines] == IDS
+    for x in lines[:4] + lines[8:]:  # the good ones
         assert x["error"] is None and x["response"]["status_code"] == 200
         body = x["response"]["body"]
-        typed = (ChatCompletion if x["custom_id"].startswith("chat") else Completion).model_validate(body)
+        url = next(line["url"] for line in LINES if isinstance(line, dict) and line["custom_id"] == x["custom_id"])
+        typed = (ChatCompletion if url == CHAT else Completion).model_validate(body)  # the type its request asked
         assert typed.model == "smollm2-135m"  # the model that answered, whatever the request named
         assert len(typed.choices) == (3 if x["custom_id"] == "many" else 1)
         assert all(c.finish_reason in ("stop", "length") for c in typed.choices)
@@ -87,4 +93,19 @@ def test_a_batch_file_runs_end_to_end_and_exports_as_openai_batch_output(tmp_pat
     assert main(["export", str(tmp_path / "job.h5"), "--format", "jsonl", "--out", str(flat)]) == 0
     rows = [json.loads(x) for x in flat.read_text().splitlines()]
     assert [(r["id"], r["choice"]) for r in rows][8:11] == [("many", 0), ("many", 1), ("many", 2)]
-    assert [r["status"] for r in rows] == ["ok"] * 4 + ["error"] * 4 + ["ok"] * 4
+    # the same flat records as a Parquet table
+    import pyarrow.parquet
+
+    table = tmp_path / "out.parquet"
+    assert main(["export", str(tmp_path / "job.h5"), "--format", "parquet", "--out", str(table)]) == 0
+    assert pyarrow.parquet.read_table(table).to_pylist() == rows
+    assert [r["status"] for r in rows] == ["ok"] * 4 + ["error"] * 4 + ["ok"] * 6
+    # logprobs: one entry a token, the chosen (greedy: the likeliest) first among its top 2
+    chat = ChatCompletion.model_validate(lines[10]["response"]["body"]).choices[0].logprobs.content
+    text = Completion.model_validate(lines[11]["response"]["body"]).choices[0].logprobs
+    assert len(chat) == lines[10]["response"]["body"]["usage"]["completion_tokens"]
+    for entry in chat:
+        assert len(entry.top_logprobs) == 2 and entry.logprob == entry.top_logprobs[0].logprob <= 0
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    assert len(text.tokens) == len(text.token_logprobs) == lines[11]["response"]["body"]["usage"]["completion_tokens"]
+    assert all(len(t) == 2 for t in text.top_logprobs) and text.text_offset[0] == 0

@@ -42,9 +42,10 @@ def test_a_format_1_file_reads_as_all_ok_and_resumes_in_the_current_format(tmp_p
         f.attrs["format"] = "edgeshard-results/1"
         f.attrs["job"] = "model = 'x'"
         g = f.create_group("requests")
-        for name, value in rec.__dict__.items():
-            if name in ("status", "error"):
-                continue
+        format_1 = ("id", "where", "prompt", "text", "token_ids", "finish_reason", "prompt_tokens", "output_tokens",
+                    "ttft_ms", "ms_per_token")
+        for name in format_1:
+            value = getattr(rec, name)
             dtype = h5py.vlen_dtype("int32") if name == "token_ids" else (
                 h5py.string_dtype() if isinstance(value, str) else type(value))
             ds = g.create_dataset(name, shape=(1,), maxshape=(None,), dtype=dtype)
@@ -95,3 +96,11 @@ def test_a_job_with_a_bad_line_after_the_read_ahead_and_an_overlong_prompt_finis
     # --strict stops at the first request that cannot run, naming it
     strict = run_mpi(["run", str(job), "--no-progress", "--overwrite", "--strict"], 2)
     assert strict.returncode != 0 and ":5: prompt of" in strict.stderr
+
+
+def test_a_file_that_is_not_a_prompt_file_stops_at_once(tmp_path, tiny_path):
+    job = write_job(tmp_path, "tiny-random", ["def main():", "    return 1", "", "main()"])
+    proc = run_mpi(["run", str(job), "--no-progress"], 1)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "none of the first 3 requests can run; the first: " in proc.stderr and ":1: not valid JSON" in proc.stderr
+    assert not (tmp_path / "job.h5").exists()

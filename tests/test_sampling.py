@@ -122,3 +122,15 @@ def test_the_source_ends_a_request_on_eos_unless_ignored_on_stop_ids_and_never_b
     assert run([5, 0, 6, 7, 8, 9, 10, 11], ignore_eos=True)[:2] == ([5, 0, 6, 7, 8, 9, 10, 11], "length")
     assert run([5, 9, 6], stop_token_ids=(9,)) == ([5, 9], "stop", "5")
     assert run([5, 9, 9, 6], stop_token_ids=(9,), min_tokens=3) == ([5, 9, 9], "stop", "5 9")
+
+
+def test_logprobs_are_the_models_own_distribution_for_rows_that_ask():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 0.0]])
+    s = Sampler([SamplingParams(logprobs=2, repetition_penalty=5.0), SamplingParams()], prompts=[[0], []])
+    tokens = s(logits)
+    values, ids = s.logprobs(logits, tokens)
+    lp = torch.log_softmax(logits, -1)
+    assert int(tokens[0]) == 1  # the penalty moved the choice, not the logprobs
+    assert torch.allclose(values[0], torch.stack([lp[0, 1], lp[0, 0], lp[0, 1]]))
+    assert ids[0].tolist() == [0, 1]
+    assert Sampler([SamplingParams()]).logprobs(logits[:1], tokens[:1]) is None
