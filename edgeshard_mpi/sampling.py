@@ -112,13 +112,13 @@ class Sampler:
         self.rows: list[_Row] = []
         self.replace(range(len(params)), params, prompts)
 
-    @property
-    def params(self) -> list[SamplingParams]:
-        return [r.params for r in self.rows]
-
     def select(self, keep) -> None:
         """Keep only rows `keep` (the others finished), each with its own state."""
         self.rows = [self.rows[i] for i in keep]
+        self._rows_changed()
+
+    def _rows_changed(self) -> None:
+        # whether every row is plain argmax: then a step is one argmax for the whole micro-batch
         self._plain = all(r.params.greedy and not r.params.penalized for r in self.rows)
 
     def replace(self, places, params: list[SamplingParams], prompts: list[list[int]] | None = None) -> None:
@@ -132,7 +132,7 @@ class Sampler:
                 self.rows.append(row)
             else:
                 self.rows[i] = row
-        self._plain = all(r.params.greedy and not r.params.penalized for r in self.rows)
+        self._rows_changed()
 
     def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For rows that ask (`logprobs` >= 0): (B, 1 + K) fp32, each chosen token's logprob then the K
