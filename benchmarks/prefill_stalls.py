@@ -1,15 +1,19 @@
-"""How much a long prompt's prefill stalls the pipeline: what chunked prefill could win, measured.
+"""How much a long prompt's prefill stalls the pipeline, and what chunked prefill wins back, measured.
 
-    python benchmarks/prefill_stalls.py [--prompts 96] [--long 800] [--every 12] [--new 32] [--json out.json]
+    python benchmarks/prefill_stalls.py [--prompts 96] [--long 800] [--every 12] [--new 32] [--chunks 64,128,256]
+                                        [--json out.json]
 
 Chunked prefill (Sarathi-Serve) splits a long prompt's prefill into pieces run beside other
 micro-batches' decode steps, so that one 2,000-token prompt does not hold every stream up. It moves
 work, it does not remove any: on a pipeline its tokens/s gain is bounded by the time the busiest
 stage, which sets the rate, sits idle while prompts keep arriving. This measures that time.
 
-Two jobs on `hostfiles/hetero4.hosts` (throughput plan, no-bubbles, row admission, micro-batch 4,
+Jobs on `hostfiles/hetero4.hosts` (throughput plan, no-bubbles, row admission, micro-batch 4,
 smollm2-135m fp32, greedy, `--new` new tokens each), one after the other, each with `--trace`:
-- `mixed`: `--prompts` prompts, every `--every`-th one `--long` tokens, the others 10-40;
+- `mixed`: `--prompts` prompts, every `--every`-th one `--long` tokens, the others 10-40, every join
+  prefilled in one step (`--prefill-chunk 0`);
+- `mixed, chunks of N`: the same job, a joining prompt of more than N tokens prefilled N a step
+  (`--prefill-chunk N`), for each N of `--chunks`;
 - `short`: the same job with every long prompt cut to a short one.
 For each: tokens/s, and, from the trace, the busiest stage's idle share between its first step and
 its last joining (prefill) step, while the source still had prompts to admit. Idle there that the
@@ -47,11 +51,11 @@ def prompts(tok, n: int, long: int, every: int, with_long: bool, seed: int = 0) 
     return out
 
 
-def run(work: Path, name: str, lines: list[dict], new: int, env: dict) -> dict:
+def run(work: Path, name: str, lines: list[dict], new: int, env: dict, chunk: int = 0) -> dict:
     from edgeshard_mpi.results import read_attrs
     from edgeshard_mpi.trace import load_trace
 
-    d = work / name
+    d = work / name.replace(" ", "").replace(",", "-")
     d.mkdir()
     (d / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (d / "job.toml").write_text('model = "smollm2-135m"\ndtype = "float32"\nprompts = "prompts.jsonl"\n'
@@ -59,7 +63,8 @@ def run(work: Path, name: str, lines: list[dict], new: int, env: dict) -> dict:
                                 f'max_new_tokens = {new}\n'
                                 '[plan]\nobjective = "throughput"\n')
     cmd = ["mpiexec", "-f", str(HOSTS), "-n", "4", sys.executable, "-m", "edgeshard_mpi", "run", str(d / "job.toml"),
-           "--hostfile", str(HOSTS), "--admission", "row", "--overwrite", "--no-progress", "--trace", str(d / "trace.json")]
+           "--hostfile", str(HOSTS), "--admission", "row", "--overwrite", "--no-progress", "--trace", str(d / "trace.json"),
+           "--prefill-chunk", str(chunk)]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True, env=env, cwd=d)
     s = json.loads(read_attrs(d / "out.h5")["summary"])
@@ -71,7 +76,8 @@ def run(work: Path, name: str, lines: list[dict], new: int, env: dict) -> dict:
     busy = sum(max(0.0, min(t0 + dur, hi) - max(t0, lo)) for t0, dur, _ in steps)
     return {"tokens": s["tokens"], "seconds": s["seconds"], "tokens_per_s": s["tokens"] / s["seconds"],
             "busiest": busiest["label"], "window_s": hi - lo, "idle_s": (hi - lo) - busy,
-            "idle_share": 1 - busy / (hi - lo), "rows_per_step": s["rows_per_step"]}
+            "idle_share": 1 - busy / (hi - lo), "rows_per_step": s["rows_per_step"], "ttft_ms": s["ttft_ms"],
+            "chunked": s.get("chunked", 0)}
 
 
 def main() -> None:
@@ -80,6 +86,7 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=800, help="at 1500, hetero4 cannot hold 8 micro-batches of it")
     ap.add_argument("--every", type=int, default=12)
     ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--chunks", default="64,128,256", help="prefill chunks to run the mixed job with, tokens")
     ap.add_argument("--json")
     args = ap.parse_args()
     os.environ["EDGESHARD_MODELS"] = str(Path(os.environ.get("EDGESHARD_MODELS", ROOT / "models")).resolve())
@@ -91,15 +98,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="edgeshard-stalls-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1",
            "EDGESHARD_PROFILES": str(work / "profiles")}  # measured now, shared by both jobs
-    rows = {name: run(work, name, prompts(tok, args.prompts, args.long, args.every, with_long), args.new, env)
-            for name, with_long in (("mixed", True), ("short", False))}
+    jobs = [("mixed", True, 0)] + [(f"mixed, chunks of {c}", True, int(c)) for c in args.chunks.split(",") if c]
+    jobs.append(("short", False, 0))
+    rows = {name: run(work, name, prompts(tok, args.prompts, args.long, args.every, with_long), args.new, env, chunk)
+            for name, with_long, chunk in jobs}
     n_long = sum(1 for i in range(args.prompts) if i % args.every == args.every - 1)
     print(f"\nhetero4, row admission, micro-batch 4, {args.new} new tokens; {args.prompts} prompts of 10-40 tokens, "
           f"{n_long} of them {args.long} tokens in `mixed`")
-    print(f"{'job':<6} {'tokens/s':>9} {'seconds':>8} {'busiest':>10} {'window s':>9} {'idle s':>7} {'idle':>6}")
+    print(f"{'job':<22} {'tokens/s':>9} {'vs mixed':>9} {'seconds':>8} {'busiest':>10} {'window s':>9} {'idle s':>7} "
+          f"{'idle':>6} {'ttft ms':>8}")
     for name, r in rows.items():
-        print(f"{name:<6} {r['tokens_per_s']:>9.2f} {r['seconds']:>8.1f} {r['busiest']:>10} {r['window_s']:>9.1f} "
-              f"{r['idle_s']:>7.1f} {r['idle_share']:>6.1%}")
+        print(f"{name:<22} {r['tokens_per_s']:>9.2f} {r['tokens_per_s'] / rows['mixed']['tokens_per_s']:>8.3f}x "
+              f"{r['seconds']:>8.1f} {r['busiest']:>10} {r['window_s']:>9.1f} {r['idle_s']:>7.1f} {r['idle_share']:>6.1%} "
+              f"{r['ttft_ms']:>8.0f}")
     m, s = rows["mixed"], rows["short"]
     extra = max(0.0, m["idle_s"] - s["idle_share"] * m["window_s"])
     print(f"\nidle the long prefills add at the busiest stage: {extra:.1f} s of {m['seconds']:.1f} s; chunking them "

@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--admission", choices=list(ADMISSIONS),
                      help="row: a finished row's place takes the next prompt at its micro-batch's next step; "
                           "batch: new prompts only when a whole micro-batch finished (default: the job's)")
+    run.add_argument("--prefill-chunk", type=_tokens, metavar="N",
+                     help="with row admission, a joining prompt longer than N tokens prefills N a step beside "
+                          "the other rows' decode steps; 0: in one step (default: the job's)")
     run.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, "
                      "else twice the plan's stages)")
     run.add_argument("--compile", action="store_true", default=None,
@@ -85,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                        + ",".join(f"{o}:{s}" for o, s in BENCH_DEFAULT) + ")")
     bench.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, else twice the stages)")
     bench.add_argument("--admission", choices=list(ADMISSIONS), help="row or batch (default: the job's)")
+    bench.add_argument("--prefill-chunk", type=_tokens, metavar="N",
+                       help="prompt tokens a step prefills of a long joining prompt; 0: whole (default: the job's)")
     bench.add_argument("--profile", help="profile JSON to plan from (default: a saved matching one, else measure)")
     bench.add_argument("--json", help="also save the rows as JSON to this file")
     bench.add_argument("--compile", action="store_true", default=None,
@@ -155,6 +160,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _tokens(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of tokens >= 0")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("run", "profile", "bench"):
@@ -195,6 +210,7 @@ def _mpi_command(args) -> int:
             rows = bench_job(comm, args.job, RunOptions(hostfile=args.hostfile, profile=args.profile,
                                                         micro_batches=args.micro_batches, compile=args.compile,
                                                         admission=args.admission,
+                                                        prefill_chunk=args.prefill_chunk,
                                                         step_timeout=args.step_timeout or None), configs)
             if rows is not None:
                 _print_bench(rows)
@@ -209,7 +225,7 @@ def _mpi_command(args) -> int:
             return 0
         opts = RunOptions(hostfile=args.hostfile, plan=args.plan, objective=args.objective, profile=args.profile,
                           output=args.output, overwrite=args.overwrite, resume=args.resume, schedule=args.schedule,
-                          admission=args.admission,
+                          admission=args.admission, prefill_chunk=args.prefill_chunk,
                           micro_batches=args.micro_batches, progress=not args.no_progress, trace=args.trace,
                           step_timeout=args.step_timeout or None, compile=args.compile, strict=args.strict,
                           retry_errors=args.retry_errors)
@@ -238,7 +254,8 @@ def _print_summary(s, args) -> None:
     errors = f" ({s.errors} could not run: errors in the results file)" if s.errors else ""
     print(f"edgeshard run: {s.requests} requests{errors}, {s.tokens} tokens in {s.seconds:.2f} s: "
           f"{s.tokens_per_s:.1f} tokens/s, {s.ms_per_token:.1f} ms/token (decode), "
-          f"{s.ttft_ms:.0f} ms to first token; {s.rows_per_step:.2f} rows a step ({s.admission} admission)")
+          f"{s.ttft_ms:.0f} ms to first token; {s.rows_per_step:.2f} rows a step ({s.admission} admission"
+          + (f", {s.chunked} joined by chunks of {s.prefill_chunk} tokens" if s.chunked else "") + ")")
     p = s.predicted
     if p:
         print(f"predicted (simulated on the profile, same plan, schedule and requests): "

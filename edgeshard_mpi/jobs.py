@@ -15,6 +15,8 @@ A job file, with paths relative to the job file's folder:
     schedule = "no-bubbles"          # no-bubbles (default) | bubbles | sequential
     admission = "row"                # row (default): a finished row's place takes the next prompt at
                                      # once | batch: new prompts only when a whole micro-batch finished
+    prefill_chunk = 256              # row admission: a joining prompt longer than this prefills this
+                                     # many tokens a step beside the decode steps (0: in one step)
     chat = false                     # apply the chat template to plain "prompt" strings too
 
     [generation]                     # defaults for every request; a JSONL line may override any
@@ -42,7 +44,7 @@ from typing import Iterator
 
 from .planner import OBJECTIVES
 from .sampling import SamplingParams
-from .scheduler import ADMISSIONS, SCHEDULES
+from .scheduler import ADMISSIONS, DEFAULT_PREFILL_CHUNK, SCHEDULES
 
 __all__ = ["JobError", "Generation", "Job", "Request", "read_prompts", "count_prompts", "SCHEDULES", "BENCH_DEFAULT",
            "MAX_LINE_BYTES"]
@@ -177,6 +179,7 @@ class Job:
     micro_batches: int | None = None  # in flight; None = twice the plan's stages
     schedule: str = "no-bubbles"
     admission: str = "row"  # scheduler.ADMISSIONS
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK  # tokens a step prefills of a prompt joining by chunks; None: whole
     chat: bool = False
     generation: Generation = Generation()
     plan: dict | None = None  # {"split": "even"} | {"file": path} | {"stages": [...]}
@@ -201,7 +204,7 @@ class Job:
             raise JobError(f"{path}: not valid TOML ({e})") from None
         where = str(path)
         _check_keys(d, {"model", "dtype", "quantize", "compile", "prompts", "output", "hostfile", "micro_batch_size", "micro_batches",
-                        "schedule", "admission", "chat", "generation", "plan"}, where)
+                        "schedule", "admission", "prefill_chunk", "chat", "generation", "plan"}, where)
         base = path.parent.resolve()
 
         def rel(p: str) -> str:
@@ -232,6 +235,9 @@ class Job:
         admission = _field(d, "admission", str, "row", where)
         if admission not in ADMISSIONS:
             raise JobError(f"{where}: field 'admission' must be one of {', '.join(ADMISSIONS)}, got {admission!r}")
+        chunk = _field(d, "prefill_chunk", int, DEFAULT_PREFILL_CHUNK or 0, where)
+        if chunk < 0:
+            raise JobError(f"{where}: field 'prefill_chunk' must be >= 0 tokens (0: no chunks), got {chunk}")
         gen_table = d.get("generation", {})
         if not isinstance(gen_table, dict):
             raise JobError(f"{where}: [generation] must be a table")
@@ -256,7 +262,7 @@ class Job:
             path=str(path.resolve()), model=model, prompts=rel(_field(d, "prompts", str, None, where)),
             output=rel(output) if output else str(Path("results", path.stem + ".h5").resolve()),
             dtype=dtype, quantize=quantize, compile=_field(d, "compile", bool, False, where), hostfile=rel(hostfile) if hostfile else None, micro_batch_size=mbs,
-            micro_batches=in_flight, schedule=schedule, admission=admission, chat=_field(d, "chat", bool, False, where),
+            micro_batches=in_flight, schedule=schedule, admission=admission, prefill_chunk=chunk or None, chat=_field(d, "chat", bool, False, where),
             generation=_generation(gen_table, f"{where}: [generation]"), plan=plan, text=text)
 
 

@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import (Cache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer,
                                      get_layer_types_and_kwargs)
 
-__all__ = ["slot_cache", "static_slot_cache", "join_rows", "relayout", "STATIC_ROUND"]
+__all__ = ["slot_cache", "static_slot_cache", "add_rows", "join_rows", "relayout", "STATIC_ROUND"]
 
 # A static slot's capacity is rounded up to this. Its dimension is dynamic in the compiled graph, so a
 # coarser rounding saves no compiles, and attention runs over the whole capacity every step: at 16 rows,
@@ -99,6 +99,16 @@ class _FullLayer(DynamicLayer):
     def write_rows(self, places: list[int], keys: torch.Tensor, values: torch.Tensor, real: list[int]) -> None:
         """Rows `places` take the last `real[j]` columns of keys/values[j], ending at the newest column."""
         _write_rows((self.k_buf, self.v_buf), self.length, places, (keys, values), real)
+
+    def add_rows(self, n: int) -> None:
+        """n rows of zeros after the others (rows joining by chunks): one copy of the buffers."""
+        if self.is_initialized:
+            self.k_buf, self.v_buf = (_with_rows(b, n) for b in (self.k_buf, self.v_buf))
+            self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
+
+
+def _with_rows(buf: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([buf, buf.new_zeros(n, *buf.shape[1:])])
 
 
 def _write_rows(bufs, length: int, places: list[int], new, real: list[int]) -> None:
@@ -201,6 +211,11 @@ class _StaticRows:
     def write_rows(self, places: list[int], keys: torch.Tensor, values: torch.Tensor, real: list[int]) -> None:
         _write_rows((self.keys, self.values), int(self.cumulative_length), places, (keys, values), real)
 
+    def add_rows(self, n: int) -> None:
+        if self.is_initialized:
+            self.keys, self.values = _with_rows(self.keys, n), _with_rows(self.values, n)
+            self._mark()
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # the buffer's (dynamic) size rather than the Python count, which a graph would be bound to
         return (self.keys.shape[-2] if self.is_initialized else self.max_cache_len), 0
@@ -241,6 +256,12 @@ def join_rows(cache: Cache, new: Cache, layer_ids: list[int], places: list[int],
             raise ValueError(f"layer {i} is a sliding-window layer: rows cannot join its cache")
         if add.is_initialized:
             layer.write_rows(places, add.k_buf[:, :, :add.length], add.v_buf[:, :, :add.length], real)
+
+
+def add_rows(cache: Cache, layer_ids: list[int], n: int) -> None:
+    """Every layer of this shard: n rows of zeros after the others, for rows that join there."""
+    for i in layer_ids:
+        cache.layers[i].add_rows(n)
 
 
 def relayout(cache: Cache, layer_ids: list[int], trim: int, capacity: int) -> None:

@@ -61,6 +61,8 @@ class Summary:
     predicted: dict | None = None  # the simulator's figures for the same plan, schedule and requests
     admission: str = "row"  # scheduler.ADMISSIONS: as run (a model with sliding layers admits by batch)
     rows_per_step: float = 0.0  # rows a launched step carried, on average (micro-batch fullness)
+    prefill_chunk: int | None = None  # as run: tokens a step prefilled of a long joining prompt
+    chunked: int = 0  # requests that joined by chunks
     errors: int = 0  # requests that could not run, recorded with their error (not in `requests`)
 
     @property
@@ -89,32 +91,40 @@ def _fault_check(rank: int, step: int) -> None:
         raise RuntimeError(f"injected fault (EDGESHARD_FAULT={os.environ['EDGESHARD_FAULT']}) at step {step}")
 
 
-def _apply(shard: Shard, stats: dict, tracer: Tracer, step: Step) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _apply(shard: Shard, stats: dict, tracer: Tracer, step: Step) -> torch.Tensor:
     """One step of a slot on this stage, in the order every stage applies it (messages.Step): rows
-    kept, the slot re-laid out, rows joining, then one decode step of every row. Returns this stage's
-    (decode output, join output)."""
+    kept, the slot re-laid out, rows joining, chunks (a row joining with its last), then one decode
+    step of every row. Returns this stage's output: what the next stage takes (Step.pack), or, on the
+    head's stage, the logits of the step's rows."""
     t0 = time.perf_counter()
-    dec, join = step.split()
+    dec, join, chunks = step.split()
     # activations arrive in the sender's dtype (the message header's): this stage computes in its own
     cast = lambda x: None if x is None else x.to(device=shard.device,
                                                     dtype=shard.dtype if x.is_floating_point() else x.dtype)
     dec, join = cast(dec), cast(join)
     with shard.running():
         if step.fresh:
-            dec_out, join_out = None, shard.run_units(step.slot, join, step.pads, step.capacity)
+            out = shard.run_units(step.slot, join, step.pads, step.capacity)
         else:
             if step.keep is not None:
                 shard.select(step.slot, step.keep)
             if step.relayout:
                 shard.relayout(step.slot, step.trim, step.capacity)
             join_out = shard.join(step.slot, step.places, join, step.pads, step.width) if step.pads else None
-            dec_out = shard.run_units(step.slot, dec)
+            chunk_out = []
+            for (key, start, n, total), x in zip(step.chunks, chunks):
+                chunk_out.append(shard.chunk(step.slot, key, cast(x), start, total))
+                if start + n == total:
+                    shard.join_filled(step.slot, key, total)
+            out = shard.run_units(step.slot, dec)
+            if not shard.has_head:
+                out = Step.pack(out, join_out, chunk_out)
     shard.sync()
     t1 = time.perf_counter()
     stats["compute_s"] += t1 - t0
     stats["steps"] += 1
-    tracer.add("prefill" if step.fresh or step.width else "decode", t0, t1, step.slot, step.step)
-    return dec_out, join_out
+    tracer.add("prefill" if step.fresh or step.width or step.chunks else "decode", t0, t1, step.slot, step.step)
+    return out
 
 
 def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict, tracer: Tracer) -> None:
@@ -138,27 +148,27 @@ def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict, tr
             return
         step = Step.from_wire(msg)
         _fault_check(comm.rank, step.step)
-        dec_out, join_out = _apply(shard, stats, tracer, step)
+        out = _apply(shard, stats, tracer, step)
         t0 = time.perf_counter()
         if nxt is not None:
-            comm.send(nxt, ACT, *step.passed_on(Step.pack(dec_out, join_out)).to_wire(), wait=False)
+            comm.send(nxt, ACT, *step.passed_on(out).to_wire(), wait=False)
         else:
-            comm.send(0, TOKENS, *_sample_step(samplers, step, dec_out, join_out, eos).to_wire(), wait=False)
+            comm.send(0, TOKENS, *_sample_step(samplers, step, out, eos).to_wire(), wait=False)
         tracer.add("send", t0, time.perf_counter(), step.slot, step.step)
 
 
-def _sample_step(samplers: dict[int, Sampler], step: Step, dec_logits, join_logits, eos: set[int]) -> Step:
+def _sample_step(samplers: dict[int, Sampler], step: Step, logits, eos: set[int]) -> Step:
     """The head's part of a step: the slot's sampler follows the step's row changes (from the same
     message every stage receives), then one token per row (and logprobs, for rows that ask): the reply."""
     if step.fresh:
         sampler = samplers[step.slot] = Sampler(step.sampling, step.prompts, eos)
-        logits = join_logits
     else:
-        sampler, logits = samplers[step.slot], dec_logits
+        sampler = samplers[step.slot]
         if step.keep is not None:
             sampler.select(step.keep)
-        if step.sampling:
-            sampler.replace(step.places, step.sampling, step.prompts)
+        if step.sampling:  # joining rows take their places; rows joining by chunks come after the others
+            appended = range(len(sampler.rows), len(sampler.rows) + step.filled)
+            sampler.replace(step.places + list(appended), step.sampling, step.prompts)
     tokens = sampler(logits)
     return step.reply(tokens, sampler.logprobs(logits, tokens))
 
@@ -230,16 +240,19 @@ def _step_of(ln: Launch, pad_id: int) -> Step:
         return torch.tensor([[pad_id] * (ln.width - len(i)) + i for i in ids], dtype=torch.long)
 
     rows = [r.item for r in ln.join]
-    sampling = [r.gen.sampling for r in rows]
-    prompts = [r.prompt.ids if r.gen.sampling.needs_prompt else [] for r in rows]
+    new = rows + [r.item for r in ln.filled]  # every row that joins in this step, in the stages' order
+    sampling = [r.gen.sampling for r in new]
+    prompts = [r.prompt.ids if r.gen.sampling.needs_prompt else [] for r in new]
     if ln.fresh:
         return Step(ln.slot, 0, padded(rows, 0), True, 0, None, [], ln.pads, ln.width, 0, ln.capacity, sampling,
                     prompts)
     # a staying row feeds its newest token, a joining row its last prompt token (scheduler.py)
     last = torch.tensor([r.item.tokens[-1] if r.made else r.item.prompt.ids[-1] for r in ln.rows], dtype=torch.long)
     join = padded(rows, 1) if rows and ln.width else None
-    return Step(ln.slot, ln.step, Step.pack(last[:, None], join), False, len(ln.rows), ln.keep, ln.places, ln.pads,
-                ln.width, ln.trim, ln.capacity if ln.relayout else 0, sampling, prompts)
+    chunks = [torch.tensor([r.item.prompt.ids[start:start + n]]) for r, start, n in ln.chunks]
+    return Step(ln.slot, ln.step, Step.pack(last[:, None], join, chunks), False, len(ln.rows), ln.keep, ln.places,
+                ln.pads, ln.width, ln.trim, ln.capacity if ln.relayout else 0, sampling, prompts,
+                chunks=[(r.index, start, n, r.prompt_tokens - 1) for r, start, n in ln.chunks])
 
 
 def _error_record(p: Prompt) -> Record:
@@ -260,7 +273,7 @@ def _record(r: _Row, tok) -> Record:
 def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: Iterator[Prompt],
                 writer: ResultWriter, progress: bool, stats: dict, tracer: Tracer, *, schedule: str = "no-bubbles",
                 in_flight: int = 1, admission: str = "row", total: int | None = None,
-                row_budget: int | None = None) -> Summary:
+                row_budget: int | None = None, prefill_chunk: int | None = None) -> Summary:
     """Rank 0: feed micro-batch slots through the pipeline, results to HDF5 as they finish.
 
     scheduler.py decides what each step of each slot carries (which rows stay, which join) and when it
@@ -297,23 +310,24 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
             yield _Row(p), len(p.ids), p.request.generation.max_new_tokens
 
     sched = Scheduler(source(), micro_batch_size=job.micro_batch_size, schedule=schedule, in_flight=in_flight,
-                      stages=len(plan.stages), admission=admission, row_budget=row_budget)
+                      stages=len(plan.stages), admission=admission, row_budget=row_budget,
+                      prefill_chunk=prefill_chunk)
     launched: dict[int, Launch] = {}
 
     def launch(ln: Launch) -> None:
         """Build the slot's step message, run rank 0's units on it, send it on."""
         _fault_check(0, ln.step)
         now = time.perf_counter()
-        for r in ln.join:
+        for r in ln.join + [r for r, start, _ in ln.chunks if start == 0]:
             r.item.t_start = now
         step = _step_of(ln, pad_id)
         launched[ln.slot] = ln
-        dec_out, join_out = _apply(shard, stats, tracer, step)
+        out = _apply(shard, stats, tracer, step)
         if nxt is None:
-            local_tokens.append(_sample_step(samplers, step, dec_out, join_out, eos))
+            local_tokens.append(_sample_step(samplers, step, out, eos))
         else:
             t0 = time.perf_counter()
-            comm.send(nxt, ACT, *step.passed_on(Step.pack(dec_out, join_out)).to_wire(), wait=False)
+            comm.send(nxt, ACT, *step.passed_on(out).to_wire(), wait=False)
             tracer.add("send", t0, time.perf_counter(), ln.slot, ln.step)
 
     def finish(rows: list[_Row]) -> None:
@@ -364,5 +378,6 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     comm.flush()
     return Summary(counts["requests"], counts["tokens"], 0.0, float(np.mean(ttfts)) if ttfts else float("nan"),
                    float(np.mean(tpots)) if tpots else float("nan"), [],
-                   shapes=list(zip(prompt_lens, output_lens)), admission=admission,
+                   shapes=list(zip(prompt_lens, output_lens)), admission=admission, prefill_chunk=sched.prefill_chunk,
+                   chunked=sched.chunked,
                    rows_per_step=sched.row_steps / sched.steps if sched.steps else 0.0, errors=counts["errors"])

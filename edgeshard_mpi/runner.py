@@ -57,6 +57,7 @@ class RunOptions:
     retry_errors: bool = False  # with resume: run the requests recorded as errors again
     schedule: str | None = None
     admission: str | None = None  # scheduler.ADMISSIONS; None: the job's
+    prefill_chunk: int | None = None  # tokens a step prefills of a long joining prompt; 0: whole; None: the job's
     micro_batches: int | None = None
     progress: bool = True
     repeats: int = 5  # profiling: runs per measurement
@@ -205,6 +206,7 @@ class _Local:
     row_tokens: int = 0  # micro-batch x longest request: the KV cache of one slot
     longest: int = 0  # tokens of the longest request: what a sliding layer's window caps
     admission: str = "row"  # scheduler.ADMISSIONS, as this model allows
+    prefill_chunk: int | None = None  # scheduler.Scheduler's, None: every join in one step
     schedule: str = "no-bubbles"
     in_flight: int | None = None  # micro-batches in flight if asked for (options, job): scheduler.in_flight_for
     shapes: dict | None = None  # the shapes this job is profiled at (profiler.profile_shapes)
@@ -246,6 +248,7 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
     local = _Local(job, spec, tok, itertools.chain(read_ahead, stream),
                    kv_tokens=columns * job.micro_batch_size * (in_flight or 2 * world))
     local.row_tokens, local.longest, local.admission = columns * job.micro_batch_size, longest, admission
+    local.prefill_chunk = (job.prefill_chunk if opts.prefill_chunk is None else opts.prefill_chunk) or None
     local.schedule, local.in_flight = opts.schedule or job.schedule, in_flight
     plan = _given_plan(job, opts, spec, world) if for_run else None
     if mode == "bench":
@@ -400,7 +403,8 @@ def _predict(local: _Local, plan: Plan, summary: Summary, schedule: str, in_flig
         return None
     requests = [Request(p, n) for p, n in summary.shapes]
     return simulate(StepCosts.from_profile(prof, plan), requests, micro_batch_size=local.job.micro_batch_size,
-                    schedule=schedule, in_flight=in_flight, admission=summary.admission)
+                    schedule=schedule, in_flight=in_flight, admission=summary.admission,
+                    prefill_chunk=summary.prefill_chunk)
 
 
 def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _Local | None, prompts,
@@ -437,7 +441,8 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     if rank == 0:
         summary = source_loop(comm, shard, plan, local.job, local.tok, prompts, local.writer, progress, stats,
                               tracer, schedule=schedule, in_flight=in_flight, total=local.total,
-                              admission=local.admission, row_budget=local.row_tokens // local.job.micro_batch_size)
+                              admission=local.admission, row_budget=local.row_tokens // local.job.micro_batch_size,
+                              prefill_chunk=local.prefill_chunk)
     elif shard is not None:
         stage_loop(comm, shard, plan, index, stats, tracer)
     comm.barrier()  # ranks done early (or left out) wait here for the last one, without spinning
@@ -530,6 +535,7 @@ def bench_job(comm: Comm, job_path: str, opts: RunOptions,
                 "requests": summary.requests, "tokens": summary.tokens, "seconds": summary.seconds,
                 "tokens_per_s": summary.tokens_per_s, "ms_per_token": summary.ms_per_token,
                 "ttft_ms": summary.ttft_ms, "admission": summary.admission, "rows_per_step": summary.rows_per_step,
+                "prefill_chunk": summary.prefill_chunk,
                 "busy": [c / summary.seconds for c in compute],
                 "predicted": summary.predicted,
                 # the rate if the busiest stage never waited: tokens / its compute time, same run

@@ -11,6 +11,11 @@ column for every row, and a row's columns before its first token are masked (its
   then goes through the step with the other rows' tokens, and gives its first new token. So every step
   is one batched decode of all the slot's rows, and the cache is written in place.
 - `batch`: new prompts enter a slot only when every row of its micro-batch has finished.
+With `prefill_chunk` (row admission only), a joining prompt of more than that many tokens before its
+last does not prefill in one step: it fills a cache of its own `prefill_chunk` tokens a step, beside
+the slot's decode steps (Sarathi-Serve's chunked prefill), and joins, appended after the slot's rows,
+at the step that carries its last chunk. One long prompt then no longer holds every stage for a whole
+prefill while the other slots wait behind it. A slot starting anew takes its filling rows back whole.
 When a joining prompt does not fit before the step's column, or the rows need more columns than the
 slot has, the step first re-lays the axis out: columns no row needs are dropped from the left (or
 empty ones added there), and the capacity becomes what the rows need. That costs one copy of the
@@ -27,7 +32,7 @@ import dataclasses
 import math
 from typing import Generic, Iterable, Iterator, TypeVar
 
-__all__ = ["ADMISSIONS", "SCHEDULES", "Launch", "Row", "Scheduler", "in_flight_for", "slot_columns"]
+__all__ = ["ADMISSIONS", "DEFAULT_PREFILL_CHUNK", "SCHEDULES", "Launch", "Row", "Scheduler", "in_flight_for", "slot_columns"]
 
 SCHEDULES = ("sequential", "bubbles", "no-bubbles")
 ADMISSIONS = ("row", "batch")
@@ -39,6 +44,10 @@ T = TypeVar("T")
 # blocks every join behind it (on benchmarks/longtail.py's job, 2.3 rows a step in micro-batches of 8,
 # fewer than admitting by batch); with a quarter more, 7.1, the same as with no bound at all.
 ROW_HEADROOM = 1.25
+
+
+# Chunked prefill's default chunk, in prompt tokens: see BENCHMARKS.md, "Chunked prefill".
+DEFAULT_PREFILL_CHUNK: int | None = None
 
 
 def slot_columns(longest: int, admission: str) -> int:
@@ -67,6 +76,7 @@ class Row(Generic[T]):
     index: int  # admission order
     pad: int = 0  # masked columns before its first prompt token, in its slot's time axis
     made: int = 0  # tokens it has generated so far
+    prefilled: int = 0  # with chunked prefill: its prompt tokens in its own cache so far
 
 
 @dataclasses.dataclass
@@ -81,7 +91,10 @@ class Launch:
     3. `join`: rows placed at positions `places` (of the kept rows; the finished rows there leave).
        Each one's prompt but its last token is prefilled, left-padded to `width` by `pads`, and written
        into its row to end just before the step's column.
-    4. Every row decodes one token: a kept row its newest token, a joining row its last prompt token.
+    4. `chunks`: each (row, start, length) prefills that row's prompt tokens start..start+length-1
+       into the row's own cache (its first chunk starts it). A row whose last chunk this is joins:
+       appended after the rows, in the chunks' order (`rows` ends with them).
+    5. Every row decodes one token: a kept row its newest token, a joining row its last prompt token.
     """
 
     slot: int
@@ -96,6 +109,12 @@ class Launch:
     trim: int = 0
     capacity: int = 0
     relayout: bool = False
+    chunks: list[tuple[Row, int, int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def filled(self) -> list[Row]:
+        """The rows that join with their last chunk, appended after the others in this order."""
+        return [r for r, start, n in self.chunks if start + n == r.prompt_tokens - 1]
 
 
 @dataclasses.dataclass
@@ -105,6 +124,7 @@ class _Slot:
     columns: int = 0  # the axis's length after the last launched step: the next step writes this column
     capacity: int = 0  # columns the stages' caches hold
     pending: tuple | None = None  # bubbles: the next step's (keep, rows, joining, places), held for the barrier
+    filling: list[Row] = dataclasses.field(default_factory=list)  # chunked prefill: rows not joined yet
 
 
 class Scheduler(Generic[T]):
@@ -113,17 +133,20 @@ class Scheduler(Generic[T]):
     source: (item, prompt_tokens, max_new_tokens) in admission order, pulled only as rows are needed.
     row_budget: columns a slot may grow to for a joining row; a row longer than that still runs, in a
     slot whose axis is its own. Use it to bound the KV memory row admission takes (None: no bound).
+    prefill_chunk: prompt tokens a step prefills for rows joining by chunks (None: every join whole).
     """
 
     def __init__(self, source: Iterable[tuple[T, int, int]], *, micro_batch_size: int, schedule: str = "no-bubbles",
                  in_flight: int | None = None, stages: int = 1, admission: str = "row",
-                 row_budget: int | None = None):
+                 row_budget: int | None = None, prefill_chunk: int | None = None):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if admission not in ADMISSIONS:
             raise ValueError(f"admission {admission!r}: choose one of {', '.join(ADMISSIONS)}")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
         self._source: Iterator[tuple[T, int, int]] = iter(source)
         self._next: tuple[T, int, int] | None = None
         self.micro_batch_size = micro_batch_size
@@ -131,11 +154,13 @@ class Scheduler(Generic[T]):
         self.admission = admission
         self.in_flight = in_flight_for(schedule, stages, in_flight)
         self.row_budget = row_budget
+        self.prefill_chunk = prefill_chunk if admission == "row" else None
         self.admitted = 0
         self.slots: dict[int, _Slot] = {}
         self._ready: list[int] = []  # bubbles: slots back from their step, waiting for the others
         self.steps = 0  # launched steps, and the rows they carried: rows per step = row_steps / steps
         self.row_steps = 0
+        self.chunked = 0  # rows that joined by chunks
 
     # -- the driver's calls ------------------------------------------------------------------
     def start(self) -> list[Launch]:
@@ -157,10 +182,18 @@ class Scheduler(Generic[T]):
             r.made += 1
         gone = set(finished)
         joining: list[Row] = []
-        if gone and (self.admission == "row" or len(gone) == len(s.rows)):
-            fresh = len(gone) == len(s.rows)
-            joining = self._take(self.micro_batch_size if fresh else len(gone), None if fresh else s, gone)
-        if joining and len(gone) == len(s.rows):  # nobody left: the slot starts anew
+        fresh = len(gone) == len(s.rows)
+        if gone and (self.admission == "row" or fresh):
+            if fresh:  # rows still filling start over with the slot, whole, ahead of new ones
+                joining, s.filling = s.filling, []
+                for r in joining:
+                    r.prefilled = 0
+            joining += self._take(self.micro_batch_size - len(joining) if fresh else len(gone), None if fresh else s,
+                                  gone)
+            if not fresh and self.prefill_chunk is not None:  # long prompts join by chunks, after the rows
+                s.filling += [r for r in joining if r.prompt_tokens - 1 > self.prefill_chunk]
+                joining = [r for r in joining if r.prompt_tokens - 1 <= self.prefill_chunk]
+        if joining and fresh:  # nobody left: the slot starts anew
             pending = (None, [], joining, [])
         elif joining or gone:
             # finished rows that a newcomer takes over stay in place; the others leave
@@ -170,7 +203,7 @@ class Scheduler(Generic[T]):
             pending = (None if len(kept) == len(s.rows) else kept, [s.rows[i] for i in kept], joining, places)
         else:
             pending = (None, s.rows, [], [])
-        if not pending[1] and not pending[2]:
+        if not pending[1] and not pending[2] and not s.filling:
             del self.slots[slot]
             return self._release_barrier(), True
         if self.schedule == "bubbles":
@@ -227,12 +260,28 @@ class Scheduler(Generic[T]):
         column = max(column - trim, before)
         return column, slot.columns - column, True, column + 1 + more
 
+    def _chunks(self, s: _Slot) -> list[tuple[Row, int, int]]:
+        """This step's chunks: `prefill_chunk` tokens, to the filling rows in admission order."""
+        out, budget = [], self.prefill_chunk or 0
+        for r in s.filling:
+            if budget == 0:
+                break
+            n = min(budget, r.prompt_tokens - 1 - r.prefilled)
+            out.append((r, r.prefilled, n))
+            r.prefilled += n
+            budget -= n
+        s.filling = [r for r in s.filling if r.prefilled < r.prompt_tokens - 1]
+        self.chunked += sum(start + n == r.prompt_tokens - 1 for r, start, n in out)
+        return out
+
     def _launch(self, slot: int, keep: list[int] | None, rows: list[Row], joining: list[Row],
                 places: list[int]) -> Launch:
         s = self.slots[slot]
-        fresh = not rows
+        fresh = not rows and not s.filling
+        chunks = [] if fresh else self._chunks(s)
+        filled = [r for r, start, n in chunks if start + n == r.prompt_tokens - 1]
         staying = [r for i, r in enumerate(rows) if i not in places]  # the others are taken over
-        column, trim, relayout, capacity = self._layout(s, staying, joining)
+        column, trim, relayout, capacity = self._layout(s, staying, joining + filled)
         if fresh:
             width = column
             for r in joining:
@@ -248,11 +297,13 @@ class Scheduler(Generic[T]):
             rows = list(rows)
             for p, r in zip(places, joining):
                 rows[p] = r
+            rows += filled
+            for r in joining + filled:
                 r.pad = column - (r.prompt_tokens - 1)
             s.columns = column + 1
         s.capacity = capacity
         launch = Launch(slot, 0 if fresh else s.step, None if fresh else keep, rows, joining, places, pads, width,
-                        fresh, trim, capacity, relayout)
+                        fresh, trim, capacity, relayout, chunks)
         s.rows, s.step = rows, launch.step + 1
         self.steps += 1
         self.row_steps += len(rows)

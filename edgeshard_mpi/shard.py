@@ -31,7 +31,7 @@ import transformers.modeling_utils  # noqa: F401
 
 from .compiling import CompiledStep
 from .families import mask_builder
-from .kv_cache import join_rows, relayout, slot_cache, static_slot_cache
+from .kv_cache import add_rows, join_rows, relayout, slot_cache, static_slot_cache
 from .models import ModelError, ModelSpec
 from .quant import SCALE_DTYPE, Int8Embedding, int8_keys, int8_shell, quantize_rows
 
@@ -63,6 +63,7 @@ class _SlotState:
     mask: torch.Tensor | None  # (B, seen) 1 = real token, 0 = left pad; None = no padding
     last_pos: torch.Tensor  # (B, 1) position id of the last token seen
     columns: int = 0  # the time axis's length: the next decode step writes this column
+    filling: dict = dataclasses.field(default_factory=dict)  # row key -> its own cache, while it joins by chunks
 
 
 class Shard:
@@ -338,6 +339,32 @@ class Shard:
             row_pads[idx] = state.columns - torch.as_tensor(real, dtype=torch.long, device=self.device)
             self._set_mask(state, row_pads)
         return None if self.has_head else out
+
+    def chunk(self, slot: int, key: int, x: torch.Tensor, start: int, total: int) -> torch.Tensor | None:
+        """Prompt tokens start..start+T-1 (x: (1, T[, H])) of the row `key` joining `slot` by chunks,
+        prefilled into a cache of the row's own (`total` tokens, begun by its first chunk). Returns
+        their hidden states for the next stage (None on the head's stage)."""
+        state = self.slots[slot]
+        if start == 0:
+            state.filling[key] = slot_cache(self.config, self.layer_ids, total) if self.layers else None
+        T = x.shape[1]
+        pos = torch.arange(start, start + T, device=self.device)[None, :]  # no padding: the row is alone
+        out = self._units(x.to(self.device), pos, None, state.filling[key], head=False)
+        return None if self.has_head else out
+
+    def join_filled(self, slot: int, key: int, total: int) -> None:
+        """Row `key`, its `total` prompt tokens before its last prefilled by `chunk`, joins `slot` after
+        its rows, ending just before the next column, as `join` writes a row."""
+        state = self.slots[slot]
+        filled = state.filling.pop(key)
+        rows = state.last_pos.shape[0]
+        if self.layers:
+            pads = torch.cat([self._pads(state), torch.tensor([state.columns - total], device=self.device)])
+            add_rows(state.cache, self.layer_ids, 1)
+            join_rows(state.cache, filled, self.layer_ids, [rows], [total])
+        state.last_pos = torch.cat([state.last_pos, state.last_pos.new_full((1, 1), total - 1)])
+        if self.layers:
+            self._set_mask(state, pads)
 
     def _prefill_mask(self, pads: list[int], T: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """A prefill's 2D mask (None without padding) and position ids, as generate makes them."""

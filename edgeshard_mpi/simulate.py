@@ -131,8 +131,8 @@ class Simulation:
 
 
 def simulate(costs: StepCosts, requests: Sequence[Request], *, micro_batch_size: int, schedule: str = "no-bubbles",
-             in_flight: int | None = None, admission: str = "row", ranks: Sequence[int] | None = None,
-             trace: bool = False) -> Simulation:
+             in_flight: int | None = None, admission: str = "row", prefill_chunk: int | None = None,
+             ranks: Sequence[int] | None = None, trace: bool = False) -> Simulation:
     """Replay `requests` (in admission order) through the stages; see the module docstring.
 
     ranks: each stage's rank, for trace events (default 0..stages-1).
@@ -141,7 +141,7 @@ def simulate(costs: StepCosts, requests: Sequence[Request], *, micro_batch_size:
     pending = [r for r in requests if r.new_tokens > 0]
     sched = Scheduler(((i, r.prompt_tokens, r.new_tokens) for i, r in enumerate(pending)),
                       micro_batch_size=micro_batch_size, schedule=schedule, in_flight=in_flight, stages=n_st,
-                      admission=admission)
+                      admission=admission, prefill_chunk=prefill_chunk)
     ranks = list(ranks) if ranks is not None else list(range(n_st))
     events: list[dict] = []
     busy = [0.0] * n_st
@@ -158,13 +158,14 @@ def simulate(costs: StepCosts, requests: Sequence[Request], *, micro_batch_size:
 
     def step_cost(s: int, ln: Launch) -> float:
         """A fresh step is one prefill of its rows. Otherwise one decode of every row and, when rows
-        join, a prefill of their prompts but the last token: a forward of its own (its fixed cost again)."""
+        join, a prefill of their prompts but the last token, and each chunk: forwards of their own (each
+        its fixed cost again)."""
         if ln.fresh:
             return costs.compute(s, ln.width, len(ln.rows))
         cost = costs.compute(s, 1, len(ln.rows))
         if ln.width:
             cost += costs.compute(s, ln.width, len(ln.join))
-        return cost
+        return cost + sum(costs.compute(s, n, 1) for _, _, n in ln.chunks)
 
     def run_stage(s: int, ln: Launch, t: float) -> None:
         """Stage s takes the step at time t (or when it is free), and sends it on."""
@@ -174,9 +175,10 @@ def simulate(costs: StepCosts, requests: Sequence[Request], *, micro_batch_size:
         free[s] = start + dur
         busy[s] += dur
         if trace:
-            events.append({"rank": ranks[s], "name": "prefill" if ln.fresh or ln.width else "decode", "ts": start,
-                           "dur": dur, "slot": ln.slot, "step": ln.step})
-        carried = len(ln.rows) * ln.width if ln.fresh else len(ln.rows) + len(ln.join) * ln.width
+            events.append({"rank": ranks[s], "name": "prefill" if ln.fresh or ln.width or ln.chunks else "decode",
+                           "ts": start, "dur": dur, "slot": ln.slot, "step": ln.step})
+        carried = len(ln.rows) * ln.width if ln.fresh else (len(ln.rows) + len(ln.join) * ln.width
+                                                             + sum(n for _, _, n in ln.chunks))
         nbytes = costs.out_bytes[s] * (carried if s < n_st - 1 else len(ln.rows))
         if s == n_st - 1 and n_st == 1:
             arrive = free[s]  # the source holds the head: its tokens are at hand
@@ -188,7 +190,7 @@ def simulate(costs: StepCosts, requests: Sequence[Request], *, micro_batch_size:
         seq += 1
 
     def launch(ln: Launch, t: float) -> None:
-        for r in ln.join:
+        for r in ln.join + [r for r, start, _ in ln.chunks if start == 0]:
             t_start[r.item] = max(t, free[0])
         run_stage(0, ln, t)
 

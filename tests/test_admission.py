@@ -45,21 +45,23 @@ def llama(tmp_path_factory):
     return path, prompts, want, model.generation_config.eos_token_id
 
 
-def _run(shard, prompts, eos: int, mbs: int, in_flight: int, admission: str = "row"):
+def _run(shard, prompts, eos: int, mbs: int, in_flight: int, admission: str = "row", prefill_chunk=None):
     """The source loop in one process: scheduler launches, step messages, the shard, greedy tokens."""
     rows = [_Row(Prompt(Request(f"r{i}", "test", "", generation=Generation(max_new_tokens=n)), ids, ""))
             for i, (ids, (_, n)) in enumerate(zip(prompts, SHAPES))]
     sched = Scheduler(((r, len(r.prompt.ids), r.gen.max_new_tokens) for r in rows), micro_batch_size=mbs,
-                      in_flight=in_flight, admission=admission, row_budget=48)
+                      in_flight=in_flight, admission=admission, row_budget=48, prefill_chunk=prefill_chunk)
     samplers, stats, tracer = {}, {"compute_s": 0.0, "steps": 0}, Tracer(enabled=False)
-    queue, late, places = list(sched.start()), set(), set()
+    queue, late, places, chunked = list(sched.start()), set(), set(), set()
     while queue:
         ln = queue.pop(0)
         step = _step_of(ln, pad_id=0)
         if ln.join and not ln.fresh:
             late |= {id(r.item) for r in ln.join}
+        late |= {id(r.item) for r in ln.filled}
+        chunked |= {id(r.item) for r in ln.filled}
         places |= {i for i, r in enumerate(ln.rows) if id(r.item) in late}
-        tokens = _sample_step(samplers, step, *_apply(shard, stats, tracer, step), {eos}).tensor.tolist()
+        tokens = _sample_step(samplers, step, _apply(shard, stats, tracer, step), {eos}).tensor.tolist()
         finished = []
         for i, (r, t) in enumerate(zip(ln.rows, tokens)):
             r.item.add(t, 0.0, {eos}, None)
@@ -69,7 +71,7 @@ def _run(shard, prompts, eos: int, mbs: int, in_flight: int, admission: str = "r
         if done:
             shard.release(ln.slot)
         queue += more
-    return [r.tokens for r in rows], places, sched
+    return [r.tokens for r in rows], places, sched, chunked
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -84,13 +86,17 @@ def test_rows_that_join_mid_flight_give_generates_tokens(llama, compiled):
         torch._dynamo.reset()
         shard.warm_up(4)
         graphs = shard.compiled.graphs
-    got, places, sched = _run(shard, prompts, eos, mbs=4, in_flight=2)
+    got, places, sched, _ = _run(shard, prompts, eos, mbs=4, in_flight=2)
     assert got == want
     assert places == {0, 1, 2, 3}, "requests joined at every row position"
+    # long prompts joining by chunks of 8 tokens, beside the other rows' decode steps
+    got, places, _, chunked = _run(shard, prompts, eos, mbs=4, in_flight=2, prefill_chunk=8)
+    assert got == want
+    assert len(chunked) >= 4 and places == {0, 1, 2, 3}
     if compiled:
         assert shard.compiled.graphs == graphs, "a join or a re-layout compiled a graph after warm-up"
     else:  # the same requests admitted by whole micro-batches: the same tokens, emptier steps
-        again, _, batch = _run(shard, prompts, eos, mbs=4, in_flight=2, admission="batch")
+        again, _, batch, _ = _run(shard, prompts, eos, mbs=4, in_flight=2, admission="batch")
         assert again == want
         assert sched.row_steps / sched.steps > 1.2 * batch.row_steps / batch.steps
 
@@ -147,7 +153,9 @@ def test_pipelined_row_admission_gives_generates_tokens_and_fuller_steps(tmp_pat
     fill = {}
     for admission in ("row", "batch"):
         out = tmp_path / f"{admission}.h5"
-        proc = run_mpi(["run", str(job), "--no-progress", "--admission", admission, "--output", str(out)], 3)
+        # row admission with chunks of 3: the longer prompts join by chunks across the stages, the others whole
+        chunks = ["--prefill-chunk", "3"] if admission == "row" else []
+        proc = run_mpi(["run", str(job), "--no-progress", "--admission", admission, "--output", str(out), *chunks], 3)
         assert proc.returncode == 0, proc.stderr
         records = read_results(out)
         assert {r.id: r.token_ids for r in records} == want
@@ -160,5 +168,7 @@ def test_pipelined_row_admission_gives_generates_tokens_and_fuller_steps(tmp_pat
         summary = json.loads(read_attrs(out)["summary"])
         assert summary["admission"] == admission
         fill[admission] = summary["rows_per_step"]
+        if admission == "row":
+            assert summary["prefill_chunk"] == 3 and summary["chunked"] >= 2, summary
     # 10 requests of 1 to 14 tokens in micro-batches of 3: a batch waits for its longest row
     assert fill["row"] > 1.2 * fill["batch"], fill

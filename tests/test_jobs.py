@@ -24,6 +24,11 @@ def test_job_fields_and_relative_paths(tmp_path):
     assert job.plan == {"split": "even"}
 
 
+def test_prefill_chunk_zero_means_whole_prompts(tmp_path):
+    assert Job.load(_job(tmp_path, 'model = "m"\nprompts = "p.jsonl"\nprefill_chunk = 0\n')).prefill_chunk is None
+    assert Job.load(_job(tmp_path, 'model = "m"\nprompts = "p.jsonl"\nprefill_chunk = 64\n')).prefill_chunk == 64
+
+
 @pytest.mark.parametrize("text,needle", [
     ('prompts = "p.jsonl"\n', "field 'model' is required"),
     ('model = "m"\nprompts = "p.jsonl"\nmodle = 1\n', "unknown field(s) 'modle'"),
@@ -34,6 +39,7 @@ def test_job_fields_and_relative_paths(tmp_path):
     ('model = "m"\nprompts = "p.jsonl"\n[generation]\ntop_p = 0\n', "top_p"),
     ('model = "m"\nprompts = "p.jsonl"\n[generation]\ntemprature = 1\n', "[generation]: unknown field"),
     ('model = "m"\nprompts = "p.jsonl"\n[plan]\nsplit = "fair"\n', "split must be"),
+    ('model = "m"\nprompts = "p.jsonl"\nprefill_chunk = -1\n', "'prefill_chunk' must be >= 0 tokens (0: no chunks), got -1"),
     ('model = "m"\nprompts = ', "not valid TOML"),
 ])
 def test_job_errors_name_the_field(tmp_path, text, needle):

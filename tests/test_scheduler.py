@@ -15,6 +15,7 @@ class _Axis:
     def __init__(self):
         self.rows: list[list] = []
         self.capacity = 0
+        self.filling: dict[int, list] = {}  # chunked prefill: a row's own cache, by admission index
 
     def apply(self, launch) -> None:
         if launch.fresh:
@@ -33,6 +34,14 @@ class _Axis:
         for p, pad, r in zip(launch.places, launch.pads, launch.join):
             assert launch.width + 1 - pad == r.prompt_tokens and column >= launch.width
             self.rows[p] = [None] * (column - r.prompt_tokens + 1) + [("p", r.index, i) for i in range(r.prompt_tokens - 1)]
+        for r, start, n in launch.chunks:  # in order, contiguous, from the prompt's first token
+            cache = self.filling.setdefault(r.index, [])
+            assert start == len(cache) and n >= 1
+            cache += [("p", r.index, i) for i in range(start, start + n)]
+            if start + n == r.prompt_tokens - 1:  # its last chunk: it joins after the rows
+                assert column >= len(cache)
+                self.rows.append([None] * (column - len(cache)) + self.filling.pop(r.index))
+        assert len(self.rows) == len(launch.rows)
         for row, r in zip(self.rows, launch.rows):  # the step's column: a new token, or a last prompt token
             row.append(("p", r.index, r.prompt_tokens - 1) if r.made == 0 else ("t", r.index, r.made))
         assert len(self.rows[0]) <= self.capacity
@@ -41,6 +50,7 @@ class _Axis:
 def _drive(requests, **kw):
     """Run a job through the scheduler with a fake clock; check the layout at every step."""
     sched = Scheduler(((i, p, n) for i, (p, n) in enumerate(requests)), **kw)
+    chunk = kw.get("prefill_chunk")
     axes, made, queue = {}, {}, []
     for launch in sched.start():
         queue.append(launch)
@@ -48,7 +58,13 @@ def _drive(requests, **kw):
     while queue:
         launch = queue.pop(0)  # FIFO: slots come back in the order they went out
         axis = axes.setdefault(launch.slot, _Axis())
+        if launch.fresh:
+            axis.filling.clear()  # a slot that starts anew prefills its filling rows whole
         axis.apply(launch)
+        if chunk is not None:  # a step prefills at most a chunk, and a slot holds at most its rows
+            assert sum(n for _, _, n in launch.chunks) <= chunk
+            assert all(r.prompt_tokens - 1 <= chunk for r in launch.join) or launch.fresh
+            assert len(launch.rows) + len(axis.filling) <= kw["micro_batch_size"]
         cols = len(axis.rows[0])
         assert all(len(row) == cols for row in axis.rows)
         for row, r in zip(axis.rows, launch.rows):
@@ -71,8 +87,49 @@ REQS = [(random.Random(s).randint(1, 40), random.Random(s + 99).randint(1, 30)) 
 @pytest.mark.parametrize("schedule", ["sequential", "bubbles", "no-bubbles"])
 @pytest.mark.parametrize("admission", ["row", "batch"])
 @pytest.mark.parametrize("mbs", [1, 3, 8])
-def test_every_request_gets_its_tokens_and_the_axis_holds(schedule, admission, mbs):
-    _drive(REQS, micro_batch_size=mbs, schedule=schedule, in_flight=3, admission=admission)
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_every_request_gets_its_tokens_and_the_axis_holds(schedule, admission, mbs, chunk):
+    _drive(REQS, micro_batch_size=mbs, schedule=schedule, in_flight=3, admission=admission, prefill_chunk=chunk)
+
+
+def test_a_long_prompt_joins_by_chunks_beside_the_decode_steps():
+    # slot of 2: a long-lived row, and a short one whose place a 10-token prompt takes by chunks of 4
+    reqs = [(3, 20), (3, 1), (11, 3), (2, 2)]
+    sched = Scheduler(((i, p, n) for i, (p, n) in enumerate(reqs)), micro_batch_size=2, prefill_chunk=4)
+    (launch,) = sched.start()
+    seen = []
+    made = {}
+    while True:
+        seen.append(([(r.item, start, n) for r, start, n in launch.chunks], [r.item for r in launch.rows]))
+        finished = []
+        for i, r in enumerate(launch.rows):
+            made[r.item] = made.get(r.item, 0) + 1
+            if made[r.item] == r.max_new_tokens:
+                finished.append(i)
+        more, done = sched.returned(launch.slot, finished)
+        if done:
+            break
+        (launch,) = more
+    # row 2's 10 tokens before its last go 4, 4, 2, while row 0 decodes alone; it joins with the
+    # last; row 3 (1 token before its last) joins whole in the place row 2's first finished token frees
+    assert seen[1:4] == [([(2, 0, 4)], [0]), ([(2, 4, 4)], [0]), ([(2, 8, 2)], [0, 2])]
+    assert made == {i: n for i, (_, n) in enumerate(reqs)}
+    _drive(reqs, micro_batch_size=2, prefill_chunk=4)
+
+
+def test_filling_rows_start_over_whole_when_their_slot_does():
+    # the slot's last row finishes while a long prompt is still filling: the slot starts anew with it
+    # (whole, ahead of the next prompt), since a step needs a row to decode
+    reqs = [(3, 4), (3, 2), (30, 2), (3, 2)]
+    _drive(reqs, micro_batch_size=2, prefill_chunk=4)
+    sched = Scheduler(((i, p, n) for i, (p, n) in enumerate(reqs)), micro_batch_size=2, prefill_chunk=4)
+    (launch,) = sched.start()
+    (launch,) = sched.returned(0, [])[0]
+    (launch,) = sched.returned(0, [1])[0]  # row 1 is done: row 2 fills, by chunks of 4
+    assert [(r.item, start, n) for r, start, n in launch.chunks] == [(2, 0, 4)] and launch.keep == [0]
+    (launch,) = sched.returned(0, [])[0]
+    (launch,) = sched.returned(0, [0])[0]  # row 0 is done, and row 2 has 21 tokens left to prefill
+    assert launch.fresh and [r.item for r in launch.join] == [2, 3] and launch.width == 30
 
 
 def test_row_admission_keeps_micro_batches_fuller_than_batch_admission():
@@ -136,3 +193,5 @@ def test_bad_settings_are_named():
         Scheduler([], micro_batch_size=1, admission="rows")
     with pytest.raises(ValueError, match="schedule 'fast'"):
         Scheduler([], micro_batch_size=1, schedule="fast")
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        Scheduler([], micro_batch_size=1, prefill_chunk=0)

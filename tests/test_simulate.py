@@ -100,6 +100,22 @@ def test_rows_leave_and_slots_take_new_prompts():
     assert row.seconds < sim.seconds
 
 
+def test_a_prompt_joining_by_chunks_costs_a_chunk_a_step():
+    # one stage: decode 10 ms, 5 ms a token more (prefill of 5 tokens: 30 ms). A (8 new tokens) and B
+    # (2) start together; C, 10 tokens before its last, takes B's place after B's second token
+    c = StepCosts(decode_s=(0.010,), prefill_s=(0.030,), prompt_tokens=5, out_bytes=(8.0,), latency=(0.0,),
+                  bandwidth=(math.inf,))
+    reqs = [Request(2, 8), Request(2, 2), Request(11, 2)]
+    ms = lambda sim: [round(e["dur"] * 1e3, 6) for e in sim.events][:5]
+    whole = simulate(c, reqs, micro_batch_size=2, trace=True)
+    # fresh step of 2 x 2 tokens: 25 ms; a decode of 2 rows: 15; then C's 10 tokens in one step beside it
+    assert ms(whole)[:4] == [25.0, 15.0, 15.0 + 55.0, 15.0]
+    chunked = simulate(c, reqs, micro_batch_size=2, trace=True, prefill_chunk=4)
+    # by chunks of 4, 4 and 2, beside A decoding alone; C joins with its last chunk
+    assert ms(chunked) == [25.0, 15.0, 10.0 + 25.0, 10.0 + 25.0, 15.0 + 15.0]
+    assert (chunked.tokens, whole.tokens) == (12, 12) and chunked.seconds > whole.seconds  # two more fixed costs
+
+
 @pytest.mark.parametrize("objective", ["latency", "throughput", "edge-solo", "cloud-edge-even"])
 def test_sequential_equals_the_planners_latency(objective):
     prof = Profile.load(ROOT / "profiles" / "paper-llama2-7b.json")
