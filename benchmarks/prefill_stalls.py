@@ -64,7 +64,9 @@ def run(work: Path, name: str, lines: list[dict], new: int, env: dict, chunk: in
                                 '[plan]\nobjective = "throughput"\n')
     cmd = ["mpiexec", "-f", str(HOSTS), "-n", "4", sys.executable, "-m", "edgeshard_mpi", "run", str(d / "job.toml"),
            "--hostfile", str(HOSTS), "--admission", "row", "--overwrite", "--no-progress", "--trace", str(d / "trace.json"),
-           "--prefill-chunk", str(chunk)]
+           "--prefill-chunk", str(chunk),
+           # a fresh micro-batch of 800-token prompts is one long step on a slowed device: not a lost rank
+           "--step-timeout", "300"]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True, env=env, cwd=d)
     s = json.loads(read_attrs(d / "out.h5")["summary"])

@@ -365,6 +365,8 @@ class Shard:
         state.last_pos = torch.cat([state.last_pos, state.last_pos.new_full((1, 1), total - 1)])
         if self.layers:
             self._set_mask(state, pads)
+        else:  # nothing here attends: no mask to keep in step with the rows
+            state.mask = None
 
     def _prefill_mask(self, pads: list[int], T: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """A prefill's 2D mask (None without padding) and position ids, as generate makes them."""
