@@ -15,8 +15,8 @@ A job file, with paths relative to the job file's folder:
     schedule = "no-bubbles"          # no-bubbles (default) | bubbles | sequential
     admission = "row"                # row (default): a finished row's place takes the next prompt at
                                      # once | batch: new prompts only when a whole micro-batch finished
-    prefill_chunk = 256              # row admission: a joining prompt longer than this prefills this
-                                     # many tokens a step beside the decode steps (0: in one step)
+    prefill_chunk = 0                # row admission: a joining prompt longer than N > 0 tokens prefills
+                                     # N a step beside the decode steps (0, the default: in one step)
     chat = false                     # apply the chat template to plain "prompt" strings too
 
     [generation]                     # defaults for every request; a JSONL line may override any
