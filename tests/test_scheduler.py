@@ -47,6 +47,16 @@ class _Axis:
         assert len(self.rows[0]) <= self.capacity
 
 
+def _made_one_each(launch, made: dict) -> list[int]:
+    """Every row of the launch made a token: the positions of the rows that reached their budget."""
+    finished = []
+    for i, r in enumerate(launch.rows):
+        made[r.item] = made.get(r.item, 0) + 1
+        if made[r.item] == r.max_new_tokens:
+            finished.append(i)
+    return finished
+
+
 def _drive(requests, **kw):
     """Run a job through the scheduler with a fake clock; check the layout at every step."""
     sched = Scheduler(((i, p, n) for i, (p, n) in enumerate(requests)), **kw)
@@ -70,11 +80,7 @@ def _drive(requests, **kw):
         for row, r in zip(axis.rows, launch.rows):
             assert row[:r.pad] == [None] * r.pad and None not in row[r.pad:], "a row's pad is not its masked prefix"
         max_columns[launch.slot] = max(max_columns.get(launch.slot, 0), cols)
-        finished = []
-        for i, r in enumerate(launch.rows):
-            made[r.item] = made.get(r.item, 0) + 1
-            if made[r.item] == r.max_new_tokens:
-                finished.append(i)
+        finished = _made_one_each(launch, made)
         more, _ = sched.returned(launch.slot, finished)
         queue.extend(more)
     assert made == {i: n for i, (_, n) in enumerate(requests)}
@@ -101,11 +107,7 @@ def test_a_long_prompt_joins_by_chunks_beside_the_decode_steps():
     made = {}
     while True:
         seen.append(([(r.item, start, n) for r, start, n in launch.chunks], [r.item for r in launch.rows]))
-        finished = []
-        for i, r in enumerate(launch.rows):
-            made[r.item] = made.get(r.item, 0) + 1
-            if made[r.item] == r.max_new_tokens:
-                finished.append(i)
+        finished = _made_one_each(launch, made)
         more, done = sched.returned(launch.slot, finished)
         if done:
             break
