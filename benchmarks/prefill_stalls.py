@@ -1,7 +1,7 @@
 """How much a long prompt's prefill stalls the pipeline, and what chunked prefill wins back, measured.
 
-    python benchmarks/prefill_stalls.py [--prompts 96] [--long 800] [--every 12] [--new 32] [--chunks 64,128,256]
-                                        [--json out.json]
+    python benchmarks/prefill_stalls.py [--prompts 96] [--long 800] [--every 12] [--new 32 | --new 8,96]
+                                        [--chunks 64,128,256] [--json out.json]
 
 Chunked prefill (Sarathi-Serve) splits a long prompt's prefill into pieces run beside other
 micro-batches' decode steps, so that one 2,000-token prompt does not hold every stream up. It moves
@@ -9,7 +9,9 @@ work, it does not remove any: on a pipeline its tokens/s gain is bounded by the 
 stage, which sets the rate, sits idle while prompts keep arriving. This measures that time.
 
 Jobs on `hostfiles/hetero4.hosts` (throughput plan, no-bubbles, row admission, micro-batch 4,
-smollm2-135m fp32, greedy, `--new` new tokens each), one after the other, each with `--trace`:
+smollm2-135m fp32, greedy, `--new` new tokens each, or, given as LO,HI, each request's own
+`max_new_tokens` drawn log-uniform from LO to HI: rows then finish apart, and a long prompt joins a
+running micro-batch instead of starting a fresh one), one after the other, each with `--trace`:
 - `mixed`: `--prompts` prompts, every `--every`-th one `--long` tokens, the others 10-40, every join
   prefilled in one step (`--prefill-chunk 0`);
 - `mixed, chunks of N`: the same job, a joining prompt of more than N tokens prefilled N a step
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import subprocess
@@ -38,7 +41,7 @@ SOURCES = ["README.md", "DESIGN.md"]
 HOSTS = ROOT / "hostfiles" / "hetero4.hosts"
 
 
-def prompts(tok, n: int, long: int, every: int, with_long: bool, seed: int = 0) -> list[dict]:
+def prompts(tok, n: int, long: int, every: int, with_long: bool, new: tuple[int, int], seed: int = 0) -> list[dict]:
     text = "\n\n".join((ROOT / f).read_text() for f in SOURCES)
     ids = tok(text)["input_ids"]
     rng = random.Random(seed)
@@ -47,11 +50,12 @@ def prompts(tok, n: int, long: int, every: int, with_long: bool, seed: int = 0) 
         short = rng.randint(10, 40)
         length = long if with_long and i % every == every - 1 else short
         at = rng.randrange(0, len(ids) - long)
-        out.append({"id": f"r{i:03d}", "prompt": tok.decode(ids[at:at + length])})
+        budget = int(round(math.exp(rng.uniform(math.log(new[0]), math.log(new[1])))))  # drawn even when fixed
+        out.append({"id": f"r{i:03d}", "prompt": tok.decode(ids[at:at + length]), "max_new_tokens": budget})
     return out
 
 
-def run(work: Path, name: str, lines: list[dict], new: int, env: dict, chunk: int = 0) -> dict:
+def run(work: Path, name: str, lines: list[dict], env: dict, chunk: int = 0) -> dict:
     from edgeshard_mpi.results import read_attrs
     from edgeshard_mpi.trace import load_trace
 
@@ -60,7 +64,7 @@ def run(work: Path, name: str, lines: list[dict], new: int, env: dict, chunk: in
     (d / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (d / "job.toml").write_text('model = "smollm2-135m"\ndtype = "float32"\nprompts = "prompts.jsonl"\n'
                                 'output = "out.h5"\nmicro_batch_size = 4\n[generation]\n'
-                                f'max_new_tokens = {new}\n'
+                                f'max_new_tokens = {max(r["max_new_tokens"] for r in lines)}\n'
                                 '[plan]\nobjective = "throughput"\n')
     cmd = ["mpiexec", "-f", str(HOSTS), "-n", "4", sys.executable, "-m", "edgeshard_mpi", "run", str(d / "job.toml"),
            "--hostfile", str(HOSTS), "--admission", "row", "--overwrite", "--no-progress", "--trace", str(d / "trace.json"),
@@ -87,7 +91,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=96, help="more than the 32 rows in flight, so prompts join")
     ap.add_argument("--long", type=int, default=800, help="at 1500, hetero4 cannot hold 8 micro-batches of it")
     ap.add_argument("--every", type=int, default=12)
-    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--new", default="32", help="new tokens per request: N, or LO,HI (log-uniform per request)")
     ap.add_argument("--chunks", default="64,128,256", help="prefill chunks to run the mixed job with, tokens")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -102,10 +106,12 @@ def main() -> None:
            "EDGESHARD_PROFILES": str(work / "profiles")}  # measured now, shared by both jobs
     jobs = [("mixed", True, 0)] + [(f"mixed, chunks of {c}", True, int(c)) for c in args.chunks.split(",") if c]
     jobs.append(("short", False, 0))
-    rows = {name: run(work, name, prompts(tok, args.prompts, args.long, args.every, with_long), args.new, env, chunk)
+    lo, _, hi = args.new.partition(",")
+    new = (int(lo), int(hi or lo))
+    rows = {name: run(work, name, prompts(tok, args.prompts, args.long, args.every, with_long, new), env, chunk)
             for name, with_long, chunk in jobs}
     n_long = sum(1 for i in range(args.prompts) if i % args.every == args.every - 1)
-    print(f"\nhetero4, row admission, micro-batch 4, {args.new} new tokens; {args.prompts} prompts of 10-40 tokens, "
+    print(f"\nhetero4, row admission, micro-batch 4, {args.new} new tokens a request; {args.prompts} prompts of 10-40 tokens, "
           f"{n_long} of them {args.long} tokens in `mixed`")
     print(f"{'job':<22} {'tokens/s':>9} {'vs mixed':>9} {'seconds':>8} {'busiest':>10} {'window s':>9} {'idle s':>7} "
           f"{'idle':>6} {'ttft ms':>8}")
