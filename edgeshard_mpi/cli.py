@@ -381,10 +381,10 @@ def _print_profile(prof) -> None:
     print(f"profile of {prof.model['name']} ({prof.model['dtype']}) on {len(prof.devices)} devices, "
           f"micro-batch {s['micro_batch_size']}, prompt {s['prompt_tokens']} tokens, context {s['context']}: "
           f"{prof.source}")
-    print(f"{'rank':>4}  {'device':<14} {'slowdown':>8} {'prefill ms':>10} {'decode ms':>10}")
-    for r, d in enumerate(prof.devices):
+    print(f"{'rank':>4}  {'device':<14} {'slowdown':>8} {'prefill ms':>10} {'decode ms':>10} {'spread':>7}")
+    for r, (d, spread) in enumerate(zip(prof.devices, prof.spreads())):
         print(f"{r:>4}  {d['name']:<14} {d.get('slowdown', 1.0):>8.2f} {sum(d['prefill_s']) * 1e3:>10.2f} "
-              f"{sum(d['decode_s']) * 1e3:>10.2f}")
+              f"{sum(d['decode_s']) * 1e3:>10.2f} {'-' if spread is None else f'{spread:.0%}':>7}")
     print("links (one-way latency ms / bandwidth Mbit/s), row = from, column = to:")
     for k in range(len(prof.devices)):
         cells = []
@@ -481,6 +481,7 @@ def _simulate(args) -> int:
 
 
 def _plan(args) -> int:
+    from .confidence import confidence
     from .planner import plan_for, predict
     from .profiler import Profile
     from .simulate import SCHEDULES as SIM_SCHEDULES
@@ -516,6 +517,8 @@ def _plan(args) -> int:
             why = ("its memory cannot hold even the smallest unit" if costs.device_memory[j] < min(costs.bytes_on(j))
                    else f"the {args.objective} optimum is as good or better without it")
             print(f"left out: rank {j} {costs.device_names[j]}: {why}")
+    sure = confidence(costs, plan, prof.spreads(), args.objective)
+    print(f"confidence: {sure.describe(costs.device_names)}")
     shape = _shape(args, prof, len(plan.stages))
     _print_simulations(_simulate_plan(prof, plan, shape, SIM_SCHEDULES), shape, plan)
     return 0

@@ -23,7 +23,9 @@ plain local device named after its host.
 Heterogeneity can be emulated on one machine, visibly and without burning CPU:
     # device: name=slow-board memory=2GiB slowdown=3.5 link=50Mbit latency=2ms
 `slowdown=3.5` stretches each forward to 3.5x the CPU time of its compute (on one thread) by
-sleeping afterwards;
+sleeping afterwards; with `clock=work` as well, to 3.5x what that work cost this host when the profile
+measured it (simulate.StageLine: a fixed function of the tokens it computes), whatever else the host
+runs at that moment;
 `link=50Mbit latency=2ms` is the device's network attachment: a message from device a to device b
 arrives no earlier than latency_a + latency_b + bytes / min(bw_a, bw_b) after it was sent.
 """
@@ -61,6 +63,7 @@ _BOM = "\ufeff"
 # this module imports no torch). quantize=none keeps full-precision weights when the job quantizes.
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE = ("int8", "none")
+CLOCKS = ("cpu", "work")  # an emulated device's compute time: its CPU time x slowdown, or its work's (simulate.StageLine)
 
 
 class HostfileError(ValueError):
@@ -125,6 +128,7 @@ class Device:
     threads: int | None = None  # intra-op threads; None = decided at start (see default_threads)
     dtype: str | None = None  # the dtype this device holds its shard in; None = the job's
     quantize: str | None = None  # "int8" or "none" for this device's weights; None = the job's
+    clock: str = "cpu"  # emulation: "cpu" stretches a forward's CPU time, "work" times its work (CLOCKS)
 
     def __post_init__(self):
         if not self.name:
@@ -146,6 +150,11 @@ class Device:
             if self.threads > 1 and self.slowdown != 1.0:
                 raise ValueError(f"device {self.name}: an emulated device (slowdown={self.slowdown}) computes on one "
                                  f"thread, got threads={self.threads}")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"device {self.name}: clock={self.clock!r} is not one of {', '.join(CLOCKS)}")
+        if self.clock == "work" and self.slowdown == 1.0:
+            raise ValueError(f"device {self.name}: clock=work times an emulated device's work; this one is not "
+                             f"emulated (slowdown=1)")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"device {self.name}: dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.quantize is not None and self.quantize not in QUANTIZE:
@@ -157,6 +166,8 @@ class Device:
         for key in ("threads", "dtype", "quantize"):
             if d[key] is None:
                 del d[key]
+        if d["clock"] == "cpu":
+            del d["clock"]
         return d
 
     def precision(self, dtype: str, quantize: str | None) -> tuple[str, str | None]:
@@ -218,7 +229,7 @@ class Cluster:
         return cls(tuple(Device(**x) for x in d["devices"]), d.get("source", "<dict>"))
 
 
-_DEVICE_FIELDS = {"name", "memory", "torch", "slowdown", "link", "latency", "threads", "dtype", "quantize"}
+_DEVICE_FIELDS = {"name", "memory", "torch", "slowdown", "link", "latency", "threads", "dtype", "quantize", "clock"}
 
 
 def _parse_declaration(text: str, where: str) -> dict:
@@ -245,6 +256,8 @@ def _parse_declaration(text: str, where: str) -> dict:
             raise HostfileError(f"{where}: field dtype={_short(value)} is not one of {', '.join(DTYPES)}")
         elif key == "quantize" and value not in QUANTIZE:
             raise HostfileError(f"{where}: field quantize={_short(value)} is not one of {', '.join(QUANTIZE)}")
+        elif key == "clock" and value not in CLOCKS:
+            raise HostfileError(f"{where}: field clock={_short(value)} is not one of {', '.join(CLOCKS)}")
         elif key == "threads":
             if not value.isdigit() or int(value) < 1:
                 raise HostfileError(f"{where}: field threads={_short(value)} is not a positive integer")

@@ -102,7 +102,11 @@ def _apply(shard: Shard, stats: dict, tracer: Tracer, step: Step) -> torch.Tenso
     cast = lambda x: None if x is None else x.to(device=shard.device,
                                                     dtype=shard.dtype if x.is_floating_point() else x.dtype)
     dec, join = cast(dec), cast(join)
-    with shard.running():
+    # the tokens of each forward the step runs, for a device that times its work (shard.running)
+    tokens = lambda x: x.shape[0] * x.shape[1]
+    forwards = [tokens(join)] if step.fresh else (
+        [tokens(dec)] + ([tokens(join)] if join is not None else []) + [n for _, _, n, _ in step.chunks])
+    with shard.running(forwards):
         if step.fresh:
             out = shard.run_units(step.slot, join, step.pads, step.capacity)
         else:

@@ -103,9 +103,29 @@ class Profile:
             for key in ("prefill_s", "decode_s") + (_OWN_BYTES if any(k in d for k in _OWN_BYTES) else ()):
                 if len(d.get(key, [])) != n:
                     raise ProfileError(f"{where}: devices[{j}].{key} has {len(d.get(key, []))} entries, expected {n}")
+            for key in ("prefill_spread", "decode_spread"):
+                if key in d and len(d[key]) != n:
+                    raise ProfileError(f"{where}: devices[{j}].{key} has {len(d[key])} entries, expected {n}")
         for name, table in (("bandwidth", self.bandwidth), ("latency", self.latency)):
             if len(table) != m or any(len(row) != m for row in table):
                 raise ProfileError(f"{where}: {name} must be {m} x {m}")
+
+    def spreads(self, phase: str = "decode") -> list[float | None]:
+        """Per device, how far its figures scatter over repeats (spread_of): the median of its units';
+        None for a device profiled before spreads were recorded."""
+        key = f"{phase}_spread"
+        return [statistics.median(d[key]) if d.get(key) else None for d in self.devices]
+
+    def scattered(self) -> list[str]:
+        """A line for each device with units whose spread stayed over SPREAD_BOUND."""
+        out = []
+        for d in self.devices:
+            wide = [max(a, b) for a, b in zip(d.get("prefill_spread", []), d.get("decode_spread", []))
+                    if max(a, b) > SPREAD_BOUND]
+            if wide:
+                out.append(f"device {d['name']}: {len(wide)} of {self.num_units} units scatter more than "
+                           f"{SPREAD_BOUND:.0%} over repeats (up to {max(wide):.0%})")
+        return out
 
     @property
     def num_units(self) -> int:
@@ -222,7 +242,9 @@ class Profile:
             raise ProfileError(f"{path}: not a valid profile ({type(e).__name__}: {e})") from None
 
 
-_MEASURED = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s")  # a profile's own device fields
+_TIMES = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s")
+# a profile's own device fields: its times, and each unit's spread (spread_of) where measured
+_MEASURED = _TIMES + ("prefill_spread", "decode_spread")
 # per unit, of a device that holds its units in its own dtype or quantization
 _OWN_BYTES = ("param_bytes", "kv_bytes_per_token", "out_bytes_per_token")
 
@@ -298,10 +320,25 @@ class _Evictor:
         self.buf.add_(1.0)
 
 
-def _timed(fn, repeats: int, slowdown: float = 1.0, before=None) -> float:
-    """Time of fn(): on a real device the median wall time of the repeats; on an emulated one,
-    slowdown x its least CPU time, which is what the device's shard stretches each forward to in a
-    run. before() runs untimed ahead of each repeat.
+SPREAD_BOUND = 0.1  # a figure's spread the profiler repeats for, up to SPREAD_REPEATS x the repeats
+SPREAD_REPEATS = 2
+
+
+def spread_of(times: list[float]) -> float:
+    """How far repeats of one measurement scatter: their interquartile range over their median (0
+    for fewer than 2 repeats)."""
+    if len(times) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(times)
+
+
+def _timed(fn, repeats: int, slowdown: float = 1.0, before=None) -> tuple[float, float]:
+    """Time of fn(), and its spread (spread_of): on a real device the median wall time of the repeats;
+    on an emulated one, slowdown x its least CPU time, which is what the device's shard stretches
+    each forward to in a run. before() runs untimed ahead of each repeat. While the spread is over
+    SPREAD_BOUND, it repeats, up to SPREAD_REPEATS x `repeats` in all; the spread then says how far it
+    got.
 
     The least, not the median, on an emulated device: its CPU time swells with whatever else the
     shared host runs at that moment (2-4x for a few ms on a 2-core VM while another rank is up),
@@ -309,13 +346,13 @@ def _timed(fn, repeats: int, slowdown: float = 1.0, before=None) -> float:
     emulated = slowdown != 1.0
     clock = time.thread_time if emulated else time.perf_counter
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (spread_of(times) > SPREAD_BOUND and len(times) < SPREAD_REPEATS * repeats):
         if before is not None:
             before()
         t0 = clock()
         fn()
         times.append(clock() - t0)
-    return (min(times) if emulated else statistics.median(times)) * slowdown
+    return (min(times) if emulated else statistics.median(times)) * slowdown, spread_of(times)
 
 
 def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn()) -> dict:
@@ -364,14 +401,17 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
         run(x_c, [0] * b)  # a cache holding `context` tokens, then single-token steps
         return t_prefill, _timed(lambda: run(x_d, None), repeats, device.slowdown, evict)
 
+    spreads = {"prefill_spread": [], "decode_spread": []}
     for u in range(spec.num_units):
-        t_prefill, t_decode = turn(lambda: measure(u, u))
+        (t_prefill, s_prefill), (t_decode, s_decode) = turn(lambda: measure(u, u))
         prefill.append(t_prefill)
         decode.append(t_decode)
-    out = {"prefill_s": prefill, "decode_s": decode, "prefill_step_s": 0.0, "decode_step_s": 0.0}
+        spreads["prefill_spread"].append(s_prefill)
+        spreads["decode_spread"].append(s_decode)
+    out = {"prefill_s": prefill, "decode_s": decode, "prefill_step_s": 0.0, "decode_step_s": 0.0, **spreads}
     first, last = 1, min(4, spec.num_units - 2)  # up to four blocks (neither embedding nor head)
     if last > first:
-        together = turn(lambda: measure(first, last))
+        together = [t for t, _ in turn(lambda: measure(first, last))]
         for key, alone, t in (("prefill", prefill, together[0]), ("decode", decode, together[1])):
             step = (sum(alone[first:last + 1]) - t) / (last - first)
             out[f"{key}_step_s"] = max(0.0, step)  # Profile.costs keeps every unit's share >= 0
@@ -421,6 +461,32 @@ def _ping_pong(comm, peer: int, initiator: bool, repeats: int) -> tuple[float, f
     return latency, bandwidth
 
 
+def _one_host_calibration(gathered: list[dict], devices: list, spec) -> None:
+    """Devices that time their work (clock=work) take one calibration of the host between them: each
+    unit's least time per unit of slowdown over all of them (of one dtype and quantization), times
+    its own slowdown. Their speeds then stand to each other exactly as the hostfile declares, and the
+    noise of timing each device apart (tens of percent on a shared host, enough to flip a plan)
+    is gone; what is left is the host's own cost of each unit at its quietest."""
+    groups: dict[tuple, list[dict]] = {}
+    for g in gathered:
+        d = devices[g["rank"]]
+        if d.clock == "work":
+            groups.setdefault(d.precision(spec.dtype, spec.quantize), []).append(g)
+    for group in groups.values():
+        slow = {g["rank"]: devices[g["rank"]].slowdown for g in group}
+        for key in _TIMES:  # not the spreads: a share of each figure, whatever its slowdown
+            if isinstance(group[0][key], list):
+                base = [min(g[key][u] / slow[g["rank"]] for g in group) for u in range(len(group[0][key]))]
+                for g in group:
+                    g[key] = [b * slow[g["rank"]] for b in base]
+            else:
+                base = min(g[key] / slow[g["rank"]] for g in group)
+                for g in group:
+                    g[key] = base * slow[g["rank"]]
+        for g in group:  # a run on these devices takes exactly what their figures say
+            g["prefill_spread"] = g["decode_spread"] = [0.0] * len(g["decode_s"])
+
+
 def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5, notes: str = "") -> Profile | None:
     """Collective: every rank measures its units, every pair its link; rank 0 returns the Profile.
 
@@ -452,11 +518,13 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
     gathered = comm.gather({"rank": comm.rank, **measured, "links": links, "bytes": device_bytes(spec, own)})
     if comm.rank != 0:
         return None
+    gathered = sorted(gathered, key=lambda g: g["rank"])
+    _one_host_calibration(gathered, devices, spec)
     m = comm.size
     bandwidth = [[None] * m for _ in range(m)]
     latency = [[0.0] * m for _ in range(m)]
     dev_dicts = []
-    for g in sorted(gathered, key=lambda g: g["rank"]):
+    for g in gathered:
         dev_dicts.append({**devices[g["rank"]].to_dict(),
                           **{k: g[k] for k in _MEASURED}, **g["bytes"]})
         for (a, b), (lat, bw) in g["links"].items():

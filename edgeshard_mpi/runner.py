@@ -37,7 +37,7 @@ from .profiler import (Profile, cluster_fingerprint, find_profile, measure_profi
 from .results import ResultWriter, done_key
 from .shard import Shard
 from .scheduler import in_flight_for, slot_columns
-from .simulate import Request, Simulation, StepCosts, simulate
+from .simulate import Request, Simulation, StageLine, StepCosts, simulate
 from .trace import Tracer, write_chrome_trace
 
 __all__ = ["RunOptions", "SetupFailed", "run_job", "profile_job", "bench_job"]
@@ -271,6 +271,10 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
     else:
         plan.check_world(world)
         plan.check_for(model_fingerprint(spec), cluster_fingerprint([d.to_dict() for d in cluster.devices]))
+        if any(d.clock == "work" for d in cluster.devices):  # its stages' times come from a profile
+            local.profile = Profile.load(opts.profile) if opts.profile else _saved_profile(local)
+            if local.profile is None:
+                measure = shapes
         _check_memory(spec, plan, cluster, local.row_tokens * in_flight_for(local.schedule, len(plan.stages), local.in_flight),
                       longest)
     local.total = count_prompts(job.prompts) - len(done)  # read in chunks, never a whole line
@@ -312,6 +316,9 @@ def _profile(comm: Comm, shared: _Shared, cluster: Cluster, spec: ModelSpec, rep
         path = Path(out) if out else profiles_dir() / prof.file_name
         prof.source = str(prof.save(path))
         print(f"edgeshard: profile saved to {prof.source}", file=sys.stderr, flush=True)
+        for line in prof.scattered():
+            print(f"edgeshard: profile: {line}; `edgeshard plan` says whether that can change the plan",
+                  file=sys.stderr, flush=True)
     return prof
 
 
@@ -348,12 +355,12 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     if rank == 0:  # mpiexec reports a rank that died by its pid and host: this maps them to devices
         print(f"edgeshard: ranks: {comm.rank_table()}", file=sys.stderr, flush=True)
     spec = local.spec if rank == 0 else shared.spec()
+    if shared.measure is not None:
+        prof = _profile(comm, shared, cluster, spec, opts.repeats)
+        if rank == 0:
+            local.profile = prof
     plan_dict = shared.plan
     if plan_dict is None:
-        if shared.measure is not None:
-            prof = _profile(comm, shared, cluster, spec, opts.repeats)
-            if rank == 0:
-                local.profile = prof
         plan_dict, _ = _decide(comm, lambda: (_make_plan(local, cluster, world).to_dict(), None))
     plan = Plan.from_dict(plan_dict, spec.num_units)
     if rank == 0:
@@ -385,14 +392,31 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
             local.writer.close()  # whatever happened, committed records stay readable
 
 
+def _saved_profile(local: _Local) -> Profile | None:
+    """A saved profile of this job's model and cluster at its shapes, if there is one."""
+    if local.shapes is None:
+        return None
+    return find_profile(model_fingerprint(local.spec), cluster_fingerprint([d.to_dict() for d in local.cluster.devices]),
+                        local.shapes)
+
+
+def _work_clocks(comm: Comm, cluster: Cluster, plan: Plan, local: _Local | None) -> dict[int, StageLine]:
+    """Collective: each stage's StageLine, by rank, for the devices that time their work (clock=work),
+    from the profile the plan was made with (rank 0's; _read makes sure there is one)."""
+    if not any(d.clock == "work" for d in cluster.devices):
+        return {}
+    lines = None
+    if comm.rank == 0:
+        costs = StepCosts.from_profile(local.profile or _saved_profile(local), plan)
+        lines = {s.rank: costs.line(i) for i, s in enumerate(plan.stages) if cluster.devices[s.rank].clock == "work"}
+    return comm.bcast(lines)
+
+
 def _predict(local: _Local, plan: Plan, summary: Summary, schedule: str, in_flight: int) -> Simulation | None:
     """What the simulator predicts for this run: its plan and schedule, the requests it actually ran
     (prompt and output lengths, in admission order), from the profile it planned with or a saved one
     that matches; None when there is no such profile."""
-    prof = local.profile
-    if prof is None and local.shapes is not None:
-        prof = find_profile(model_fingerprint(local.spec),
-                            cluster_fingerprint([d.to_dict() for d in local.cluster.devices]), local.shapes)
+    prof = local.profile or _saved_profile(local)
     if prof is None or not summary.shapes:
         return None
     # the replay costs about a microsecond an event (a stage's step): a job of millions is not
@@ -423,10 +447,11 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     device = cluster.devices[rank]
     index = plan.stage_of(rank)
     shard = None
+    clocks = _work_clocks(comm, cluster, plan, local)
     if index is not None:
         st = plan.stages[index]
         shard = Shard(_own_spec(spec, device), st.first, st.last, device.torch, slowdown=device.slowdown,
-                      memory=device.memory, compile=shared.compile)
+                      memory=device.memory, compile=shared.compile, clock=clocks.get(rank))
         shard.warm_up(shared.rows)  # compiles before the clock starts, never in a step the timeout watches
     comm.barrier()  # every shard loaded: the clock starts together
     tracer = Tracer(enabled=trace is not None)
@@ -450,6 +475,8 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     stats["wall_s"] = time.perf_counter() - start
     stats["cpu_s"] = time.process_time() - cpu_start
     stats["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    if shard is not None and shard.clock is not None:  # steps the clock could not hold to its time
+        stats["late_steps"] = shard.late
     if shard is not None and shard.compiled:  # the warm-up's, and any a run needed after it (none, normally)
         stats["compile_s"], stats["compile_graphs"] = shard.compiled.seconds, shard.compiled.graphs
     all_stats = comm.gather((stats, tracer.events))

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 # What every family's modeling module builds on, imported when a rank starts (2 s here), so that the
@@ -34,6 +35,7 @@ from .families import mask_builder
 from .kv_cache import add_rows, join_rows, relayout, slot_cache, static_slot_cache
 from .models import ModelError, ModelSpec
 from .quant import SCALE_DTYPE, Int8Embedding, int8_keys, int8_shell, quantize_rows
+from .simulate import StageLine
 
 __all__ = ["Shard", "TORCH_DTYPES"]
 
@@ -70,12 +72,15 @@ class Shard:
     """Units `first..last` of the model at `path`, on `device`, in `dtype`.
 
     `slowdown` > 1 emulates a slower device: every forward takes slowdown x the CPU time its compute
-    used, the rest spent asleep, so it costs no more CPU (a rank of an emulated device computes on one thread: cluster.default_threads). `memory` (bytes)
-    is the device's budget: a shard whose weights exceed it is refused before anything is read.
+    used, the rest spent asleep, so it costs no more CPU (a rank of an emulated device computes on one
+    thread: cluster.default_threads). With `clock` (a device's `clock=work`), a step takes instead what
+    the line gives for the tokens of its forwards: a fixed function of its work, whatever the host's
+    load. `memory` (bytes) is the device's budget: a shard whose weights exceed it is refused before
+    anything is read.
     """
 
     def __init__(self, spec: ModelSpec, first: int, last: int, device: str = "cpu", *, slowdown: float = 1.0,
-                 memory: int | None = None, compile: bool = False):
+                 memory: int | None = None, compile: bool = False, clock: StageLine | None = None):
         from .families import build_skeleton, family_of, layer_types, unit_modules
 
         n = spec.num_units
@@ -86,7 +91,8 @@ class Shard:
             raise ModelError(f"units {first}..{last} of {spec.name} need {need} bytes of weights, "
                              f"more than this device's memory budget of {memory} bytes")
         self.spec, self.first, self.last = spec, first, last
-        self.slowdown = slowdown
+        self.slowdown, self.clock = slowdown, clock
+        self.late = 0  # steps whose own compute outlasted the clock's time for them (clock=work)
         self.device = torch.device(device)
         self.dtype = TORCH_DTYPES[spec.dtype]
         self.has_embed = first == 0
@@ -262,9 +268,10 @@ class Shard:
         self.slots.pop(slot, None)
 
     @contextlib.contextmanager
-    def running(self):
+    def running(self, forwards: Sequence[int] = ()):
         """Where a step's work runs: without autograd, and, on an emulated device (`slowdown` > 1),
-        stretched to slowdown x the CPU time it used, the rest spent asleep."""
+        stretched to slowdown x the CPU time it used, or, with a clock, to the clock's time for the
+        step's `forwards` (the tokens of each), the rest spent asleep."""
         # a compiled graph cannot take inference tensors (their version counters are gone)
         with torch.no_grad() if self.compiled else torch.inference_mode():
             if self.slowdown == 1.0:
@@ -272,8 +279,13 @@ class Shard:
                 return
             wall, cpu = time.perf_counter(), time.thread_time()
             yield
-            target = self.slowdown * (time.thread_time() - cpu)
-            time.sleep(max(0.0, target - (time.perf_counter() - wall)))
+            if self.clock is not None:
+                target = sum(self.clock.seconds(n) for n in forwards)
+            else:
+                target = self.slowdown * (time.thread_time() - cpu)
+            left = target - (time.perf_counter() - wall)
+            self.late += left < 0
+            time.sleep(max(0.0, left))
 
     def forward(self, slot: int, x: torch.Tensor, prefill_pads: list[int] | None = None,
                 capacity: int | None = None) -> torch.Tensor:
@@ -286,7 +298,7 @@ class Shard:
         Returns hidden states (B, T, H), or, if the shard holds the head, fp32 logits (B, V)
         of each row's last position.
         """
-        with self.running():
+        with self.running([x.shape[0] * x.shape[1]]):
             return self.run_units(slot, x, prefill_pads, capacity)
 
     # -- rows joining a running slot (scheduler.py's row admission) --------------------------------

@@ -29,7 +29,7 @@ from typing import Sequence
 from .planner import Plan, PlanError
 from .scheduler import SCHEDULES, Launch, Scheduler
 
-__all__ = ["Request", "Simulation", "StepCosts", "simulate", "uniform_requests", "SCHEDULES"]
+__all__ = ["Request", "Simulation", "StageLine", "StepCosts", "simulate", "uniform_requests", "SCHEDULES"]
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -85,16 +85,34 @@ class StepCosts:
         return cls(tuple(decode), tuple(prefill), int(profile.shapes["prompt_tokens"]), tuple(out),
                    tuple(lat), tuple(bw), int(profile.shapes.get("micro_batch_size", 1)))
 
+    def line(self, s: int) -> "StageLine":
+        return StageLine(self.decode_s[s], self.prefill_s[s], self.rows, self.prompt_tokens)
+
     def compute(self, s: int, width: int, rows: int | None = None) -> float:
         """Stage s's forward over `rows` rows (default: the profile's) of `width` new tokens each: 1 for a
-        decode step, the prompt for a prefill. Linear in the tokens between the profiled decode step
-        and prefill, never below nothing."""
-        rows = self.rows if rows is None else rows
+        decode step, the prompt for a prefill (StageLine.seconds)."""
+        return self.line(s).seconds(width * (self.rows if rows is None else rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageLine:
+    """One stage's forward time as a function of the tokens it computes: the straight line through
+    the profile's decode step (`rows` tokens) and prefill (`rows` x `prompt_tokens`), never below
+    nothing. The simulator costs every forward with it, and a device with `clock=work` takes
+    exactly this long (shard.Shard.running), so that the two differ only in what the simulator
+    models besides compute."""
+
+    decode_s: float
+    prefill_s: float
+    rows: int
+    prompt_tokens: int
+
+    def seconds(self, tokens: int) -> float:
         p = self.prompt_tokens
         if p <= 1:
-            return self.prefill_s[s] * width * rows / self.rows
-        per_token = (self.prefill_s[s] - self.decode_s[s]) / (self.rows * (p - 1))
-        return max(0.0, self.decode_s[s] + per_token * (rows * width - self.rows))
+            return self.prefill_s * tokens / self.rows
+        per_token = (self.prefill_s - self.decode_s) / (self.rows * (p - 1))
+        return max(0.0, self.decode_s + per_token * (tokens - self.rows))
 
 
 @dataclasses.dataclass

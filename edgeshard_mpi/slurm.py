@@ -11,7 +11,7 @@ kind of node, chosen by shell-style patterns on the node name:
     [types.orin]
     nodes = ["edge*"]        # fnmatch patterns; the first type with a matching pattern wins
     memory = "8GiB"          # the hostfile's device fields: memory, torch, slowdown, link, latency,
-                             # dtype, quantize
+                             # dtype, quantize, clock
     [types.a100]
     nodes = ["gpu-a*"]
     slots = 2                # ranks per node (default 1); each gets its own declaration
@@ -47,7 +47,7 @@ __all__ = ["SlurmError", "expand_nodelist", "hostnames", "DeviceType", "load_dev
            "main"]
 
 # passed through to `# device:` lines
-_FIELDS = ("memory", "torch", "slowdown", "link", "latency", "dtype", "quantize")
+_FIELDS = ("memory", "torch", "slowdown", "link", "latency", "dtype", "quantize", "clock")
 _KEYS = {"nodes", "slots", "name", *_FIELDS}
 
 

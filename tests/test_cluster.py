@@ -104,3 +104,16 @@ def test_dtype_and_quantize_per_device(tmp_path):
     assert Cluster.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="dtype='half' is not one of"):
         Device(name="x", dtype="half")
+
+
+def test_clock_per_device(tmp_path):
+    # clock=work times an emulated device's work instead of its CPU time; cpu, the default, stays
+    # out of the dict, so older profiles' cluster hashes still match
+    c = parse_hostfile(_hosts(tmp_path, "# device: name=a slowdown=3 clock=work\nh:1\n# device: name=b slowdown=2\nh:1\n"))
+    assert [d.clock for d in c.devices] == ["work", "cpu"]
+    assert c.devices[0].to_dict()["clock"] == "work" and "clock" not in c.devices[1].to_dict()
+    assert Cluster.from_dict(c.to_dict()) == c
+    with pytest.raises(HostfileError, match=r":1: field clock=.wall. is not one of cpu, work"):
+        parse_hostfile(_hosts(tmp_path, "# device: name=a slowdown=3 clock=wall\nh:1\n"))
+    with pytest.raises(HostfileError, match="device a: clock=work times an emulated device's work; this one is not"):
+        parse_hostfile(_hosts(tmp_path, "# device: name=a clock=work\nh:1\n"))

@@ -426,3 +426,24 @@ def test_too_many_distinct_devices_is_refused_with_the_numbers():
     p = uniform_problem(2, m, compute=[1.0 + j for j in range(m)])
     with pytest.raises(PlanError, match=r"30 devices in 30 types .* table cells"):
         plan_latency(Costs(**p))
+
+
+def test_confidence_names_the_runner_up_a_spread_would_crown():
+    # latency, 4 units: the board holds all (4.0 s) against the server's 1.05 s a unit and a hop of
+    # 0.01 + 4/100 s each way. Within 1% the plan stays best. Within 10%, with the board 10% slower
+    # and the server 10% faster, the board keeping the embedding and the server the rest wins:
+    # 1.1 + 0.05 + 3 x 0.945 + 0.05 = 4.035 s, against the plan's 4.4 s.
+    from edgeshard_mpi.confidence import confidence
+
+    c = Costs(**uniform_problem(4, 2, compute=[1.0, 1.05]), device_names=["board", "server"])
+    plan = planner.plan_for(c, "latency")
+    assert [(s.rank, s.first, s.last) for s in plan.stages] == [(0, 0, 3)]
+    sure = confidence(c, plan, [0.01, 0.01], "latency")
+    assert sure.runner_up is None and sure.describe(["board", "server"]).startswith("sure")
+    unsure = confidence(c, plan, [0.1, 0.1], "latency")
+    assert [(s.rank, s.first, s.last) for s in unsure.runner_up.stages] == [(0, 0, 0), (1, 1, 3)]
+    assert unsure.loss == approx(4.4 / 4.035 - 1)
+    assert "board slower by its spread" in unsure.describe(["board", "server"])
+    # a profile without spreads cannot say
+    unknown = confidence(c, plan, [0.1, None], "latency")
+    assert not unknown.known and "has no spread for server" in unknown.describe(["board", "server"])

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +52,14 @@ def test_profile_measures_the_emulated_slowdown_and_link(tmp_path, smollm_path):
     assert 14 < mbit < 26, mbit  # link=20Mbit
     assert 0.004 < prof.latency[0][1] < 0.009, prof.latency[0][1]  # latency=5ms (+ 0 on the other side)
     assert prof.shapes["micro_batch_size"] == 1 and prof.model["name"] == "smollm2-135m"
+    # every figure carries its scatter over the repeats, and the plan says how sure it is with them
+    for d in (quick, slow):
+        for key in ("decode_spread", "prefill_spread"):
+            assert len(d[key]) == prof.num_units and all(0 <= x < 10 for x in d[key]), (key, d[key])
+    shown = subprocess.run([sys.executable, "-m", "edgeshard_mpi", "plan", "--profile", str(out), "--objective",
+                            "throughput"], capture_output=True, text=True, cwd=ROOT)
+    assert shown.returncode == 0, shown.stderr
+    assert "confidence: sure" in shown.stdout or "confidence: not sure" in shown.stdout, shown.stdout
     assert [u["name"] for u in prof.units][:2] == ["embed", "block.0"]
 
 
@@ -74,6 +86,49 @@ def test_planned_runs_on_hetero4_equal_generate_and_share_one_profile(tmp_path, 
     assert "predicted (simulated on the profile" in proc.stdout
     predicted = json.loads(attrs["summary"])["predicted"]
     assert predicted["requests"] == len(PROMPTS) and predicted["tokens"] == sum(map(len, by_id.values()))
+
+
+def test_a_work_clock_takes_what_its_profile_says(tmp_path, tiny_path):
+    # clock=work: an emulated device's step takes its profile's time for the work, not slowdown x its
+    # CPU time at that moment. The first run (an even plan) has no profile yet and measures one: its
+    # two devices share one calibration, so their figures are exactly 3x apart, as declared. The
+    # second runs on that profile with every figure 4x: each stage then computes what the scaled
+    # profile says, the simulator's compute for the run, where the CPU-time clock would take a
+    # quarter of it. (The stages' real compute is about a sixteenth of their clock's time then.)
+    env = {"EDGESHARD_PROFILES": str(tmp_path / "profiles")}
+    hosts = tmp_path / "work.hosts"
+    hosts.write_text("# device: name=quick slowdown=4 clock=work\nlocalhost:1\n"
+                     "# device: name=slow slowdown=12 clock=work\nlocalhost:1\n")
+    want = reference_tokens(tiny_path, PROMPTS, 12, 1)
+    job = write_job(tmp_path, "tiny-random", [{"id": str(i), "prompt": p} for i, p in enumerate(PROMPTS)],
+                    extra=f'hostfile = "{hosts}"\nmicro_batch_size = 1')
+    proc = run_mpi(["run", str(job), "--no-progress"], 2, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "profile saved" in proc.stderr
+    by_id = {r.id: r.token_ids for r in read_results(tmp_path / "job.h5")}
+    assert [by_id[str(i)] for i in range(len(PROMPTS))] == want
+    saved = Path(read_attrs(tmp_path / "job.h5")["profile"])
+    quick, slow = Profile.load(saved).devices
+    for key in ("decode_s", "prefill_s"):
+        assert all(math.isclose(b, 3 * a, rel_tol=1e-9) for a, b in zip(quick[key], slow[key])), key
+    data = json.loads(saved.read_text())
+    for d in data["devices"]:
+        for key in ("decode_s", "prefill_s"):
+            d[key] = [4 * x for x in d[key]]
+        for key in ("decode_step_s", "prefill_step_s"):
+            d[key] *= 4
+    scaled = tmp_path / "scaled.json"
+    scaled.write_text(json.dumps(data))
+    proc = run_mpi(["run", str(job), "--no-progress", "--overwrite", "--profile", str(scaled)], 2, env=env,
+                   timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(read_attrs(tmp_path / "job.h5")["summary"])
+    predicted = summary["predicted"]
+    for stage, busy in zip(summary["stages"], predicted["busy"]):
+        ratio = stage["compute_s"] / (busy * predicted["seconds"])
+        assert 0.99 < ratio < 1.3, (stage["device"], ratio, stage["late_steps"])
+    by_id = {r.id: r.token_ids for r in read_results(tmp_path / "job.h5")}
+    assert [by_id[str(i)] for i in range(len(PROMPTS))] == want
 
 
 def test_a_profile_of_another_model_is_refused(tmp_path, tiny_path):
