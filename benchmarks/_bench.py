@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgeshard_mpi.cluster import parse_hostfile  # noqa: E402
 
 
 def slots(hostfile: Path) -> int:
@@ -19,6 +22,20 @@ def slots(hostfile: Path) -> int:
         if line and not line.startswith("#"):
             n += int(line.partition(":")[2] or 1)
     return n
+
+
+def with_work_clock(src: Path, dst: Path) -> str:
+    """A copy of hostfile `src` with clock=work on every emulated device (slowdown > 1)."""
+    emulated = {d.name for d in parse_hostfile(src).devices if d.slowdown != 1.0}
+    lines = []
+    for line in src.read_text().splitlines():
+        body = line.lstrip("#").strip()
+        if line.startswith("#") and body.startswith("device:") and any(f"name={n}" in body.split() for n in emulated):
+            line += " clock=work"
+        lines.append(line)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("\n".join(lines) + "\n")
+    return str(dst)
 
 
 def run_bench(hostfile: str, job: str, configs: list[str], out: Path, profiles: Path | None = None,

@@ -1,6 +1,6 @@
 """Row admission against batch admission and batched `generate`, on a long-tailed job, side by side.
 
-    python benchmarks/longtail.py [--prompts 96] [--mbs 8] [--clusters one,hetero4] [--json out.json]
+    python benchmarks/longtail.py [--prompts 96] [--mbs 8] [--clusters one,hetero4] [--clock cpu|work] [--json out.json]
     python benchmarks/longtail.py --replay WORK_DIR     # the last table again, from an earlier run's files
 
 The workload: `--prompts` text-continuation prompts cut from this repository's own documents, their
@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import run_bench  # noqa: E402
+from _bench import run_bench, with_work_clock  # noqa: E402
 
 SOURCES = ["README.md", "DESIGN.md", "BENCHMARKS.md"]
 
@@ -119,9 +119,9 @@ def run_generate(model_path: Path, lines: list[dict], mbs: int, threads: int) ->
             "threads": torch.get_num_threads(), "predicted": None}
 
 
-def run_hetero4(job: Path, admission: str, profiles: Path) -> dict:
+def run_hetero4(job: Path, admission: str, profiles: Path, hosts: str = "hostfiles/hetero4.hosts") -> dict:
     out = job.parent / f"hetero4-{admission}.json"
-    (r,) = run_bench("hostfiles/hetero4.hosts", str(job), ["throughput:no-bubbles"], out, profiles=profiles,
+    (r,) = run_bench(hosts, str(job), ["throughput:no-bubbles"], out, profiles=profiles,
                      extra=["--admission", admission])
     if "error" in r:
         return {"error": r["error"]}
@@ -195,6 +195,8 @@ def main() -> None:
     ap.add_argument("--mbs", type=int, default=8, help="micro-batch size at one rank and for generate")
     ap.add_argument("--hetero-mbs", type=int, default=4, help="micro-batch size on hetero4 (its memory is small)")
     ap.add_argument("--clusters", default="one,hetero4")
+    ap.add_argument("--clock", choices=("cpu", "work"), default="cpu",
+                    help="hetero4's emulated devices: slowdown x CPU time, or the profile's time for their work")
     ap.add_argument("--json")
     ap.add_argument("--replay", metavar="DIR", help="only replay the runs of an earlier run's work folder")
     args = ap.parse_args()
@@ -216,7 +218,10 @@ def main() -> None:
            "EDGESHARD_PROFILES": str(profiles)}
     rows = {}
     runs = {"one": ("1 rank", args.mbs, lambda job, admission: run_one_rank(job, admission, env)),
-            "hetero4": ("hetero4", args.hetero_mbs, lambda job, admission: run_hetero4(job, admission, profiles))}
+            "hetero4": ("hetero4", args.hetero_mbs, lambda job, admission: run_hetero4(job, admission, profiles, hosts))}
+    hosts = "hostfiles/hetero4.hosts"
+    if args.clock == "work":
+        hosts = with_work_clock(ROOT / hosts, work / "hetero4-work.hosts")
     for cluster in args.clusters.split(","):
         label, mbs, run = runs[cluster]
         (work / cluster).mkdir()
@@ -229,7 +234,7 @@ def main() -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.machine())
     print(f"\n{args.prompts} prompts (10-500 tokens), max_new_tokens 8-200 log-uniform, smollm2-135m fp32; "
-          f"{os.cpu_count()} cores, {cpu}")
+          f"{os.cpu_count()} cores, {cpu}; hetero4 with clock={args.clock}")
     print(f"{'run':<28} {'threads':>7} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'rows/step':>9} "
           f"{'predicted':>9} {'meas/pred':>9} {'ideal':>7} {'of ideal':>8}")
     for name, r in rows.items():

@@ -1,7 +1,7 @@
 """How much a long prompt's prefill stalls the pipeline, and what chunked prefill wins back, measured.
 
     python benchmarks/prefill_stalls.py [--prompts 96] [--long 800] [--every 12] [--new 32 | --new 8,96]
-                                        [--chunks 64,128,256] [--json out.json]
+                                        [--chunks 64,128,256] [--clock cpu|work] [--json out.json]
 
 Chunked prefill (Sarathi-Serve) splits a long prompt's prefill into pieces run beside other
 micro-batches' decode steps, so that one 2,000-token prompt does not hold every stream up. It moves
@@ -17,6 +17,9 @@ running micro-batch instead of starting a fresh one), one after the other, each 
 - `mixed, chunks of N`: the same job, a joining prompt of more than N tokens prefilled N a step
   (`--prefill-chunk N`), for each N of `--chunks`;
 - `short`: the same job with every long prompt cut to a short one.
+With `--clock work`, every device runs with `clock=work` (a step takes the profile's time for its
+work, whatever else the host runs), so that the jobs differ only in their schedules, not in the
+host's drift between them.
 For each: tokens/s, and, from the trace, the busiest stage's idle share between its first step and
 its last joining (prefill) step, while the source still had prompts to admit. Idle there that the
 mixed job has and the short one has not is what the long prefills cost the pipeline beyond their
@@ -37,6 +40,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench import with_work_clock  # noqa: E402
+
 SOURCES = ["README.md", "DESIGN.md"]
 HOSTS = ROOT / "hostfiles" / "hetero4.hosts"
 
@@ -55,7 +62,7 @@ def prompts(tok, n: int, long: int, every: int, with_long: bool, new: tuple[int,
     return out
 
 
-def run(work: Path, name: str, lines: list[dict], env: dict, chunk: int = 0) -> dict:
+def run(work: Path, name: str, lines: list[dict], env: dict, hosts: Path, chunk: int = 0) -> dict:
     from edgeshard_mpi.results import read_attrs
     from edgeshard_mpi.trace import load_trace
 
@@ -66,8 +73,8 @@ def run(work: Path, name: str, lines: list[dict], env: dict, chunk: int = 0) -> 
                                 'output = "out.h5"\nmicro_batch_size = 4\n[generation]\n'
                                 f'max_new_tokens = {max(r["max_new_tokens"] for r in lines)}\n'
                                 '[plan]\nobjective = "throughput"\n')
-    cmd = ["mpiexec", "-f", str(HOSTS), "-n", "4", sys.executable, "-m", "edgeshard_mpi", "run", str(d / "job.toml"),
-           "--hostfile", str(HOSTS), "--admission", "row", "--overwrite", "--no-progress", "--trace", str(d / "trace.json"),
+    cmd = ["mpiexec", "-f", str(hosts), "-n", "4", sys.executable, "-m", "edgeshard_mpi", "run", str(d / "job.toml"),
+           "--hostfile", str(hosts), "--admission", "row", "--overwrite", "--no-progress", "--trace", str(d / "trace.json"),
            "--prefill-chunk", str(chunk),
            # a fresh micro-batch of 800-token prompts is one long step on a slowed device: not a lost rank
            "--step-timeout", "300"]
@@ -93,6 +100,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=12)
     ap.add_argument("--new", default="32", help="new tokens per request: N, or LO,HI (log-uniform per request)")
     ap.add_argument("--chunks", default="64,128,256", help="prefill chunks to run the mixed job with, tokens")
+    ap.add_argument("--clock", choices=("cpu", "work"), default="cpu")
     ap.add_argument("--json")
     args = ap.parse_args()
     os.environ["EDGESHARD_MODELS"] = str(Path(os.environ.get("EDGESHARD_MODELS", ROOT / "models")).resolve())
@@ -108,10 +116,11 @@ def main() -> None:
     jobs.append(("short", False, 0))
     lo, _, hi = args.new.partition(",")
     new = (int(lo), int(hi or lo))
-    rows = {name: run(work, name, prompts(tok, args.prompts, args.long, args.every, with_long, new), env, chunk)
+    hosts = Path(with_work_clock(HOSTS, work / HOSTS.name)) if args.clock == "work" else HOSTS
+    rows = {name: run(work, name, prompts(tok, args.prompts, args.long, args.every, with_long, new), env, hosts, chunk)
             for name, with_long, chunk in jobs}
     n_long = sum(1 for i in range(args.prompts) if i % args.every == args.every - 1)
-    print(f"\nhetero4, row admission, micro-batch 4, {args.new} new tokens a request; {args.prompts} prompts of 10-40 tokens, "
+    print(f"\nhetero4 (clock={args.clock}), row admission, micro-batch 4, {args.new} new tokens a request; {args.prompts} prompts of 10-40 tokens, "
           f"{n_long} of them {args.long} tokens in `mixed`")
     print(f"{'job':<22} {'tokens/s':>9} {'vs mixed':>9} {'seconds':>8} {'busiest':>10} {'window s':>9} {'idle s':>7} "
           f"{'idle':>6} {'ttft ms':>8}")

@@ -25,9 +25,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _bench import ROOT, run_bench  # noqa: E402
+from _bench import ROOT, run_bench, with_work_clock  # noqa: E402
 
 CLUSTERS = {  # name: (hostfile, job)
     "hetero4": ("hostfiles/hetero4.hosts", "jobs/bench-hetero4.toml"),
@@ -35,22 +34,6 @@ CLUSTERS = {  # name: (hostfile, job)
     "trio3": ("hostfiles/trio3.hosts", "jobs/trio3.toml"),
 }
 SCHEDULES = ("sequential", "bubbles", "no-bubbles")
-
-
-def with_work_clock(src: Path, dst: Path) -> str:
-    """A copy of hostfile `src` with clock=work on every emulated device (slowdown > 1)."""
-    from edgeshard_mpi.cluster import parse_hostfile
-
-    emulated = {d.name for d in parse_hostfile(src).devices if d.slowdown != 1.0}
-    lines = []
-    for line in src.read_text().splitlines():
-        body = line.lstrip("#").strip()
-        if line.startswith("#") and body.startswith("device:") and any(f"name={n}" in body.split() for n in emulated):
-            line += " clock=work"
-        lines.append(line)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text("\n".join(lines) + "\n")
-    return str(dst)
 
 
 def main() -> None:

@@ -98,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="end the job when no tokens reach rank 0 for S seconds (default 25; 0 = never)")
 
     prof = sub.add_parser("profile", help="measure units and links on every rank (under mpiexec)")
-    prof.add_argument("job", help="job file: model, dtype, prompts (for shapes), micro-batch size, hostfile")
+    prof.add_argument("job", nargs="?", help="job file: model, dtype, prompts (for shapes), micro-batch size, hostfile")
+    prof.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"),
+                      help="print what moved between two saved profiles of one cluster (no mpiexec, no job)")
     prof.add_argument("--hostfile")
     prof.add_argument("--out", help="profile JSON to write (default: profiles/measured/<key>.json)")
     prof.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is kept")
@@ -171,7 +173,16 @@ def _tokens(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "profile" and args.compare:
+        try:
+            return _compare(*args.compare)
+        except _USER_ERRORS as e:
+            print(f"edgeshard: error: {e}", file=sys.stderr)
+            return 1
+    if args.command == "profile" and not args.job:
+        parser.error("profile: give a job file, or --compare OLD NEW")
     if args.command in ("run", "profile", "bench"):
         return _mpi_command(args)
     try:
@@ -376,6 +387,36 @@ def _model(args) -> int:
     return 0
 
 
+def _compare(old_path: str, new_path: str) -> int:
+    """`edgeshard profile --compare OLD NEW`: each device's and link's figures, old and new, the largest
+    moves first."""
+    from .profiler import Profile, compare
+
+    old, new = Profile.load(old_path), Profile.load(new_path)
+    print(f"{old.source} ({old.created or 'undated'}) -> {new.source} ({new.created or 'undated'})")
+    if old.model.get("fingerprint") != new.model.get("fingerprint") or old.shapes != new.shapes:
+        print(f"note: model or shapes differ ({old.model.get('name')} {old.shapes} -> {new.model.get('name')} "
+              f"{new.shapes}): the figures measure other work")
+
+    def change(a, b) -> float:
+        if a is None or b is None:  # an unlimited link
+            return 0.0 if a == b else float("inf")
+        return b / a - 1 if a else (0.0 if b == a else float("inf"))
+
+    def shown(what: str, x) -> str:
+        if x is None:
+            return "unlimited"
+        if what.endswith("bandwidth"):
+            return f"{x * 8 / 1e6:.1f} Mbit/s"
+        return f"{x * 1e3:.2f} ms"
+
+    rows = sorted(compare(old, new), key=lambda r: -abs(change(r[1], r[2])))
+    print(f"{'what':<44} {'old':>14} {'new':>14} {'change':>8}")
+    for what, a, b in rows:
+        print(f"{what:<44} {shown(what, a):>14} {shown(what, b):>14} {change(a, b):>+8.1%}")
+    return 0
+
+
 def _print_profile(prof) -> None:
     s = prof.shapes
     print(f"profile of {prof.model['name']} ({prof.model['dtype']}) on {len(prof.devices)} devices, "
@@ -383,8 +424,11 @@ def _print_profile(prof) -> None:
           f"{prof.source}")
     print(f"{'rank':>4}  {'device':<14} {'slowdown':>8} {'prefill ms':>10} {'decode ms':>10} {'spread':>7}")
     for r, (d, spread) in enumerate(zip(prof.devices, prof.spreads())):
-        print(f"{r:>4}  {d['name']:<14} {d.get('slowdown', 1.0):>8.2f} {sum(d['prefill_s']) * 1e3:>10.2f} "
-              f"{sum(d['decode_s']) * 1e3:>10.2f} {'-' if spread is None else f'{spread:.0%}':>7}")
+        total = lambda ts: sum(t for t in ts if t is not None)
+        out = sum(t is None for t in d["decode_s"])
+        print(f"{r:>4}  {d['name']:<14} {d.get('slowdown', 1.0):>8.2f} {total(d['prefill_s']) * 1e3:>10.2f} "
+              f"{total(d['decode_s']) * 1e3:>10.2f} {'-' if spread is None else f'{spread:.0%}':>7}"
+              + (f"  ({out} unit(s) larger than its memory, not timed)" if out else ""))
     print("links (one-way latency ms / bandwidth Mbit/s), row = from, column = to:")
     for k in range(len(prof.devices)):
         cells = []

@@ -29,7 +29,7 @@ from .jsonfile import read_object
 from .models import kv_unit_bytes
 from .planner import Costs
 
-__all__ = ["Profile", "ProfileError", "profile_shapes", "profiles_dir", "find_profile", "model_fingerprint",
+__all__ = ["Profile", "ProfileError", "compare", "profile_shapes", "profiles_dir", "find_profile", "model_fingerprint",
            "cluster_fingerprint", "device_bytes", "measure_profile"]
 
 FORMAT = "edgeshard-profile/1"
@@ -185,8 +185,9 @@ class Profile:
         out = [list(row) for row in zip(*(sent(j) for j in range(m)))] if own else sent(0)
         bw = [[math.inf if (k == j or self.bandwidth[k][j] is None) else self.bandwidth[k][j] for j in range(m)]
               for k in range(m)]
-        return Costs(compute=[[max(0.0, d[key][i] - step[j]) for j, d in enumerate(self.devices)]
-                              for i in range(self.num_units)],
+        # a unit its device cannot hold was not timed (None): its bytes keep it off that device
+        return Costs(compute=[[max(0.0, d[key][i] - step[j]) if d[key][i] is not None else 0.0
+                               for j, d in enumerate(self.devices)] for i in range(self.num_units)],
                      unit_bytes=self.unit_bytes(kv_tokens, row_tokens), device_memory=[d.get("memory") for d in self.devices],
                      out_bytes=out, bandwidth=bw, latency=self.latency, device_names=self.device_names, stage_s=step)
 
@@ -243,10 +244,32 @@ class Profile:
 
 
 _TIMES = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s")
-# a profile's own device fields: its times, and each unit's spread (spread_of) where measured
-_MEASURED = _TIMES + ("prefill_spread", "decode_spread")
+# a profile's own device fields: its times, each unit's spread (spread_of), and the memory the
+# measuring took beyond what the rank held before (a high-water mark: 0 if it stayed below one)
+_MEASURED = _TIMES + ("prefill_spread", "decode_spread", "peak_bytes")
 # per unit, of a device that holds its units in its own dtype or quantization
 _OWN_BYTES = ("param_bytes", "kv_bytes_per_token", "out_bytes_per_token")
+
+
+def compare(old: Profile, new: Profile) -> list[tuple[str, float | None, float | None]]:
+    """What moved between two profiles of one cluster: (what, old, new) for each device's total
+    decode and prefill time (seconds, units that fit) and each link's latency (s) and bandwidth
+    (bytes/s), devices matched by rank."""
+    if len(old.devices) != len(new.devices):
+        raise ProfileError(f"{new.source}: {len(new.devices)} devices, {old.source}: {len(old.devices)}; "
+                           f"compare profiles of one cluster")
+    total = lambda ts: sum(t for t in ts if t is not None)
+    rows = []
+    for j, (a, b) in enumerate(zip(old.devices, new.devices)):
+        name = a["name"] if a["name"] == b["name"] else f"{a['name']} -> {b['name']}"
+        for key in ("decode_s", "prefill_s"):
+            rows.append((f"rank {j} {name} {key[:-2]}", total(a[key]), total(b[key])))
+    for k in range(len(old.devices)):
+        for j in range(k + 1, len(old.devices)):
+            link = f"link {old.devices[k]['name']} - {old.devices[j]['name']}"
+            rows.append((f"{link} latency", old.latency[k][j], new.latency[k][j]))
+            rows.append((f"{link} bandwidth", old.bandwidth[k][j], new.bandwidth[k][j]))  # None: unlimited
+    return rows
 
 
 def _device_difference(profiled: list[dict], running: list[dict]) -> str:
@@ -311,10 +334,11 @@ class _Evictor:
     out too fast (on a 2-core host with 32 MiB of L3, smollm2's decode blocks 1.8-2x too fast).
     """
 
-    def __init__(self):
+    def __init__(self, most: int | None = None):
+        """most: bytes it may take at most (what the device's budget leaves beside the unit timed)."""
         import torch
 
-        self.buf = torch.zeros(2 * _cache_bytes() // 4)
+        self.buf = torch.zeros(min(2 * _cache_bytes(), most if most is not None else math.inf) // 4)
 
     def __call__(self) -> None:
         self.buf.add_(1.0)
@@ -375,7 +399,16 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
 
     from .shard import Shard
 
-    evict = _Evictor() if torch.device(device.torch).type == "cpu" else None  # GPU memory has no such cache
+    # within the device's budget, as a run: one unit at a time (four blocks for the step cost), none
+    # the budget cannot hold, and the cache-clearing buffer in what the largest of those leaves
+    fits = [device.memory is None or spec.bytes_of(u, u) <= device.memory for u in range(spec.num_units)]
+    first, last = 1, min(4, spec.num_units - 2)  # up to four blocks (neither embedding nor head)
+    while last > first and device.memory is not None and spec.bytes_of(first, last) > device.memory:
+        last -= 1
+    held = max([spec.bytes_of(u, u) for u in range(spec.num_units) if fits[u]] + [spec.bytes_of(first, last)])
+    evict = None
+    if torch.device(device.torch).type == "cpu":  # GPU memory has no such cache
+        evict = _Evictor(None if device.memory is None else max(0, device.memory - held))
     b, p, c = shapes["micro_batch_size"], shapes["prompt_tokens"], shapes["context"]
     hidden = int(spec.config["hidden_size"])
     vocab = int(spec.config["vocab_size"])
@@ -403,14 +436,17 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
 
     spreads = {"prefill_spread": [], "decode_spread": []}
     for u in range(spec.num_units):
-        (t_prefill, s_prefill), (t_decode, s_decode) = turn(lambda: measure(u, u))
+        if not fits[u]:  # recorded as not fitting (None), not loaded; the planner keeps it off this device
+            turn(lambda: None)
+            (t_prefill, s_prefill), (t_decode, s_decode) = (None, 0.0), (None, 0.0)
+        else:
+            (t_prefill, s_prefill), (t_decode, s_decode) = turn(lambda: measure(u, u))
         prefill.append(t_prefill)
         decode.append(t_decode)
         spreads["prefill_spread"].append(s_prefill)
         spreads["decode_spread"].append(s_decode)
     out = {"prefill_s": prefill, "decode_s": decode, "prefill_step_s": 0.0, "decode_step_s": 0.0, **spreads}
-    first, last = 1, min(4, spec.num_units - 2)  # up to four blocks (neither embedding nor head)
-    if last > first:
+    if last > first and all(fits[first:last + 1]):
         together = [t for t, _ in turn(lambda: measure(first, last))]
         for key, alone, t in (("prefill", prefill, together[0]), ("decode", decode, together[1])):
             step = (sum(alone[first:last + 1]) - t) / (last - first)
@@ -476,9 +512,10 @@ def _one_host_calibration(gathered: list[dict], devices: list, spec) -> None:
         slow = {g["rank"]: devices[g["rank"]].slowdown for g in group}
         for key in _TIMES:  # not the spreads: a share of each figure, whatever its slowdown
             if isinstance(group[0][key], list):
-                base = [min(g[key][u] / slow[g["rank"]] for g in group) for u in range(len(group[0][key]))]
+                base = [min((g[key][u] / slow[g["rank"]] for g in group if g[key][u] is not None), default=None)
+                        for u in range(len(group[0][key]))]
                 for g in group:
-                    g[key] = [b * slow[g["rank"]] for b in base]
+                    g[key] = [None if t is None or b is None else b * slow[g["rank"]] for t, b in zip(g[key], base)]
             else:
                 base = min(g[key] / slow[g["rank"]] for g in group)
                 for g in group:
@@ -506,7 +543,14 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
             comm.barrier()
         return out
 
+    import resource
+
+    try:
+        held = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the peak since the process began
+        held = 0
     measured = _measure_units(own, me, shapes, repeats, turn)
+    measured["peak_bytes"] = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - held)  # KiB on Linux
     links = {}
     for a in range(comm.size):
         for b in range(a + 1, comm.size):

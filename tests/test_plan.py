@@ -42,3 +42,27 @@ def test_a_stage_with_an_unknown_key_is_refused():
     d = {"stages": [{"rank": 0, "first": 0, "last": 3}, {"rank": 1, "frist": 4, "first": 4, "last": 7}]}
     with pytest.raises(PlanError, match=r"job.toml: \[plan\]: stage 1 has unknown key\(s\) frist"):
         Plan.from_dict(d, 8, "job.toml: [plan]")
+
+
+def test_profile_compare_names_what_moved(tmp_path, capsys):
+    # one device 1.5x slower to decode and one link at half its bandwidth: the two largest moves, first
+    import json
+
+    from conftest import ROOT
+    from edgeshard_mpi.cli import main
+
+    old = ROOT / "profiles" / "paper-llama2-7b.json"
+    d = json.loads(old.read_text())
+    d["devices"][3]["decode_s"] = [1.5 * t for t in d["devices"][3]["decode_s"]]
+    d["bandwidth"][0][14] = d["bandwidth"][14][0] = d["bandwidth"][0][14] / 2
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(d))
+    assert main(["profile", "--compare", str(old), str(new)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    name3, name14 = d["devices"][3]["name"], d["devices"][14]["name"]
+    top = sorted(lines[2:4])
+    assert top[0].startswith(f"link {d['devices'][0]['name']} - {name14} bandwidth") and top[0].endswith("-50.0%")
+    assert top[1].startswith(f"rank 3 {name3} decode") and top[1].endswith("+50.0%")
+    assert lines[4].endswith("+0.0%")  # nothing else moved
+    with pytest.raises(SystemExit):
+        main(["profile"])  # neither a job nor --compare

@@ -23,15 +23,24 @@ PROMPTS = ["The quick brown fox", "In a distant galaxy, a lone explorer discover
 def test_profile_measures_the_emulated_slowdown_and_link(tmp_path, smollm_path):
     # slowdown is relative to one core of this host; two emulated devices 3x apart measure 3x apart
     hosts = tmp_path / "two.hosts"
+    # a third, with 100 MiB, profiles within them: smollm2's embedding and tied head (108 MiB each)
+    # are recorded as not fitting, never loaded, and it measures holding at most its budget at once
+    # (a block of 14 MiB, and a smaller cache-clearing buffer than the others' 2x the last-level cache)
     hosts.write_text("# device: name=quick slowdown=1.5\nlocalhost:1\n"
-                     "# device: name=slow slowdown=4.5 link=20Mbit latency=5ms\nlocalhost:1\n")
+                     "# device: name=slow slowdown=4.5 link=20Mbit latency=5ms\nlocalhost:1\n"
+                     "# device: name=small slowdown=1.5 memory=100MiB\nlocalhost:1\n")
     job = write_job(tmp_path, "smollm2-135m", [{"prompt": p} for p in PROMPTS], generation="max_new_tokens = 8")
     out = tmp_path / "p.json"
-    proc = run_mpi(["profile", str(job), "--hostfile", str(hosts), "--out", str(out), "--repeats", "3"], 2,
+    proc = run_mpi(["profile", str(job), "--hostfile", str(hosts), "--out", str(out), "--repeats", "3"], 3,
                    timeout=300)
     assert proc.returncode == 0, proc.stderr
     prof = Profile.load(out)
-    quick, slow = prof.devices
+    quick, slow, small = prof.devices
+    too_big = [u["param_bytes"] > 100 * 2**20 for u in prof.units]
+    assert too_big[0] and too_big[-1] and not any(too_big[1:-1])
+    assert [t is None for t in small["decode_s"]] == too_big and [t is None for t in small["prefill_s"]] == too_big
+    assert small["peak_bytes"] <= 100 * 2**20 + 24 * 2**20, small["peak_bytes"]  # + activations, allocator
+    assert "2 unit(s) larger than its memory, not timed" in proc.stdout
     # 3x apart, unit by unit: the median of the per-unit ratios, because on this VM a few units of
     # either device can time 1.5x slow (2-4x before the profiler kept an emulated unit's least
     # time; then the sum's ratio ranged 2.6-4.5 over runs, the per-unit median's 2.8-3.3).
@@ -53,9 +62,14 @@ def test_profile_measures_the_emulated_slowdown_and_link(tmp_path, smollm_path):
     assert 0.004 < prof.latency[0][1] < 0.009, prof.latency[0][1]  # latency=5ms (+ 0 on the other side)
     assert prof.shapes["micro_batch_size"] == 1 and prof.model["name"] == "smollm2-135m"
     # every figure carries its scatter over the repeats, and the plan says how sure it is with them
-    for d in (quick, slow):
+    for d in (quick, slow, small):
         for key in ("decode_spread", "prefill_spread"):
             assert len(d[key]) == prof.num_units and all(0 <= x < 10 for x in d[key]), (key, d[key])
+    shown = subprocess.run([sys.executable, "-m", "edgeshard_mpi", "plan", "--profile", str(out), "--objective",
+                            "throughput", "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert shown.returncode == 0, shown.stderr
+    plan = json.loads(shown.stdout)
+    assert all(not too_big[u] for s in plan["stages"] if s["rank"] == 2 for u in range(s["first"], s["last"] + 1))
     shown = subprocess.run([sys.executable, "-m", "edgeshard_mpi", "plan", "--profile", str(out), "--objective",
                             "throughput"], capture_output=True, text=True, cwd=ROOT)
     assert shown.returncode == 0, shown.stderr
