@@ -4,8 +4,9 @@
 
 Every rank measures, on its own device with its emulation applied and in its own dtype and
 quantization, every unit's prefill time at the job's prompt length and decode time at the job's
-micro-batch size and context (median of repeated runs), one unit loaded at a time. Ranks take
-turns, so that ranks sharing a host do not slow each other's measurements. Links are measured by
+micro-batch size and context (median of repeated runs, with their spread), one unit loaded at a
+time and within the device's memory. Ranks take turns, so that ranks sharing a host do not slow
+each other's measurements. Links are measured by
 ping-pong between every pair of ranks at growing sizes (latency and bandwidth from the smallest and
 the largest). Rank 0 gathers it all into a `Profile`, saved as JSON with the cluster, model, dtype,
 shapes, versions and date.
@@ -244,9 +245,10 @@ class Profile:
 
 
 _TIMES = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s")
-# a profile's own device fields: its times, each unit's spread (spread_of), and the memory the
-# measuring took beyond what the rank held before (a high-water mark: 0 if it stayed below one)
-_MEASURED = _TIMES + ("prefill_spread", "decode_spread", "peak_bytes")
+# a profile's own device fields: its times, each unit's spread (spread_of), the memory the measuring
+# took beyond what the rank held before (a high-water mark: 0 if it stayed below one), and the
+# rank's peak RSS
+_MEASURED = _TIMES + ("prefill_spread", "decode_spread", "peak_bytes", "peak_rss")
 # per unit, of a device that holds its units in its own dtype or quantization
 _OWN_BYTES = ("param_bytes", "kv_bytes_per_token", "out_bytes_per_token")
 
@@ -550,7 +552,8 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
     except OSError:  # not Linux: the peak since the process began
         held = 0
     measured = _measure_units(own, me, shapes, repeats, turn)
-    measured["peak_bytes"] = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - held)  # KiB on Linux
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    measured["peak_bytes"], measured["peak_rss"] = max(0, peak - held), peak
     links = {}
     for a in range(comm.size):
         for b in range(a + 1, comm.size):
