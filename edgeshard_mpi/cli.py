@@ -280,6 +280,10 @@ def _print_summary(s, args) -> None:
         print(f"{i:>5}  {st['rank']:>4}  {st['device']:<14} {units:<30} "
               f"{format_bytes(st['bytes']):>11}  {st['compute_s']:>9.2f}  {st['compute_s'] / s.seconds:>5.0%}"
               + (f"  {p['busy'][i]:>9.0%}" if p else ""))
+    late = [st for st in s.stages if st.get("late_steps")]
+    if late:  # clock=work could not hold these steps to the profile's time: the host was too busy
+        print("steps whose compute outlasted their clock=work time: " + ", ".join(
+            f"rank {st['rank']} {st['late_steps']} of {st['steps']}" for st in late))
     compiled = [st for st in s.stages if "compile_s" in st]
     if compiled:  # before the clock started: not in the figures above
         from .compiling import cache_dir
