@@ -117,3 +117,32 @@ def test_clock_per_device(tmp_path):
         parse_hostfile(_hosts(tmp_path, "# device: name=a slowdown=3 clock=wall\nh:1\n"))
     with pytest.raises(HostfileError, match="device a: clock=work times an emulated device's work; this one is not"):
         parse_hostfile(_hosts(tmp_path, "# device: name=a clock=work\nh:1\n"))
+
+
+def test_work_clock_devices_share_one_calibration():
+    # each unit's least time per unit of slowdown over the clock=work devices of one precision, times
+    # each one's slowdown; a unit a device cannot hold (None) stays None and leaves the others'
+    # base alone; a CPU-clock device keeps what it measured, spreads included
+    from edgeshard_mpi.profiler import _one_host_calibration
+
+    class Spec:
+        dtype, quantize = "float32", None
+
+    devices = [Device(name="a", slowdown=2, clock="work"), Device(name="b", slowdown=4, clock="work"),
+               Device(name="c", slowdown=3), Device(name="d", slowdown=2, clock="work", dtype="bfloat16")]
+
+    def measured(rank, decode):
+        return {"rank": rank, "decode_s": decode, "prefill_s": [10 * t if t else None for t in decode],
+                "decode_step_s": 0.1 * rank, "prefill_step_s": 1.0, "decode_spread": [0.2] * 2,
+                "prefill_spread": [0.3] * 2}
+
+    gathered = [measured(0, [2.2, 4.0]), measured(1, [4.0, None]), measured(2, [9.0, 9.0]), measured(3, [5.0, 5.0])]
+    _one_host_calibration(gathered, devices, Spec())
+    a, b, c, d = gathered
+    assert a["decode_s"] == [2.0, 4.0] and b["decode_s"] == [4.0, None]  # min(2.2/2, 4/4) = 1.0 a unit of slowdown
+    assert a["prefill_s"] == [20.0, 40.0] and b["prefill_s"] == [40.0, None]
+    assert a["decode_step_s"] == 0.0 and b["decode_step_s"] == 0.0 and a["prefill_step_s"] == 0.5
+    assert a["decode_spread"] == [0.0, 0.0] and b["prefill_spread"] == [0.0, 0.0]
+    assert c == measured(2, [9.0, 9.0])  # the CPU clock's figures are its own
+    # alone in its precision: its own figures, which a run then takes exactly, so no spread
+    assert d == {**measured(3, [5.0, 5.0]), "decode_spread": [0.0, 0.0], "prefill_spread": [0.0, 0.0]}
