@@ -565,8 +565,9 @@ def _plan(args) -> int:
             why = ("its memory cannot hold even the smallest unit" if costs.device_memory[j] < min(costs.bytes_on(j))
                    else f"the {args.objective} optimum is as good or better without it")
             print(f"left out: rank {j} {costs.device_names[j]}: {why}")
-    sure = confidence(costs, plan, prof.spreads(), args.objective)
-    print(f"confidence: {sure.describe(costs.device_names)}")
+    if args.objective in ("latency", "throughput"):  # the baselines follow a rule, not an optimum
+        sure = confidence(costs, plan, prof.spreads(), args.objective)
+        print(f"confidence: {sure.describe(costs.device_names)}")
     shape = _shape(args, prof, len(plan.stages))
     _print_simulations(_simulate_plan(prof, plan, shape, SIM_SCHEDULES), shape, plan)
     return 0
