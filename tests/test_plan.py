@@ -66,3 +66,16 @@ def test_profile_compare_names_what_moved(tmp_path, capsys):
     assert lines[4].endswith("+0.0%")  # nothing else moved
     with pytest.raises(SystemExit):
         main(["profile"])  # neither a job nor --compare
+
+
+def test_plan_prints_its_confidence_for_the_optima_only(capsys):
+    # the paper's derived profile records no spreads: the optimum says it cannot know; a baseline,
+    # which follows its rule whatever the figures, says nothing
+    from conftest import ROOT
+    from edgeshard_mpi.cli import main
+
+    prof = str(ROOT / "profiles" / "paper-llama2-7b.json")
+    assert main(["plan", "--profile", prof, "--objective", "throughput"]) == 0
+    assert "confidence: unknown: the profile records no spreads" in capsys.readouterr().out
+    assert main(["plan", "--profile", prof, "--objective", "even"]) == 0
+    assert "confidence" not in capsys.readouterr().out
