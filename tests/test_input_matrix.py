@@ -37,7 +37,7 @@ def _hosts(tmp_path, data: bytes):
     ("h:\u00b2\n".encode(), "c.hosts:1: slots '\u00b2'"),  # a digit to str.isdigit, not to int()
     (b"h:99999999999\n", f"c.hosts:1: slots '99999999999' is not a positive integer (1 to {MAX_SLOTS})"),
     (b"a:40000\nb:40000\n", f"c.hosts:2: the hostfile declares more than {MAX_SLOTS} slots"),
-    (b"ok:1\n# device: name=a speed=3\nh:1\n", "c.hosts:2: unknown device field 'speed' (known: dtype, latency, "
+    (b"ok:1\n# device: name=a speed=3\nh:1\n", "c.hosts:2: unknown device field 'speed' (known: clock, dtype, latency, "
                                                "link, memory, name, quantize, slowdown, threads, torch)"),
     (b"# device: name=a memory=8G\nh:1\n", "c.hosts:1: field memory: '8G' is not a size"),
     (b"# device: name=a memory=8 gigs\nh:1\n", "c.hosts:1: device field 'gigs' is not key=value"),
