@@ -161,6 +161,7 @@ class Scheduler(Generic[T]):
         self.steps = 0  # launched steps, and the rows they carried: rows per step = row_steps / steps
         self.row_steps = 0
         self.chunked = 0  # rows that joined by chunks
+        self.draining = False  # drain(): nothing more is admitted
 
     # -- the driver's calls ------------------------------------------------------------------
     def start(self) -> list[Launch]:
@@ -212,6 +213,14 @@ class Scheduler(Generic[T]):
             return self._release_barrier(), False
         return [self._launch(slot, *pending)], False
 
+    def drain(self) -> list[T]:
+        """Admit nothing more: the slots run their rows to the end, and then the driver's loop ends
+        (`slots` empties). Returns the items taken from the source but not admitted, in order, for the
+        driver to run later (a move to a new plan, runner.py)."""
+        self.draining = True
+        held, self._next = self._next, None
+        return [held[0]] if held is not None else []
+
     # -- internals ---------------------------------------------------------------------------
     def _release_barrier(self) -> list[Launch]:
         if self.schedule != "bubbles" or not self._ready or len(self._ready) < len(self.slots):
@@ -224,6 +233,8 @@ class Scheduler(Generic[T]):
         return out
 
     def _peek(self) -> tuple[T, int, int] | None:
+        if self.draining:
+            return None
         if self._next is None:
             self._next = next(self._source, None)
         return self._next

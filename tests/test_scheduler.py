@@ -197,3 +197,33 @@ def test_bad_settings_are_named():
         Scheduler([], micro_batch_size=1, schedule="fast")
     with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
         Scheduler([], micro_batch_size=1, prefill_chunk=0)
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "bubbles", "no-bubbles"])
+@pytest.mark.parametrize("admission,chunk,budget", [("row", None, None), ("row", 4, 40), ("row", None, 40),
+                                                    ("batch", None, None)])
+def test_a_drained_run_finishes_its_rows_and_hands_back_the_rest_in_order(schedule, admission, chunk, budget):
+    """A move to a new plan (runner.py): drain mid-run, let the slots finish, then a second scheduler
+    takes what the first handed back and what its source never gave: every request runs once, in order."""
+    source = iter([(i, p, n) for i, (p, n) in enumerate(REQS)])
+    made = {}
+    sched = Scheduler(source, micro_batch_size=3, schedule=schedule, in_flight=3, admission=admission,
+                      prefill_chunk=chunk, row_budget=budget)
+    queue, returns, leftover = list(sched.start()), 0, None
+    while queue:
+        launch = queue.pop(0)
+        returns += 1
+        if returns == 25:
+            leftover = sched.drain()
+        more, _ = sched.returned(launch.slot, _made_one_each(launch, made))
+        assert not (sched.draining and any(ln.join for ln in more)), "a row joined after the drain"
+        queue.extend(more)
+    assert not sched.slots and leftover is not None
+    first = set(made)
+    assert all(made[i] == REQS[i][1] for i in first), "a row of the drained run did not finish"
+    rest = [(i, *REQS[i]) for i in leftover] + list(source)
+    assert [i for i, _, _ in rest] == list(range(len(first), len(REQS))), "not handed back in order"
+    assert set(range(len(first))) == first
+    second, _ = _drive([(p, n) for _, p, n in rest], micro_batch_size=3, schedule=schedule, in_flight=3,
+                       admission=admission, prefill_chunk=chunk, row_budget=budget)
+    assert second.admitted == len(rest)
