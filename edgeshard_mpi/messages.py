@@ -37,6 +37,8 @@ class Step:
     sampling: per joining row (every row of a fresh step), then per row joining by its last chunk, its
     SamplingParams; prompts: the same rows' prompt token ids when the head needs them
     (`SamplingParams.needs_prompt`), else [].
+    times: the compute seconds of each stage that has run the step so far, in pipeline order; the
+    reply brings every stage's back to the source, which watches them for drift (drift.py).
     """
 
     slot: int
@@ -55,6 +57,7 @@ class Step:
     logprobs: torch.Tensor | None = None  # on the way back, when rows ask: (rows, 1 + K) chosen then top K
     top_ids: torch.Tensor | None = None  # (rows, K) the top K's token ids
     chunks: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+    times: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def relayout(self) -> bool:
@@ -64,6 +67,14 @@ class Step:
     def filled(self) -> int:
         """How many rows join by their last chunk in this step."""
         return sum(start + n == total for _, start, n, total in self.chunks)
+
+    def forwards(self) -> list[int]:
+        """The tokens of each forward a stage runs for this step, in `split`'s order: what a work clock
+        (simulate.StageLine) times the step by."""
+        joined = len(self.pads) * self.width
+        if self.fresh:
+            return [joined]
+        return [self.rows] + ([joined] if joined else []) + [c[2] for c in self.chunks]
 
     def split(self) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor]]:
         """(decode input (rows, 1, ...), join input (joining, width, ...), each None when empty, and
@@ -85,14 +96,15 @@ class Step:
         flat = [x.reshape(-1, *x.shape[2:]) for x in parts]
         return flat[0] if len(flat) == 1 else torch.cat(flat)
 
-    def passed_on(self, tensor: torch.Tensor) -> "Step":
-        """The same step, carrying this stage's output to the next."""
-        return dataclasses.replace(self, tensor=tensor)
+    def passed_on(self, tensor: torch.Tensor, seconds: float) -> "Step":
+        """The same step, carrying this stage's output and compute time to the next."""
+        return dataclasses.replace(self, tensor=tensor, times=self.times + [seconds])
 
     def to_wire(self) -> tuple[list[int], list[torch.Tensor]]:
         joining = len(self.pads)
         fields = [self.slot, self.step, int(self.fresh), self.rows, joining, self.width, self.trim, self.capacity,
-                  -1 if self.keep is None else len(self.keep), int(self.logprobs is not None), len(self.chunks)]
+                  -1 if self.keep is None else len(self.keep), int(self.logprobs is not None), len(self.chunks),
+                  len(self.times)]
         buffers = [self.tensor]
         if self.logprobs is not None:
             buffers += [self.logprobs, self.top_ids]
@@ -107,11 +119,13 @@ class Step:
                 row = p.to_row()
                 flat += [len(row), len(ids), *row, *ids]
             buffers.append(torch.tensor(flat, dtype=torch.float64))
+        if self.times:
+            buffers.append(torch.tensor(self.times, dtype=torch.float64))
         return fields, buffers
 
     @classmethod
     def from_wire(cls, msg: Message) -> "Step":
-        slot, step, fresh, rows, joining, width, trim, capacity, nkeep, has_logprobs, nchunks = msg.fields
+        slot, step, fresh, rows, joining, width, trim, capacity, nkeep, has_logprobs, nchunks, ntimes = msg.fields
         bufs = iter(msg.buffers)
         tensor = next(bufs)
         logprobs, top_ids = (next(bufs), next(bufs)) if has_logprobs else (None, None)
@@ -131,11 +145,13 @@ class Step:
                 sampling.append(SamplingParams.from_row(flat[at + 2:at + 2 + n]))
                 prompts.append([int(t) for t in flat[at + 2 + n:at + 2 + n + m]])
                 at += 2 + n + m
+        times = next(bufs).tolist() if ntimes else []
         return cls(slot, step, tensor, bool(fresh), rows, keep, places, pads, width, trim, capacity, sampling,
-                   prompts, logprobs, top_ids, chunks)
+                   prompts, logprobs, top_ids, chunks, times)
 
-    def reply(self, tokens: torch.Tensor, logprobs=None) -> "Step":
-        """The head's answer: this step's token ids, one per row of the slot after the step, and, when
-        rows asked for them, their logprobs (Sampler.logprobs)."""
+    def reply(self, tokens: torch.Tensor, logprobs=None, seconds: float = 0.0) -> "Step":
+        """The head's answer: this step's token ids, one per row of the slot after the step, when rows
+        asked for them their logprobs (Sampler.logprobs), and every stage's compute time, the head's
+        (`seconds`) last."""
         values, ids = logprobs if logprobs is not None else (None, None)
-        return Step(self.slot, self.step, tokens, logprobs=values, top_ids=ids)
+        return Step(self.slot, self.step, tokens, logprobs=values, top_ids=ids, times=self.times + [seconds])

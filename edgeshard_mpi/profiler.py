@@ -132,6 +132,19 @@ class Profile:
     def num_units(self) -> int:
         return len(self.units)
 
+    def scaled(self, factors: dict[int, float]) -> "Profile":
+        """This profile with device j's times x factors[j] (a run's measured drift, drift.py); the
+        copy says so in its notes and is not saved over the measured one."""
+        devices = [dict(d) for d in self.devices]
+        for j, f in factors.items():
+            for key in _TIMES:
+                if key in devices[j]:
+                    v = devices[j][key]
+                    devices[j][key] = [None if x is None else x * f for x in v] if isinstance(v, list) else v * f
+        notes = "; ".join(f"{self.devices[j]['name']} x{f:.2f}" for j, f in sorted(factors.items()))
+        return dataclasses.replace(self, devices=devices, notes=f"{self.notes} scaled by a run: {notes}".strip(),
+                                   source=f"{self.source} (scaled by a run)")
+
     @property
     def device_names(self) -> list[str]:
         return [d["name"] for d in self.devices]
