@@ -22,6 +22,7 @@ import time
 import traceback
 
 from .cluster import HostfileError, format_bytes
+from .drift import DEFAULT_THRESHOLD, DEFAULT_WINDOW
 from .jobs import BENCH_DEFAULT, SCHEDULES, JobError
 from .scheduler import ADMISSIONS
 from .models import ModelError
@@ -80,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--step-timeout", type=_seconds, default=25.0, metavar="S",
                      help="end the job when no tokens reach rank 0 for S seconds, naming the lost rank "
                           "(default 25, so that a lost rank ends the job within 30 s; 0 = wait forever)")
+    run.add_argument("--drift", type=_fraction, default=DEFAULT_THRESHOLD, metavar="F",
+                     help="a stage whose compute is off its profile's by more than this fraction, over its last "
+                          f"{DEFAULT_WINDOW} steps, is drifting: said on the progress line and recorded "
+                          f"(default {DEFAULT_THRESHOLD})")
+    run.add_argument("--replan", action="store_true",
+                     help="when a stage drifts, plan again on the speeds measured, and move to that plan "
+                          "(the micro-batches in flight finish, the shards reload) if it saves more than that costs")
 
     bench = sub.add_parser("bench", help="run the job's prompts under several plans and schedules (under mpiexec)")
     bench.add_argument("job")
@@ -162,6 +170,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction > 0 (0.25 = 25%)")
+    return value
+
+
 def _tokens(text: str) -> int:
     try:
         value = int(text)
@@ -239,7 +257,7 @@ def _mpi_command(args) -> int:
                           admission=args.admission, prefill_chunk=args.prefill_chunk,
                           micro_batches=args.micro_batches, progress=not args.no_progress, trace=args.trace,
                           step_timeout=args.step_timeout or None, compile=args.compile, strict=args.strict,
-                          retry_errors=args.retry_errors)
+                          retry_errors=args.retry_errors, drift=args.drift, replan=args.replan)
         summary = run_job(comm, args.job, opts)
     except SetupFailed as e:  # every rank knows; all leave normally, nothing to abort
         if not e.quiet:
@@ -280,6 +298,10 @@ def _print_summary(s, args) -> None:
         print(f"{i:>5}  {st['rank']:>4}  {st['device']:<14} {units:<30} "
               f"{format_bytes(st['bytes']):>11}  {st['compute_s']:>9.2f}  {st['compute_s'] / s.seconds:>5.0%}"
               + (f"  {p['busy'][i]:>9.0%}" if p else ""))
+    for i, seg in enumerate(s.segments):  # a run that moved to new plans: each plan's part
+        stages = ", ".join(f"{st['device']} {st['first']}..{st['last']}" for st in seg["stages"])
+        print(f"plan {i + 1} of {len(s.segments)}: {stages}: {seg['requests']} requests, {seg['tokens']} tokens in "
+              f"{seg['seconds']:.2f} s ({seg['tokens_per_s']:.1f} tokens/s), loaded in {seg['load_s']:.2f} s")
     late = [st for st in s.stages if st.get("late_steps")]
     if late:  # clock=work could not hold these steps to the profile's time: the host was too busy
         print("steps whose compute outlasted their clock=work time: " + ", ".join(

@@ -20,12 +20,13 @@ import sys
 import time
 from array import array
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from .comm import ACT, STOP, TOKENS, Comm
+from .drift import DriftWatch
 from .jobs import Job, Request
 from .messages import Step
 from .planner import Plan
@@ -64,6 +65,12 @@ class Summary:
     prefill_chunk: int | None = None  # as run: tokens a step prefilled of a long joining prompt
     chunked: int = 0  # requests that joined by chunks
     errors: int = 0  # requests that could not run, recorded with their error (not in `requests`)
+    segments: list[dict] = dataclasses.field(default_factory=list)  # a run that moved: each plan's part (runner.py)
+    leftover: list[Prompt] = dataclasses.field(default_factory=list, repr=False)  # not run: the loop drained to move
+
+    def record(self) -> dict:
+        """The figures the results file keeps (not the shapes, which it has, nor the leftover)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("shapes", "leftover")}
 
     @property
     def tokens_per_s(self) -> float:
@@ -85,28 +92,48 @@ def _parse_fault(text: str | None) -> tuple[int, int | None] | None:
 _FAULT = _parse_fault(os.environ.get("EDGESHARD_FAULT"))  # read once, not at every step
 
 
+def _parse_slow(text: str | None) -> tuple[int, int, float] | None:
+    if not text:
+        return None
+    try:
+        r, s, f = text.split(":")
+        return int(r), int(s), float(f)
+    except ValueError:
+        raise ValueError(f"EDGESHARD_SLOW={text!r} is not RANK:STEP:FACTOR") from None
+
+
+_SLOW = _parse_slow(os.environ.get("EDGESHARD_SLOW"))
+_steps_here = 0  # steps this rank has applied in the job, whatever its plan: what EDGESHARD_SLOW counts
+
+
+def _slow_check(rank: int, shard: Shard) -> None:
+    """EDGESHARD_SLOW=RANK:STEP:FACTOR: from its STEP-th step on, rank RANK's device takes FACTOR times as
+    long for every step, to the end of the job, in whatever plan (Shard.drift). Tests and
+    benchmarks/replan.py slow a device mid-run with it."""
+    global _steps_here
+    _steps_here += 1
+    if _SLOW and _SLOW[0] == rank and _steps_here >= _SLOW[1]:
+        shard.drift = _SLOW[2]
+
+
 def _fault_check(rank: int, step: int) -> None:
     """EDGESHARD_FAULT=RANK[:STEP] raises on that rank (at that step): tests use it to check aborts."""
     if _FAULT and _FAULT[0] == rank and _FAULT[1] in (None, step):
         raise RuntimeError(f"injected fault (EDGESHARD_FAULT={os.environ['EDGESHARD_FAULT']}) at step {step}")
 
 
-def _apply(shard: Shard, stats: dict, tracer: Tracer, step: Step) -> torch.Tensor:
+def _apply(shard: Shard, stats: dict, tracer: Tracer, step: Step) -> tuple[torch.Tensor, float]:
     """One step of a slot on this stage, in the order every stage applies it (messages.Step): rows
     kept, the slot re-laid out, rows joining, chunks (a row joining with its last), then one decode
-    step of every row. Returns this stage's output: what the next stage takes (Step.pack), or, on the
-    head's stage, the logits of the step's rows."""
+    step of every row. Returns this stage's output (what the next stage takes (Step.pack), or, on the
+    head's stage, the logits of the step's rows) and its compute seconds."""
     t0 = time.perf_counter()
     dec, join, chunks = step.split()
     # activations arrive in the sender's dtype (the message header's): this stage computes in its own
     cast = lambda x: None if x is None else x.to(device=shard.device,
                                                     dtype=shard.dtype if x.is_floating_point() else x.dtype)
     dec, join = cast(dec), cast(join)
-    # the tokens of each forward the step runs, for a device that times its work (shard.running)
-    tokens = lambda x: x.shape[0] * x.shape[1]
-    forwards = [tokens(join)] if step.fresh else (
-        [tokens(dec)] + ([tokens(join)] if join is not None else []) + [n for _, _, n, _ in step.chunks])
-    with shard.running(forwards):
+    with shard.running(step.forwards()):  # a device that times its work times it by these
         if step.fresh:
             out = shard.run_units(step.slot, join, step.pads, step.capacity)
         else:
@@ -128,7 +155,7 @@ def _apply(shard: Shard, stats: dict, tracer: Tracer, step: Step) -> torch.Tenso
     stats["compute_s"] += t1 - t0
     stats["steps"] += 1
     tracer.add("prefill" if step.fresh or step.width or step.chunks else "decode", t0, t1, step.slot, step.step)
-    return out
+    return out, t1 - t0
 
 
 def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict, tracer: Tracer) -> None:
@@ -152,18 +179,20 @@ def stage_loop(comm: Comm, shard: Shard, plan: Plan, index: int, stats: dict, tr
             return
         step = Step.from_wire(msg)
         _fault_check(comm.rank, step.step)
-        out = _apply(shard, stats, tracer, step)
+        _slow_check(comm.rank, shard)
+        out, seconds = _apply(shard, stats, tracer, step)
         t0 = time.perf_counter()
         if nxt is not None:
-            comm.send(nxt, ACT, *step.passed_on(out).to_wire(), wait=False)
+            comm.send(nxt, ACT, *step.passed_on(out, seconds).to_wire(), wait=False)
         else:
-            comm.send(0, TOKENS, *_sample_step(samplers, step, out, eos).to_wire(), wait=False)
+            comm.send(0, TOKENS, *_sample_step(samplers, step, out, seconds, eos).to_wire(), wait=False)
         tracer.add("send", t0, time.perf_counter(), step.slot, step.step)
 
 
-def _sample_step(samplers: dict[int, Sampler], step: Step, logits, eos: set[int]) -> Step:
+def _sample_step(samplers: dict[int, Sampler], step: Step, logits, seconds: float, eos: set[int]) -> Step:
     """The head's part of a step: the slot's sampler follows the step's row changes (from the same
-    message every stage receives), then one token per row (and logprobs, for rows that ask): the reply."""
+    message every stage receives), then one token per row (and logprobs, for rows that ask): the
+    reply, with the head's compute `seconds` after the other stages'."""
     if step.fresh:
         sampler = samplers[step.slot] = Sampler(step.sampling, step.prompts, eos)
     else:
@@ -174,7 +203,7 @@ def _sample_step(samplers: dict[int, Sampler], step: Step, logits, eos: set[int]
             appended = range(len(sampler.rows), len(sampler.rows) + step.filled)
             sampler.replace(step.places + list(appended), step.sampling, step.prompts)
     tokens = sampler(logits)
-    return step.reply(tokens, sampler.logprobs(logits, tokens))
+    return step.reply(tokens, sampler.logprobs(logits, tokens), seconds)
 
 
 def _eos_ids(model_path: str) -> set[int]:
@@ -277,11 +306,15 @@ def _record(r: _Row, tok) -> Record:
 def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: Iterator[Prompt],
                 writer: ResultWriter, progress: bool, stats: dict, tracer: Tracer, *, schedule: str = "no-bubbles",
                 in_flight: int = 1, admission: str = "row", total: int | None = None,
-                row_budget: int | None = None, prefill_chunk: int | None = None) -> Summary:
+                row_budget: int | None = None, prefill_chunk: int | None = None, watch: DriftWatch | None = None,
+                move: Callable[[DriftWatch, int, int], bool] | None = None) -> Summary:
     """Rank 0: feed micro-batch slots through the pipeline, results to HDF5 as they finish.
 
     scheduler.py decides what each step of each slot carries (which rows stay, which join) and when it
     goes; this loop builds the step messages, runs rank 0's units, and takes the tokens that come back.
+    `watch` follows each stage's compute against its profile; while a stage drifts, `move(watch,
+    requests done, tokens made)` is asked (at most once a window) whether to move to a new plan: then nothing more is admitted, the
+    micro-batches in flight finish, and the Summary's `leftover` holds the prompts taken but not run.
     """
     from tqdm import tqdm
 
@@ -316,7 +349,8 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     sched = Scheduler(source(), micro_batch_size=job.micro_batch_size, schedule=schedule, in_flight=in_flight,
                       stages=len(plan.stages), admission=admission, row_budget=row_budget,
                       prefill_chunk=prefill_chunk)
-    launched: dict[int, Launch] = {}
+    launched: dict[int, tuple[Launch, list[int]]] = {}  # slot -> its step in flight, and that step's forwards
+    leftover: list[Prompt] = []
 
     def launch(ln: Launch) -> None:
         """Build the slot's step message, run rank 0's units on it, send it on."""
@@ -325,13 +359,14 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
         for r in ln.join + [r for r, start, _ in ln.chunks if start == 0]:
             r.item.t_start = now
         step = _step_of(ln, pad_id)
-        launched[ln.slot] = ln
-        out = _apply(shard, stats, tracer, step)
+        launched[ln.slot] = ln, step.forwards()
+        _slow_check(0, shard)
+        out, seconds = _apply(shard, stats, tracer, step)
         if nxt is None:
-            local_tokens.append(_sample_step(samplers, step, out, eos))
+            local_tokens.append(_sample_step(samplers, step, out, seconds, eos))
         else:
             t0 = time.perf_counter()
-            comm.send(nxt, ACT, *step.passed_on(out).to_wire(), wait=False)
+            comm.send(nxt, ACT, *step.passed_on(out, seconds).to_wire(), wait=False)
             tracer.add("send", t0, time.perf_counter(), ln.slot, ln.step)
 
     def finish(rows: list[_Row]) -> None:
@@ -345,7 +380,14 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
         counts["requests"] += len(records)
         bar.update(len(records))
         errors = f", {counts['errors']} errors" if counts["errors"] else ""
-        bar.set_postfix_str(f"{counts['tokens'] / (time.perf_counter() - t_run):.1f} tok/s{errors}")
+        drift = f", {watch.postfix()}" if watch is not None and watch.drifting else ""
+        bar.set_postfix_str(f"{counts['tokens'] / (time.perf_counter() - t_run):.1f} tok/s{errors}{drift}")
+
+    def watched(back: Step, forwards: list[int]) -> None:
+        for d in watch.observe(back.times, forwards, len(back.tensor), time.perf_counter() - t_run):
+            tqdm.write(f"edgeshard: drift: {d.describe()} over its last {d.steps} steps", file=sys.stderr)
+        if move is not None and not sched.draining and watch.due() and move(watch, counts["requests"], counts["tokens"]):
+            leftover.extend(r.prompt for r in sched.drain())
 
     for ln in sched.start():
         launch(ln)
@@ -358,7 +400,9 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
             tracer.add("wait", t0, time.perf_counter())
             back = Step.from_wire(msg)
         slot = back.slot
-        ln = launched.pop(slot)
+        ln, forwards = launched.pop(slot)
+        if watch is not None:
+            watched(back, forwards)
         now = time.perf_counter()
         finished = []
         values = back.logprobs.tolist() if back.logprobs is not None else None
@@ -382,6 +426,7 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     comm.flush()
     return Summary(counts["requests"], counts["tokens"], 0.0, float(np.mean(ttfts)) if ttfts else float("nan"),
                    float(np.mean(tpots)) if tpots else float("nan"), [],
-                   shapes=list(zip(prompt_lens, output_lens)), admission=admission, prefill_chunk=sched.prefill_chunk,
-                   chunked=sched.chunked,
-                   rows_per_step=sched.row_steps / sched.steps if sched.steps else 0.0, errors=counts["errors"])
+                   shapes=list(zip(prompt_lens, output_lens))[:sched.admitted], admission=admission,
+                   prefill_chunk=sched.prefill_chunk, chunked=sched.chunked,
+                   rows_per_step=sched.row_steps / sched.steps if sched.steps else 0.0, errors=counts["errors"],
+                   leftover=leftover)

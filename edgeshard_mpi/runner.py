@@ -27,11 +27,12 @@ from typing import Iterator
 
 from .cluster import Cluster, format_bytes, parse_hostfile
 from .comm import Comm, versions
+from .drift import DEFAULT_THRESHOLD, DriftWatch, worth_moving
 from .jobs import BENCH_DEFAULT, Job, JobError, choice_seed, count_prompts, read_prompts
 from .openai_batch import CHAT, COMPLETIONS
 from .models import ModelSpec, prepare
 from .pipeline import Prompt, Summary, source_loop, stage_loop
-from .planner import Plan, PlanError, even_plan, plan_for
+from .planner import Plan, PlanError, even_plan, plan_for, predict
 from .profiler import (Profile, cluster_fingerprint, find_profile, measure_profile, model_fingerprint,
                        profile_shapes, profiles_dir)
 from .results import ResultWriter, done_key
@@ -65,6 +66,8 @@ class RunOptions:
     step_timeout: float | None = 25.0  # rank 0 declares a rank lost after this long without tokens
     compile: bool | None = None  # torch.compile each stage's decode step; None = as the job says
     strict: bool = False  # the first request that cannot run stops the job (else it is recorded, and the job goes on)
+    drift: float = DEFAULT_THRESHOLD  # a stage off its profile by more than this fraction is drifting (drift.py)
+    replan: bool = False  # when a stage drifts, plan again on what was measured, and move if that pays
 
 
 _MAX_REPLAY_EVENTS = 2_000_000  # stage steps the end-of-run prediction replays at most (about 2 s)
@@ -211,6 +214,12 @@ class _Local:
     in_flight: int | None = None  # micro-batches in flight if asked for (options, job): scheduler.in_flight_for
     shapes: dict | None = None  # the shapes this job is profiled at (profiler.profile_shapes)
     cluster: Cluster | None = None
+    drift: float = DEFAULT_THRESHOLD
+    replan: bool = False
+    measured: Profile | None = None  # the profile as the run measured it (scaled by each stage's drift)
+    next_plan: Plan | None = None  # where a run that drains to move goes next
+    moves: list = dataclasses.field(default_factory=list)  # every time a new plan was weighed
+    drifts: list = dataclasses.field(default_factory=list)  # drift.Drift events, as dicts
 
 
 def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode: str = "run"):
@@ -250,6 +259,7 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
     local.row_tokens, local.longest, local.admission = columns * job.micro_batch_size, longest, admission
     local.prefill_chunk = (job.prefill_chunk if opts.prefill_chunk is None else opts.prefill_chunk) or None
     local.schedule, local.in_flight = opts.schedule or job.schedule, in_flight
+    local.drift, local.replan = opts.drift, opts.replan and for_run
     plan = _given_plan(job, opts, spec, world) if for_run else None
     if mode == "bench":
         local.objective = "throughput"
@@ -271,7 +281,9 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
     else:
         plan.check_world(world)
         plan.check_for(model_fingerprint(spec), cluster_fingerprint([d.to_dict() for d in cluster.devices]))
-        if any(d.clock == "work" for d in cluster.devices):  # its stages' times come from a profile
+        # a device that times its work takes its stages' times from a profile, and re-planning
+        # compares stages with one
+        if any(d.clock == "work" for d in cluster.devices) or local.replan:
             local.profile = Profile.load(opts.profile) if opts.profile else _saved_profile(local)
             if local.profile is None:
                 measure = shapes
@@ -376,20 +388,60 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
         comm.step_timeout = opts.step_timeout  # from here on a silent pipeline means a lost rank
 
     try:
-        summary = _execute(comm, spec, cluster, plan, local, local.prompts if rank == 0 else None,
-                           schedule=opts.schedule or (local.job.schedule if rank == 0 else ""),
-                           in_flight=local.in_flight if rank == 0 else None, progress=opts.progress,
-                           trace=opts.trace, shared=shared)
+        prompts, parts = local.prompts if rank == 0 else None, []
+        while True:  # one plan after another: a run moves to a new plan only with --replan
+            summary = _execute(comm, spec, cluster, plan, local, prompts,
+                               schedule=opts.schedule or (local.job.schedule if rank == 0 else ""),
+                               in_flight=local.in_flight if rank == 0 else None, progress=opts.progress,
+                               trace=opts.trace, shared=shared)
+            nxt = comm.bcast(local.next_plan.to_dict() if rank == 0 and local.next_plan else None)
+            if rank == 0:
+                parts.append((plan, summary))
+                if local.moves:
+                    local.writer.set_attr("moves", local.moves)
+                prompts = itertools.chain(summary.leftover, prompts)
+                local.total -= summary.requests + summary.errors
+                local.next_plan = None
+            if nxt is None:
+                break
+            plan = Plan.from_dict(nxt, spec.num_units)
         if rank == 0:
+            summary = _joined(parts)
             if opts.trace:
                 local.writer.set_attr("trace", str(Path(opts.trace).resolve()))
-            kept = {k: v for k, v in dataclasses.asdict(summary).items() if k != "shapes"}  # the file has them
-            local.writer.set_attr("summary", kept)
+            local.writer.set_attr("summary", summary.record())
             local.writer.close(complete=True)
         return summary
     finally:
         if rank == 0:
             local.writer.close()  # whatever happened, committed records stay readable
+
+
+def _joined(parts: list[tuple[Plan, Summary]]) -> Summary:
+    """One Summary of a run that moved between plans: its parts' counts added, their means weighted by
+    requests, the last plan's stages, and each part's plan and figures in `segments`. The wall time
+    includes the reloads between parts (each part's own figures start after its load)."""
+    if len(parts) == 1:
+        return parts[0][1]
+    summaries = [s for _, s in parts]
+    last = summaries[-1]
+
+    def mean(key: str) -> float:
+        pairs = [(getattr(s, key), s.requests) for s in summaries if s.requests and getattr(s, key) == getattr(s, key)]
+        n = sum(w for _, w in pairs)
+        return sum(v * w for v, w in pairs) / n if n else float("nan")
+
+    reloads = sum(max(st.get("load_s", 0.0) for st in s.ranks) for s in summaries[1:])
+    return dataclasses.replace(
+        last, requests=sum(s.requests for s in summaries), tokens=sum(s.tokens for s in summaries),
+        seconds=sum(s.seconds for s in summaries) + reloads, ttft_ms=mean("ttft_ms"), ms_per_token=mean("ms_per_token"),
+        shapes=[x for s in summaries for x in s.shapes], predicted=None, rows_per_step=mean("rows_per_step"),
+        chunked=sum(s.chunked for s in summaries), errors=sum(s.errors for s in summaries), leftover=[],
+        segments=[{"plan": p.to_dict(), "requests": s.requests, "tokens": s.tokens, "seconds": s.seconds,
+                   "tokens_per_s": s.tokens_per_s, "load_s": max(st.get("load_s", 0.0) for st in s.ranks),
+                   "stages": [{k: st[k] for k in ("rank", "device", "first", "last", "compute_s", "steps")}
+                              for st in s.stages]}
+                  for p, s in parts])
 
 
 def _saved_profile(local: _Local) -> Profile | None:
@@ -410,6 +462,64 @@ def _work_clocks(comm: Comm, cluster: Cluster, plan: Plan, local: _Local | None)
         costs = StepCosts.from_profile(local.profile or _saved_profile(local), plan)
         lines = {s.rank: costs.line(i) for i, s in enumerate(plan.stages) if cluster.devices[s.rank].clock == "work"}
     return comm.bcast(lines)
+
+
+def _watch(local: _Local, cluster: Cluster, plan: Plan) -> DriftWatch | None:
+    """Rank 0: a DriftWatch over the plan's stages, predicting from the profile as measured so far;
+    None without a profile (a given plan, and none saved)."""
+    prof = local.measured or local.profile or _saved_profile(local)
+    if prof is None:
+        return None
+    costs = StepCosts.from_profile(prof, plan)
+    return DriftWatch([costs.line(i) for i in range(len(plan.stages))],
+                      [cluster.devices[s.rank].name for s in plan.stages], threshold=local.drift)
+
+
+def _mover(local: _Local, cluster: Cluster, plan: Plan, reload_s: float, in_flight: int):
+    """Rank 0, with --replan: the source loop's `move(watch, requests, tokens)`. It scales each stage's
+    device in the profile by what the run measured (drift.DriftWatch.ratios), plans again, and says
+    whether the new plan saves more of the time left than the move costs (drift.worth_moving); then
+    `local.next_plan` is where the run goes once the micro-batches in flight have finished."""
+    objective = local.objective if local.objective in ("latency", "throughput") else "throughput"
+    key = "latency_s" if objective == "latency" else "bottleneck_s"
+
+    from tqdm import tqdm
+
+    def move(watch: DriftWatch, requests: int, tokens: int) -> bool:
+        ratios = watch.ratios()
+        measured = (local.measured or local.profile or _saved_profile(local)).scaled(
+            {s.rank: r for s, r in zip(plan.stages, ratios) if r is not None})
+        costs = measured.costs(kv_tokens=local.kv_tokens, row_tokens=local.longest)
+        try:
+            new = plan_for(costs, objective)
+            _check_memory(local.spec, new, cluster, local.row_tokens * in_flight_for(
+                local.schedule, len(new.stages), local.in_flight), local.longest)
+        except PlanError:
+            return False
+        rate, between = watch.pace()
+        per_request = tokens / requests if requests else local.job.generation.max_new_tokens
+        remaining_s = (local.total - requests) * per_request / rate if rate > 0 else 0.0
+        # while the last micro-batches of the old plan finish, the pipeline empties: about half of
+        # a request's steps of each slot's round trip are lost
+        drain_s = 0.5 * per_request * between * in_flight
+        same = new.stages == plan.stages
+        go, saved = (False, 0.0) if same else worth_moving(predict(costs, plan)[key], predict(costs, new)[key],
+                                                           remaining_s, reload_s, drain_s)
+        names = [d.name for d in cluster.devices]
+        local.moves.append({
+            "at_s": watch.last_s, "ratios": {names[s.rank]: r for s, r in zip(plan.stages, ratios)},
+            "plan": plan.to_dict(), "candidate": new.to_dict(), "remaining_s": remaining_s, "saved_s": saved,
+            "reload_s": reload_s, "drain_s": drain_s, "moved": go})
+        stages = ", ".join(f"{names[s.rank]} {s.first}..{s.last}" for s in new.stages)
+        verdict = ("it is this plan: staying" if same else
+                   f"it saves {saved:.1f} s of the {remaining_s:.1f} s left, against {reload_s + drain_s:.1f} s "
+                   f"to move: {'moving' if go else 'staying'}")
+        tqdm.write(f"edgeshard: replan: the plan for the speeds measured is {stages}; {verdict}", file=sys.stderr)
+        if go:
+            local.measured, local.next_plan = measured, new
+        return go
+
+    return move
 
 
 def _predict(local: _Local, plan: Plan, summary: Summary, schedule: str, in_flight: int) -> Simulation | None:
@@ -448,26 +558,34 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     index = plan.stage_of(rank)
     shard = None
     clocks = _work_clocks(comm, cluster, plan, local)
+    t_load = time.perf_counter()
     if index is not None:
         st = plan.stages[index]
         shard = Shard(_own_spec(spec, device), st.first, st.last, device.torch, slowdown=device.slowdown,
                       memory=device.memory, compile=shared.compile, clock=clocks.get(rank))
         shard.warm_up(shared.rows)  # compiles before the clock starts, never in a step the timeout watches
+    load_s = time.perf_counter() - t_load
     comm.barrier()  # every shard loaded: the clock starts together
+    reload_s = comm.gather(load_s)  # rank 0: what moving to another plan would cost again
     tracer = Tracer(enabled=trace is not None)
     tracer.start()
 
     stats = {"rank": rank, "device": device.name, "compute_s": 0.0, "steps": 0,
-             "bytes": shard.param_bytes if shard else 0, "threads": torch.get_num_threads()}
+             "bytes": shard.param_bytes if shard else 0, "threads": torch.get_num_threads(), "load_s": load_s}
     start, cpu_start = time.perf_counter(), time.process_time()
     summary = None
     schedule = schedule or "no-bubbles"
     in_flight = in_flight_for(schedule, len(plan.stages), in_flight)
     if rank == 0:
+        watch = _watch(local, cluster, plan)
+        move = _mover(local, cluster, plan, max(reload_s), in_flight) if watch and local.replan else None
         summary = source_loop(comm, shard, plan, local.job, local.tok, prompts, local.writer, progress, stats,
                               tracer, schedule=schedule, in_flight=in_flight, total=local.total,
                               admission=local.admission, row_budget=local.row_tokens // local.job.micro_batch_size,
-                              prefill_chunk=local.prefill_chunk)
+                              prefill_chunk=local.prefill_chunk, watch=watch, move=move)
+        if watch is not None and watch.events:
+            local.drifts += [dataclasses.asdict(d) for d in watch.events]
+            local.writer.set_attr("drift", local.drifts)
     elif shard is not None:
         stage_loop(comm, shard, plan, index, stats, tracer)
     comm.barrier()  # ranks done early (or left out) wait here for the last one, without spinning

@@ -76,7 +76,8 @@ class Shard:
     thread: cluster.default_threads). With `clock` (a device's `clock=work`), a step takes instead what
     the line gives for the tokens of its forwards: a fixed function of its work, whatever the host's
     load. `memory` (bytes) is the device's budget: a shard whose weights exceed it is refused before
-    anything is read.
+    anything is read. `drift` (1 unless set) stretches every step further: a device that slowed down
+    mid-run, as pipeline's EDGESHARD_SLOW hook makes one for tests of re-planning.
     """
 
     def __init__(self, spec: ModelSpec, first: int, last: int, device: str = "cpu", *, slowdown: float = 1.0,
@@ -92,6 +93,7 @@ class Shard:
                              f"more than this device's memory budget of {memory} bytes")
         self.spec, self.first, self.last = spec, first, last
         self.slowdown, self.clock = slowdown, clock
+        self.drift = 1.0
         self.late = 0  # steps whose own compute outlasted the clock's time for them (clock=work)
         self.device = torch.device(device)
         self.dtype = TORCH_DTYPES[spec.dtype]
@@ -274,15 +276,17 @@ class Shard:
         step's `forwards` (the tokens of each), the rest spent asleep."""
         # a compiled graph cannot take inference tensors (their version counters are gone)
         with torch.no_grad() if self.compiled else torch.inference_mode():
-            if self.slowdown == 1.0:
+            if self.slowdown == 1.0 and self.drift == 1.0:
                 yield
                 return
             wall, cpu = time.perf_counter(), time.thread_time()
             yield
             if self.clock is not None:
-                target = sum(self.clock.seconds(n) for n in forwards)
+                target = self.drift * sum(self.clock.seconds(n) for n in forwards)
+            elif self.slowdown == 1.0:  # a real device slowed: its own threads' time is not this thread's
+                target = self.drift * (time.perf_counter() - wall)
             else:
-                target = self.slowdown * (time.thread_time() - cpu)
+                target = self.drift * self.slowdown * (time.thread_time() - cpu)
             left = target - (time.perf_counter() - wall)
             self.late += left < 0
             time.sleep(max(0.0, left))

@@ -64,8 +64,8 @@ def _run(shard, prompts, eos: int, mbs: int, in_flight: int, admission: str = "r
         chunked |= {id(r.item) for r in ln.filled}
         places |= {i for i, r in enumerate(ln.rows) if id(r.item) in late}
         for stage in shards[:-1]:
-            step = step.passed_on(_apply(stage, stats, tracer, step))
-        tokens = _sample_step(samplers, step, _apply(shards[-1], stats, tracer, step), {eos}).tensor.tolist()
+            step = step.passed_on(*_apply(stage, stats, tracer, step))
+        tokens = _sample_step(samplers, step, *_apply(shards[-1], stats, tracer, step), {eos}).tensor.tolist()
         finished = []
         for i, (r, t) in enumerate(zip(ln.rows, tokens)):
             r.item.add(t, 0.0, {eos}, None)
