@@ -450,10 +450,9 @@ def _print_profile(prof) -> None:
           f"{prof.source}")
     print(f"{'rank':>4}  {'device':<14} {'slowdown':>8} {'prefill ms':>10} {'decode ms':>10} {'spread':>7}")
     for r, (d, spread) in enumerate(zip(prof.devices, prof.spreads())):
-        total = lambda ts: sum(t for t in ts if t is not None)
         out = sum(t is None for t in d["decode_s"])
-        print(f"{r:>4}  {d['name']:<14} {d.get('slowdown', 1.0):>8.2f} {total(d['prefill_s']) * 1e3:>10.2f} "
-              f"{total(d['decode_s']) * 1e3:>10.2f} {'-' if spread is None else f'{spread:.0%}':>7}"
+        print(f"{r:>4}  {d['name']:<14} {d.get('slowdown', 1.0):>8.2f} {prof.total_s(r, 'prefill') * 1e3:>10.2f} "
+              f"{prof.total_s(r) * 1e3:>10.2f} {'-' if spread is None else f'{spread:.0%}':>7}"
               + (f"  ({out} unit(s) larger than its memory, not timed)" if out else ""))
     print("links (one-way latency ms / bandwidth Mbit/s), row = from, column = to:")
     for k in range(len(prof.devices)):

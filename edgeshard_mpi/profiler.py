@@ -132,6 +132,11 @@ class Profile:
     def num_units(self) -> int:
         return len(self.units)
 
+    def total_s(self, j: int, phase: str = "decode") -> float:
+        """Device j's time for every unit it could hold, one after another (units over its memory,
+        recorded as None, left out)."""
+        return sum(t for t in self.devices[j][f"{phase}_s"] if t is not None)
+
     def scaled(self, factors: dict[int, float]) -> "Profile":
         """This profile with device j's times x factors[j] (a run's measured drift, drift.py); the
         copy says so in its notes and is not saved over the measured one."""
@@ -273,12 +278,11 @@ def compare(old: Profile, new: Profile) -> list[tuple[str, float | None, float |
     if len(old.devices) != len(new.devices):
         raise ProfileError(f"{new.source}: {len(new.devices)} devices, {old.source}: {len(old.devices)}; "
                            f"compare profiles of one cluster")
-    total = lambda ts: sum(t for t in ts if t is not None)
     rows = []
     for j, (a, b) in enumerate(zip(old.devices, new.devices)):
         name = a["name"] if a["name"] == b["name"] else f"{a['name']} -> {b['name']}"
-        for key in ("decode_s", "prefill_s"):
-            rows.append((f"rank {j} {name} {key[:-2]}", total(a[key]), total(b[key])))
+        for phase in ("decode", "prefill"):
+            rows.append((f"rank {j} {name} {phase}", old.total_s(j, phase), new.total_s(j, phase)))
     for k in range(len(old.devices)):
         for j in range(k + 1, len(old.devices)):
             link = f"link {old.devices[k]['name']} - {old.devices[j]['name']}"
