@@ -125,7 +125,8 @@ class Profile:
                     if max(a, b) > SPREAD_BOUND]
             if wide:
                 out.append(f"device {d['name']}: {len(wide)} of {self.num_units} units scatter more than "
-                           f"{SPREAD_BOUND:.0%} over repeats (up to {max(wide):.0%})")
+                           f"{SPREAD_BOUND:.0%} over repeats or against the devices emulated beside it "
+                           f"(up to {max(wide):.0%})")
         return out
 
     @property
@@ -516,6 +517,35 @@ def _ping_pong(comm, peer: int, initiator: bool, repeats: int) -> tuple[float, f
     return latency, bandwidth
 
 
+def _one_host_disagreement(gathered: list[dict], devices: list, spec) -> None:
+    """Devices emulated on one host by CPU time (slowdown > 1, clock=cpu) all time one CPU: each unit's
+    time per unit of slowdown should be the same on every one of them (of one dtype and
+    quantization). How far a device's is from the group's median is noise of that emulation (the
+    host ran faster or slower during its turn), which repeats taken moments apart cannot see, and it
+    is the noise that hands another plan the lead between two profiles (one device measured as fast
+    as a faster one). Each unit's spread becomes the larger of the two, so that `edgeshard plan`'s
+    confidence (confidence.py) weighs it."""
+    groups: dict[tuple, list[dict]] = {}
+    for g in gathered:
+        d = devices[g["rank"]]
+        if d.clock == "cpu" and d.slowdown != 1.0:
+            groups.setdefault(d.precision(spec.dtype, spec.quantize), []).append(g)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        slow = {g["rank"]: devices[g["rank"]].slowdown for g in group}
+        for phase in ("decode", "prefill"):
+            key = f"{phase}_s"
+            for u in range(len(group[0][key])):
+                per = {g["rank"]: g[key][u] / slow[g["rank"]] for g in group if g[key][u] is not None}
+                if len(per) < 2:
+                    continue
+                mid = statistics.median(per.values())
+                for g in group:
+                    if g["rank"] in per and mid > 0:
+                        g[f"{phase}_spread"][u] = max(g[f"{phase}_spread"][u], abs(per[g["rank"]] / mid - 1))
+
+
 def _one_host_calibration(gathered: list[dict], devices: list, spec) -> None:
     """Devices that time their work (clock=work) take one calibration of the host between them: each
     unit's least time per unit of slowdown over all of them (of one dtype and quantization), times
@@ -584,6 +614,7 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
         return None
     gathered = sorted(gathered, key=lambda g: g["rank"])
     _one_host_calibration(gathered, devices, spec)
+    _one_host_disagreement(gathered, devices, spec)
     m = comm.size
     bandwidth = [[None] * m for _ in range(m)]
     latency = [[0.0] * m for _ in range(m)]

@@ -146,3 +146,32 @@ def test_work_clock_devices_share_one_calibration():
     assert c == measured(2, [9.0, 9.0])  # the CPU clock's figures are its own
     # alone in its precision: its own figures, which a run then takes exactly, so no spread
     assert d == {**measured(3, [5.0, 5.0]), "decode_spread": [0.0, 0.0], "prefill_spread": [0.0, 0.0]}
+
+
+def test_cpu_clock_devices_on_one_host_spread_by_how_far_they_disagree():
+    # each unit's time per unit of slowdown against the median of the CPU-clock emulated devices of
+    # one precision; the larger of that and the repeats' spread; real devices, work-clock devices
+    # and a device alone in its precision keep their own
+    from edgeshard_mpi.profiler import _one_host_disagreement
+
+    class Spec:
+        dtype, quantize = "float32", None
+
+    devices = [Device(name="board", slowdown=6), Device(name="mid", slowdown=4), Device(name="server", slowdown=3),
+               Device(name="real"), Device(name="w", slowdown=2, clock="work"),
+               Device(name="b16", slowdown=2, dtype="bfloat16")]
+
+    def measured(rank, decode):
+        return {"rank": rank, "decode_s": decode, "prefill_s": [8 * t if t else None for t in decode],
+                "decode_spread": [0.05] * 2, "prefill_spread": [0.05] * 2}
+
+    # per unit of slowdown, unit 0: 1.0, 0.75 (mid measured as fast as server would be), 1.0; unit 1:
+    # 1.0, 1.02, None (did not fit)
+    gathered = [measured(0, [6.0, 6.0]), measured(1, [3.0, 4.08]), measured(2, [3.0, None]),
+                measured(3, [1.0, 1.0]), measured(4, [5.0, 5.0]), measured(5, [9.0, 9.0])]
+    _one_host_disagreement(gathered, devices, Spec())
+    board, mid, server, *rest = gathered
+    assert mid["decode_spread"] == pytest.approx([0.25, 0.05]) and mid["prefill_spread"] == pytest.approx([0.25, 0.05])
+    assert board["decode_spread"] == pytest.approx([0.05, 0.05])  # the median's own device
+    assert server["decode_spread"] == pytest.approx([0.05, 0.05])
+    assert rest == [measured(3, [1.0, 1.0]), measured(4, [5.0, 5.0]), measured(5, [9.0, 9.0])]
