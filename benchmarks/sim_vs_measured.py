@@ -1,6 +1,7 @@
 """The simulator's predictions against measured runs: three emulated clusters, each schedule.
 
-    python benchmarks/sim_vs_measured.py [--clusters hetero4,paper-mini,trio3] [--clock cpu|work] [--out results/sim]
+    python benchmarks/sim_vs_measured.py [--clusters hetero4,paper-mini,trio3] [--clock cpu|work]
+                                         [--profile-load turns|together] [--out results/sim]
 
 For each cluster, `edgeshard bench` runs the job's 16 prompts (smollm2-135m, micro-batches of 2,
 24 new tokens) under the throughput plan with the `sequential`, `bubbles` and `no-bubbles`
@@ -15,6 +16,9 @@ profile's time for its work, whatever the host's load at that moment, so that wh
 measured and predicted is what the simulator models besides compute (schedules, links, per-step
 overheads). Target then: within 10%, run after run. `late` counts the steps whose real compute
 outlasted the clock's time (then the clock could not hold).
+
+`--profile-load together` measures each fresh profile with every rank at once (the load a run puts
+on ranks that share a host) instead of in turns; compare both on the CPU clock to see which predicts.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clusters", default=",".join(CLUSTERS))
     ap.add_argument("--clock", choices=("cpu", "work"), default="cpu")
+    ap.add_argument("--profile-load", choices=("turns", "together"), default="turns")
     ap.add_argument("--out", default=str(ROOT / "results" / "sim"))
     args = ap.parse_args()
     table = []
@@ -49,9 +54,9 @@ def main() -> None:
         if args.clock == "work":
             hostfile = with_work_clock(ROOT / hostfile, fresh / Path(hostfile).name)
         rows = run_bench(hostfile, job, [f"throughput:{s}" for s in SCHEDULES], Path(args.out) / f"{name}.json",
-                         profiles=fresh / name)
+                         profiles=fresh / name, extra=["--profile-load", args.profile_load])
         table += [(name, r) for r in rows]
-    print(f"\nclock={args.clock}")
+    print(f"\nclock={args.clock}, profiles measured in {args.profile_load}")
     print(f"{'cluster':<11} {'schedule':<11} {'tok/s meas':>10} {'pred':>7} {'ratio':>6}   "
           f"{'ms/tok meas':>11} {'pred':>7} {'ratio':>6}   {'TTFT ms meas':>12} {'pred':>7} {'late':>5}")
     worst = 0.0

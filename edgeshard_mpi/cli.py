@@ -27,7 +27,7 @@ from .jobs import BENCH_DEFAULT, SCHEDULES, JobError
 from .scheduler import ADMISSIONS
 from .models import ModelError
 from .planner import OBJECTIVES, PlanError
-from .profiler import ProfileError
+from .profiler import LOADS, ProfileError
 from .results import ResultsError
 from .scheduler import in_flight_for
 
@@ -44,6 +44,12 @@ def _job_shape_args(p: argparse.ArgumentParser) -> None:
                    "context minus its prompt, the job it was profiled for)")
     p.add_argument("--micro-batches", type=int, help="micro-batches in the job (default: those in flight)")
     p.add_argument("--in-flight", type=int, help="micro-batches in flight (default: twice the stages)")
+
+
+def _profile_load_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile-load", choices=list(LOADS), default="turns",
+                   help="a profile measured here: ranks take turns, unit by unit (default), or all measure at "
+                        "once, under the load a run puts on ranks that share a host; each is saved and found apart")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="a stage whose compute is off its profile's by more than this fraction, over its last "
                           f"{DEFAULT_WINDOW} steps, is drifting: said on the progress line and recorded "
                           f"(default {DEFAULT_THRESHOLD})")
+    _profile_load_option(run)
     run.add_argument("--replan", action="store_true",
                      help="when a stage drifts, plan again on the speeds measured, and move to that plan "
                           "(the micro-batches in flight finish, the shards reload) if it saves more than that costs")
@@ -92,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the job's prompts under several plans and schedules (under mpiexec)")
     bench.add_argument("job")
     bench.add_argument("--hostfile")
+    _profile_load_option(bench)
     bench.add_argument("--configs", help="comma-separated objective:schedule pairs (default: "
                        + ",".join(f"{o}:{s}" for o, s in BENCH_DEFAULT) + ")")
     bench.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, else twice the stages)")
@@ -112,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--hostfile")
     prof.add_argument("--out", help="profile JSON to write (default: profiles/measured/<key>.json)")
     prof.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is kept")
+    _profile_load_option(prof)
 
     plan = sub.add_parser("plan", help="plan from a profile and print the plan")
     plan.add_argument("--profile", required=True)
@@ -240,7 +249,8 @@ def _mpi_command(args) -> int:
                                                         micro_batches=args.micro_batches, compile=args.compile,
                                                         admission=args.admission,
                                                         prefill_chunk=args.prefill_chunk,
-                                                        step_timeout=args.step_timeout or None), configs)
+                                                        step_timeout=args.step_timeout or None,
+                                                        profile_load=args.profile_load), configs)
             if rows is not None:
                 _print_bench(rows)
                 if args.json:
@@ -248,7 +258,8 @@ def _mpi_command(args) -> int:
                         json.dump(rows, f, indent=1)
             return 0
         if args.command == "profile":
-            prof = profile_job(comm, args.job, RunOptions(hostfile=args.hostfile, repeats=args.repeats), args.out)
+            prof = profile_job(comm, args.job, RunOptions(hostfile=args.hostfile, repeats=args.repeats,
+                                                          profile_load=args.profile_load), args.out)
             if prof is not None:
                 _print_profile(prof)
             return 0
@@ -257,7 +268,8 @@ def _mpi_command(args) -> int:
                           admission=args.admission, prefill_chunk=args.prefill_chunk,
                           micro_batches=args.micro_batches, progress=not args.no_progress, trace=args.trace,
                           step_timeout=args.step_timeout or None, compile=args.compile, strict=args.strict,
-                          retry_errors=args.retry_errors, drift=args.drift, replan=args.replan)
+                          retry_errors=args.retry_errors, drift=args.drift, replan=args.replan,
+                          profile_load=args.profile_load)
         summary = run_job(comm, args.job, opts)
     except SetupFailed as e:  # every rank knows; all leave normally, nothing to abort
         if not e.quiet:

@@ -61,15 +61,21 @@ def _pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-def profile_shapes(prompt_lengths: list[int], max_new_tokens: int, micro_batch_size: int) -> dict:
+LOADS = ("turns", "together")  # how ranks take their measurements: see measure_profile
+
+
+def profile_shapes(prompt_lengths: list[int], max_new_tokens: int, micro_batch_size: int, load: str = "turns") -> dict:
     """The shapes a job is profiled at, rounded up to powers of two so that similar jobs share them.
 
     prompt_tokens: the median prompt length; context: the mean context seen while decoding
-    (prompt + half the new tokens).
+    (prompt + half the new tokens). load: "together" (measure_profile) is kept with them, so that
+    a profile measured that way is found only by runs that ask for it.
     """
+    if load not in LOADS:
+        raise ValueError(f"profile load {load!r}: choose one of {', '.join(LOADS)}")
     p = _pow2(int(statistics.median(prompt_lengths)))
     return {"prompt_tokens": p, "context": _pow2(p + max(1, max_new_tokens // 2)),
-            "micro_batch_size": micro_batch_size}
+            "micro_batch_size": micro_batch_size, **({"load": load} if load != "turns" else {})}
 
 
 def profiles_dir() -> Path:
@@ -328,8 +334,9 @@ def find_profile(model_fp: str, cluster_fp: str, shapes: dict, folder: Path | No
 
 
 def _file_name(model_fp: str, cluster_fp: str, shapes: dict) -> str:
+    load = "-together" if shapes.get("load") == "together" else ""
     return (f"{model_fp[:8]}-{cluster_fp[:8]}-b{shapes['micro_batch_size']}-p{shapes['prompt_tokens']}"
-            f"-c{shapes['context']}.json")
+            f"-c{shapes['context']}{load}.json")
 
 
 # -- measuring (under mpiexec) -----------------------------------------------------------------
@@ -579,12 +586,21 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
     Each rank measures and reports its units in its device's own dtype and quantization."""
     me = devices[comm.rank]
     own = spec.with_precision(*me.precision(spec.dtype, spec.quantize))
+    together = shapes.get("load") == "together"
 
     def turn(fn):
         """Run fn on each rank in turn. Ranks on one host must not share cores while timed, and
         taking turns unit by unit (not rank by rank) times every device's unit u within moments of
         the others': this VM's speed drifts by tens of percent over a minute, and the planner
-        needs the devices' relative speeds right above all."""
+        needs the devices' relative speeds right above all.
+
+        With shapes' load "together", every rank measures unit u at once instead: the load a run
+        puts on ranks that share a host (their CPU time swells while the others compute)."""
+        if together:
+            comm.barrier()
+            out = fn()
+            comm.barrier()
+            return out
         out = None
         for r in range(comm.size):
             if r == comm.rank:

@@ -66,6 +66,7 @@ class RunOptions:
     step_timeout: float | None = 25.0  # rank 0 declares a rank lost after this long without tokens
     compile: bool | None = None  # torch.compile each stage's decode step; None = as the job says
     strict: bool = False  # the first request that cannot run stops the job (else it is recorded, and the job goes on)
+    profile_load: str = "turns"  # a profile measured here: ranks in turns, or all "together" (profiler.LOADS)
     drift: float = DEFAULT_THRESHOLD  # a stage off its profile by more than this fraction is drifting (drift.py)
     replan: bool = False  # when a stage drifts, plan again on what was measured, and move if that pays
 
@@ -268,7 +269,7 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
     measure = None
     local.cluster = cluster
     shapes = local.shapes = profile_shapes([len(p.ids) for p in sample] or [1], job.generation.max_new_tokens,
-                                           job.micro_batch_size)
+                                           job.micro_batch_size, opts.profile_load)
     if plan is None:
         local.objective = opts.objective or (job.plan or {}).get("objective", "throughput")
         if opts.profile:
