@@ -313,8 +313,9 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     scheduler.py decides what each step of each slot carries (which rows stay, which join) and when it
     goes; this loop builds the step messages, runs rank 0's units, and takes the tokens that come back.
     `watch` follows each stage's compute against its profile; while a stage drifts, `move(watch,
-    requests done, tokens made)` is asked (at most once a window) whether to move to a new plan: then nothing more is admitted, the
-    micro-batches in flight finish, and the Summary's `leftover` holds the prompts taken but not run.
+    requests done, tokens made)` is asked (at most once a window) whether to move to a new plan:
+    then nothing more is admitted, the micro-batches in flight finish, and the Summary's `leftover`
+    holds the prompts taken but not run.
     """
     from tqdm import tqdm
 

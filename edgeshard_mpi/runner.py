@@ -481,10 +481,10 @@ def _mover(local: _Local, cluster: Cluster, plan: Plan, reload_s: float, in_flig
     device in the profile by what the run measured (drift.DriftWatch.ratios), plans again, and says
     whether the new plan saves more of the time left than the move costs (drift.worth_moving); then
     `local.next_plan` is where the run goes once the micro-batches in flight have finished."""
+    from tqdm import tqdm
+
     objective = local.objective if local.objective in ("latency", "throughput") else "throughput"
     key = "latency_s" if objective == "latency" else "bottleneck_s"
-
-    from tqdm import tqdm
 
     def move(watch: DriftWatch, requests: int, tokens: int) -> bool:
         ratios = watch.ratios()
