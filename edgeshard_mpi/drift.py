@@ -4,7 +4,7 @@ Every step message comes back to the source with each stage's compute time for i
 The source knows what the step carried (Step.forwards), so it knows what the profile said that step
 would take on each stage (simulate.StageLine, the line the simulator costs it with). `DriftWatch`
 keeps both over each stage's last `window` steps; a stage whose sum is off the prediction's by more
-than `threshold` is drifting: a device throttled, a new tenant, a battery saver, or a profile taken
+than `threshold` is drifting (until it is back within half of that): a device throttled, a new tenant, a battery saver, or a profile taken
 while the host ran faster or slower. A window of steps, not one, so that a single slow step (a page
 fault, a neighbour's burst) never counts.
 
@@ -82,7 +82,8 @@ class DriftWatch:
             r = self.ratio(i)
             if r is None:
                 continue
-            off = abs(r - 1) > self.threshold
+            # in past the threshold, out only within half of it: a stage near the edge does not flap
+            off = abs(r - 1) > (self.threshold / 2 if i in self.drifting else self.threshold)
             if off != (i in self.drifting):
                 (self.drifting.add if off else self.drifting.discard)(i)
                 if off:  # ask only once a whole window has passed at the new pace
