@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import resource
 import sys
@@ -428,7 +429,7 @@ def _joined(parts: list[tuple[Plan, Summary]]) -> Summary:
     last = summaries[-1]
 
     def mean(key: str) -> float:
-        pairs = [(getattr(s, key), s.requests) for s in summaries if s.requests and getattr(s, key) == getattr(s, key)]
+        pairs = [(getattr(s, key), s.requests) for s in summaries if s.requests and not math.isnan(getattr(s, key))]
         n = sum(w for _, w in pairs)
         return sum(v * w for v, w in pairs) / n if n else float("nan")
 
@@ -465,20 +466,16 @@ def _work_clocks(comm: Comm, cluster: Cluster, plan: Plan, local: _Local | None)
     return comm.bcast(lines)
 
 
-def _watch(local: _Local, cluster: Cluster, plan: Plan) -> DriftWatch | None:
-    """Rank 0: a DriftWatch over the plan's stages, predicting from the profile as measured so far;
-    None without a profile (a given plan, and none saved)."""
-    prof = local.measured or local.profile or _saved_profile(local)
-    if prof is None:
-        return None
+def _watch(prof: Profile, cluster: Cluster, plan: Plan, threshold: float) -> DriftWatch:
+    """Rank 0: a DriftWatch over the plan's stages, predicting from `prof`."""
     costs = StepCosts.from_profile(prof, plan)
     return DriftWatch([costs.line(i) for i in range(len(plan.stages))],
-                      [cluster.devices[s.rank].name for s in plan.stages], threshold=local.drift)
+                      [cluster.devices[s.rank].name for s in plan.stages], threshold=threshold)
 
 
-def _mover(local: _Local, cluster: Cluster, plan: Plan, reload_s: float, in_flight: int):
+def _mover(local: _Local, prof: Profile, cluster: Cluster, plan: Plan, reload_s: float, in_flight: int):
     """Rank 0, with --replan: the source loop's `move(watch, requests, tokens)`. It scales each stage's
-    device in the profile by what the run measured (drift.DriftWatch.ratios), plans again, and says
+    device in `prof` (the watch's) by what the run measured (drift.DriftWatch.ratios), plans again, and says
     whether the new plan saves more of the time left than the move costs (drift.worth_moving); then
     `local.next_plan` is where the run goes once the micro-batches in flight have finished."""
     from tqdm import tqdm
@@ -488,7 +485,7 @@ def _mover(local: _Local, cluster: Cluster, plan: Plan, reload_s: float, in_flig
 
     def move(watch: DriftWatch, requests: int, tokens: int) -> bool:
         ratios = watch.ratios()
-        measured = (local.measured or local.profile or _saved_profile(local)).scaled(
+        measured = prof.scaled(
             {s.rank: r for s, r in zip(plan.stages, ratios) if r is not None})
         costs = measured.costs(kv_tokens=local.kv_tokens, row_tokens=local.longest)
         try:
@@ -578,8 +575,10 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     schedule = schedule or "no-bubbles"
     in_flight = in_flight_for(schedule, len(plan.stages), in_flight)
     if rank == 0:
-        watch = _watch(local, cluster, plan)
-        move = _mover(local, cluster, plan, max(reload_s), in_flight) if watch and local.replan else None
+        # the profile as the run has measured it so far; none for a given plan with none saved
+        prof = local.measured or local.profile or _saved_profile(local)
+        watch = _watch(prof, cluster, plan, local.drift) if prof else None
+        move = _mover(local, prof, cluster, plan, max(reload_s), in_flight) if watch and local.replan else None
         summary = source_loop(comm, shard, plan, local.job, local.tok, prompts, local.writer, progress, stats,
                               tracer, schedule=schedule, in_flight=in_flight, total=local.total,
                               admission=local.admission, row_budget=local.row_tokens // local.job.micro_batch_size,
