@@ -157,6 +157,18 @@ class Profile:
         return dataclasses.replace(self, devices=devices, notes=f"{self.notes} scaled by a run: {notes}".strip(),
                                    source=f"{self.source} (scaled by a run)")
 
+    def subset(self, names: list[str]) -> "Profile":
+        """This profile for the named devices alone, in that order: their columns and the links between
+        them, each as measured. A run on the devices left after one was lost plans from it without
+        measuring again (find_profile)."""
+        idx = [self.device_names.index(n) for n in names]
+        devices = [dict(self.devices[j]) for j in idx]
+        return dataclasses.replace(
+            self, devices=devices, bandwidth=[[self.bandwidth[k][j] for j in idx] for k in idx],
+            latency=[[self.latency[k][j] for j in idx] for k in idx],
+            cluster=cluster_fingerprint([_declared(d) for d in devices]),
+            source=f"{self.source} (devices {', '.join(names)} of {len(self.devices)})")
+
     @property
     def device_names(self) -> list[str]:
         return [d["name"] for d in self.devices]
@@ -322,15 +334,41 @@ def device_bytes(spec, own) -> dict:
     return {key: [getattr(u, key) for u in own.units] for key in _OWN_BYTES}
 
 
-def find_profile(model_fp: str, cluster_fp: str, shapes: dict, folder: Path | None = None) -> Profile | None:
-    """A saved profile for this model, cluster and shapes, if there is one."""
+def find_profile(model_fp: str, cluster_fp: str, shapes: dict, folder: Path | None = None,
+                 devices: list[dict] | None = None) -> Profile | None:
+    """A saved profile for this model, cluster and shapes, if there is one.
+
+    Else, given the running `devices` (Device.to_dict(), in rank order): the newest saved profile of
+    this model at these shapes that measured every one of them as declared now, cut to them
+    (Profile.subset). That is the profile of a cluster that lost devices: each unit's time on a
+    device and each link between two devices do not change when another device leaves."""
     folder = folder or profiles_dir()
     path = folder / _file_name(model_fp, cluster_fp, shapes)
     if path.is_file():
         prof = Profile.load(path)
         if prof.matches(model_fp, cluster_fp, shapes):
             return prof
+    if not devices:
+        return None
+    names = [d["name"] for d in devices]
+    tail = _file_name(model_fp, "*", shapes)
+    for other in sorted(folder.glob(tail), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            prof = Profile.load(other)
+        except ProfileError:
+            continue  # a damaged or foreign file in the folder is not this run's problem
+        held = {d["name"]: _declared(d) for d in prof.devices}
+        if (prof.model.get("fingerprint") == model_fp and prof.shapes == shapes
+                and all(held.get(d["name"]) == d for d in devices)):
+            sub = prof.subset(names)
+            if sub.cluster == cluster_fp:
+                return sub
     return None
+
+
+def _declared(device: dict) -> dict:
+    """A profile's device entry without what was measured: the Device.to_dict() it was made for."""
+    return {k: v for k, v in device.items() if k not in _MEASURED + _OWN_BYTES}
 
 
 def _file_name(model_fp: str, cluster_fp: str, shapes: dict) -> str:
