@@ -4,7 +4,8 @@
     mpiexec -f hostfiles/hetero4.hosts -n 4 edgeshard profile jobs/hetero4.toml
     edgeshard plan --profile profiles/paper-llama2-7b.json --objective latency
     edgeshard simulate --profile profiles/paper-llama2-70b.json --objective throughput --micro-batches 16
-    edgeshard show results/demo.h5 [--json]
+    edgeshard launch jobs/demo.toml -f hostfiles/local3.hosts --max-restarts 3 --overwrite
+    edgeshard show results/demo.h5 [--json] [--runs]
     edgeshard show --timeline traces/run.json --out timeline.png
     edgeshard model prepare smollm2-135m
     edgeshard model info smollm2-135m
@@ -96,6 +97,25 @@ def _parser() -> argparse.ArgumentParser:
                      help="when a stage drifts, plan again on the speeds measured, and move to that plan "
                           "(the micro-batches in flight finish, the shards reload) if it saves more than that costs")
 
+    run.add_argument("--launch-dir", help=argparse.SUPPRESS)  # set by `edgeshard launch` (launcher.py)
+
+    launch = sub.add_parser("launch", allow_abbrev=False,
+                            help="run a job under mpiexec and, when a device is lost, again on the survivors "
+                                 "(not under mpiexec; other options go to `edgeshard run`)")
+    launch.add_argument("job", help="job file (TOML)")
+    launch.add_argument("-f", "--hostfile", dest="hosts", help="hostfile (default: the job's)")
+    launch.add_argument("-n", type=int, dest="ranks", help="ranks: the hostfile's first N slots (default: all)")
+    launch.add_argument("--max-restarts", type=int, default=int(os.environ.get("MAX_RESTARTS", "3")), metavar="K",
+                        help="runs again after a loss at most K times (default: MAX_RESTARTS, else 3)")
+    launch.add_argument("--grace", type=_seconds, default=0.0, metavar="T",
+                        help="after a loss, wait T seconds and ask the lost devices' hosts: a device whose host "
+                             "answers runs again (default 0: dropped at once)")
+    launch.add_argument("--step-timeout", type=_seconds, default=25.0, metavar="S",
+                        help="as for run; rank 0 silent for S + 4 seconds is hung, and the job runs again")
+    launch.add_argument("--output", help="results HDF5 file (default: the job's)")
+    launch.add_argument("--launch-dir", help="folder of the launch's state and log (default: the results file "
+                                             "+ .launch)")
+
     bench = sub.add_parser("bench", help="run the job's prompts under several plans and schedules (under mpiexec)")
     bench.add_argument("job")
     bench.add_argument("--hostfile")
@@ -145,6 +165,8 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print the requests of a results file, or draw a timeline")
     show.add_argument("results", nargs="?", help="results HDF5 file")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
+    show.add_argument("--runs", action="store_true",
+                      help="the runs (epochs) of a job under `edgeshard launch`: why each began, its devices, its plan")
     show.add_argument("--timeline", metavar="RESULT_OR_TRACE",
                       help="draw the timeline of a trace JSON (or of the run that wrote a results file)")
     show.add_argument("--out", help="PNG to draw the timeline into (default: the trace's name with .png)")
@@ -201,7 +223,11 @@ def _tokens(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "launch":  # launch passes what it does not know on to `run`
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "launch":
+        return _launch(args, rest)
     if args.command == "profile" and args.compare:
         try:
             return _compare(*args.compare)
@@ -227,6 +253,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgeshard: error: {e}", file=sys.stderr)
         return 1
     raise AssertionError(args.command)
+
+
+def _launch(args, rest: list[str]) -> int:
+    import shlex
+
+    from .launcher import LaunchOptions, launch
+
+    try:
+        hosts = args.hosts
+        if not hosts:
+            from .jobs import Job
+
+            hosts = Job.load(args.job).hostfile
+            if not hosts:
+                raise JobError(f"{args.job}: no hostfile: give -f HOSTFILE")
+        mpiexec = (*shlex.split(os.environ.get("MPIEXEC", "mpiexec")), *shlex.split(os.environ.get("MPIEXEC_ARGS", "")))
+        return launch(LaunchOptions(args.job, hosts, args.ranks, max_restarts=args.max_restarts, grace=args.grace,
+                                    step_timeout=args.step_timeout, output=args.output, folder=args.launch_dir,
+                                    run_args=tuple(rest), mpiexec=mpiexec,
+                                    python=os.environ.get("PYTHON", sys.executable)))
+    except _USER_ERRORS as e:
+        print(f"edgeshard launch: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _mpi_command(args) -> int:
@@ -269,13 +318,17 @@ def _mpi_command(args) -> int:
                           micro_batches=args.micro_batches, progress=not args.no_progress, trace=args.trace,
                           step_timeout=args.step_timeout or None, compile=args.compile, strict=args.strict,
                           retry_errors=args.retry_errors, drift=args.drift, replan=args.replan,
-                          profile_load=args.profile_load)
+                          profile_load=args.profile_load, launch_dir=args.launch_dir)
         summary = run_job(comm, args.job, opts)
     except SetupFailed as e:  # every rank knows; all leave normally, nothing to abort
         if not e.quiet:
             print(f"edgeshard: error: {e}", file=sys.stderr, flush=True)
         return 1
     except BaseException as e:  # any rank's failure ends the whole job, never a hang
+        if isinstance(e, RankLost) and e.ranks and getattr(args, "launch_dir", None):
+            from .launcher import Heartbeat  # the launcher runs the job again without them
+
+            Heartbeat(args.launch_dir).lost(e.ranks, [comm.names[r] for r in e.ranks])
         if isinstance(e, _USER_ERRORS + (RankLost, OSError)):
             msg = str(e)  # the message names the rank, device or file; a traceback would add nothing
         else:
@@ -334,6 +387,16 @@ def _show(args) -> int:
         return _timeline(args)
     if not args.results:
         raise ValueError("show: give a results file, or --timeline RESULT_OR_TRACE")
+    if args.runs:
+        from .launcher import describe_runs
+        from .results import read_attrs
+
+        runs = json.loads(read_attrs(args.results).get("runs", "[]"))
+        if not runs:
+            print(f"{args.results}: no runs recorded (the job did not run under `edgeshard launch`)")
+        for line in describe_runs(runs):
+            print(line)
+        return 0
 
     for r in read_results(args.results):
         if args.json:

@@ -307,7 +307,8 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
                 writer: ResultWriter, progress: bool, stats: dict, tracer: Tracer, *, schedule: str = "no-bubbles",
                 in_flight: int = 1, admission: str = "row", total: int | None = None,
                 row_budget: int | None = None, prefill_chunk: int | None = None, watch: DriftWatch | None = None,
-                move: Callable[[DriftWatch, int, int], bool] | None = None) -> Summary:
+                move: Callable[[DriftWatch, int, int], bool] | None = None,
+                beat: Callable[[], None] | None = None) -> Summary:
     """Rank 0: feed micro-batch slots through the pipeline, results to HDF5 as they finish.
 
     scheduler.py decides what each step of each slot carries (which rows stay, which join) and when it
@@ -315,7 +316,8 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     `watch` follows each stage's compute against its profile; while a stage drifts, `move(watch,
     requests done, tokens made)` is asked (at most once a window) whether to move to a new plan:
     then nothing more is admitted, the micro-batches in flight finish, and the Summary's `leftover`
-    holds the prompts taken but not run.
+    holds the prompts taken but not run. `beat()` is called as each step comes back: the progress that
+    `edgeshard launch` watches for (launcher.Heartbeat).
     """
     from tqdm import tqdm
 
@@ -400,6 +402,8 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
             msg = comm.recv(head, TOKENS)
             tracer.add("wait", t0, time.perf_counter())
             back = Step.from_wire(msg)
+        if beat is not None:
+            beat()
         slot = back.slot
         ln, forwards = launched.pop(slot)
         if watch is not None:

@@ -255,6 +255,11 @@ class ResultWriter:
         return ResultsError(f"{path}: writing results failed: {_why(e)}. The {self.count} requests written "
                             "before are kept; make room, then run again with --resume")
 
+    def attr(self, key: str, default: str | None = None) -> str | None:
+        """A file attribute as written (JSON text for anything but a string), or `default`."""
+        value = self.f.attrs.get(key, default)
+        return value.decode() if isinstance(value, bytes) else value
+
     def set_attr(self, key: str, value) -> None:
         value = value if isinstance(value, str) else json.dumps(value)
         self._journal_write({"attrs": {key: value}})

@@ -30,6 +30,7 @@ from .cluster import Cluster, format_bytes, parse_hostfile
 from .comm import Comm, versions
 from .drift import DEFAULT_THRESHOLD, DriftWatch, worth_moving
 from .jobs import BENCH_DEFAULT, Job, JobError, choice_seed, count_prompts, read_prompts
+from .launcher import Heartbeat
 from .openai_batch import CHAT, COMPLETIONS
 from .models import ModelSpec, prepare
 from .pipeline import Prompt, Summary, source_loop, stage_loop
@@ -70,6 +71,7 @@ class RunOptions:
     profile_load: str = "turns"  # a profile measured here: ranks in turns, or all "together" (profiler.LOADS)
     drift: float = DEFAULT_THRESHOLD  # a stage off its profile by more than this fraction is drifting (drift.py)
     replan: bool = False  # when a stage drifts, plan again on what was measured, and move if that pays
+    launch_dir: str | None = None  # under `edgeshard launch`: the folder rank 0 reports through (launcher.py)
 
 
 _MAX_REPLAY_EVENTS = 2_000_000  # stage steps the end-of-run prediction replays at most (about 2 s)
@@ -222,6 +224,7 @@ class _Local:
     next_plan: Plan | None = None  # where a run that drains to move goes next
     moves: list = dataclasses.field(default_factory=list)  # every time a new plan was weighed
     drifts: list = dataclasses.field(default_factory=list)  # drift.Drift events, as dicts
+    heartbeat: Heartbeat | None = None  # under `edgeshard launch`
 
 
 def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode: str = "run"):
@@ -276,8 +279,7 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
         if opts.profile:
             local.profile = Profile.load(opts.profile)
         elif mode != "profile":
-            local.profile = find_profile(model_fingerprint(spec), cluster_fingerprint(
-                [d.to_dict() for d in cluster.devices]), shapes)
+            local.profile = _saved_profile(local)
         if local.profile is None:
             measure = shapes
     else:
@@ -291,6 +293,8 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
                 measure = shapes
         _check_memory(spec, plan, cluster, local.row_tokens * in_flight_for(local.schedule, len(plan.stages), local.in_flight),
                       longest)
+    if not opts.profile and local.profile is not None and Path(local.profile.source).name != local.profile.file_name:
+        print(f"edgeshard: profile: {local.profile.source}", file=sys.stderr, flush=True)  # cut from a larger one
     local.total = count_prompts(job.prompts) - len(done)  # read in chunks, never a whole line
     if for_run:
         # the file itself is opened once the plan is made, so a plan that fails leaves nothing behind
@@ -368,6 +372,10 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     _become_device(comm, cluster, shared)
     if rank == 0:  # mpiexec reports a rank that died by its pid and host: this maps them to devices
         print(f"edgeshard: ranks: {comm.rank_table()}", file=sys.stderr, flush=True)
+        if opts.launch_dir:  # the launcher watches each rank's process from here on
+            local.heartbeat = Heartbeat(opts.launch_dir)
+            local.heartbeat.ranks([{"rank": r, "device": n, "host": h, "pid": pid}
+                                   for r, (n, (h, pid)) in enumerate(zip(comm.names, comm.where))])
     spec = local.spec if rank == 0 else shared.spec()
     if shared.measure is not None:
         prof = _profile(comm, shared, cluster, spec, opts.repeats)
@@ -387,6 +395,8 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
         if local.profile is not None:
             attrs["profile"] = local.profile.source
         local.writer = ResultWriter(local.output, attrs, overwrite=opts.overwrite, resume=opts.resume)
+        if local.heartbeat is not None:
+            _record_epoch(local.heartbeat, local.writer, cluster, plan)
         comm.step_timeout = opts.step_timeout  # from here on a silent pipeline means a lost rank
 
     try:
@@ -419,6 +429,23 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
             local.writer.close()  # whatever happened, committed records stay readable
 
 
+def _record_epoch(heartbeat: Heartbeat, writer: ResultWriter, cluster: Cluster, plan: Plan) -> None:
+    """Under `edgeshard launch`: this run's epoch joins the results file's `runs` (why it started, on which
+    devices, its plan) and, at its first step back, how long after the loss it made progress again."""
+    runs = json.loads(writer.attr("runs", "[]"))
+    run = {**heartbeat.epoch(), "devices": [d.name for d in cluster.devices], "started": time.time(),
+           "stages": [{"device": cluster.devices[s.rank].name, "first": s.first, "last": s.last} for s in plan.stages]}
+    runs.append(run)
+    writer.set_attr("runs", runs)
+
+    def progress(at: float) -> None:
+        if "lost_at" in run:
+            run["resumed_after_s"] = round(at - run["lost_at"], 3)
+            writer.set_attr("runs", runs)
+
+    heartbeat.first_progress = progress
+
+
 def _joined(parts: list[tuple[Plan, Summary]]) -> Summary:
     """One Summary of a run that moved between plans: its parts' counts added, their means weighted by
     requests, the last plan's stages, and each part's plan and figures in `segments`. The wall time
@@ -447,11 +474,12 @@ def _joined(parts: list[tuple[Plan, Summary]]) -> Summary:
 
 
 def _saved_profile(local: _Local) -> Profile | None:
-    """A saved profile of this job's model and cluster at its shapes, if there is one."""
+    """A saved profile of this job's model and cluster at its shapes, if there is one, or one of a
+    larger cluster that measured every device of this one (a cluster that lost devices)."""
     if local.shapes is None:
         return None
-    return find_profile(model_fingerprint(local.spec), cluster_fingerprint([d.to_dict() for d in local.cluster.devices]),
-                        local.shapes)
+    devices = [d.to_dict() for d in local.cluster.devices]
+    return find_profile(model_fingerprint(local.spec), cluster_fingerprint(devices), local.shapes, devices=devices)
 
 
 def _work_clocks(comm: Comm, cluster: Cluster, plan: Plan, local: _Local | None) -> dict[int, StageLine]:
@@ -582,7 +610,8 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
         summary = source_loop(comm, shard, plan, local.job, local.tok, prompts, local.writer, progress, stats,
                               tracer, schedule=schedule, in_flight=in_flight, total=local.total,
                               admission=local.admission, row_budget=local.row_tokens // local.job.micro_batch_size,
-                              prefill_chunk=local.prefill_chunk, watch=watch, move=move)
+                              prefill_chunk=local.prefill_chunk, watch=watch, move=move,
+                              beat=local.heartbeat.beat if local.heartbeat else None)
         if watch is not None and watch.events:
             local.drifts += [dataclasses.asdict(d) for d in watch.events]
             local.writer.set_attr("drift", local.drifts)
