@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -33,35 +34,51 @@ def _run(cmd: list, env: dict, cwd=ROOT) -> subprocess.CompletedProcess:
                           env={**base, "PYTHONPATH": str(ROOT), **env})
 
 
-def test_run_sh_defaults_and_prints_the_command(fake_mpiexec):
-    proc = _run([ROOT / "launch" / "run.sh", "jobs/demo.toml", "--overwrite"], {"MPIEXEC": str(fake_mpiexec)})
+def _run_args(called: dict) -> list[str]:
+    """What the launcher gave `edgeshard run` after the job: its own options (a launch folder next to the
+    results, the results file, the step timeout), then the user's."""
+    argv = called["argv"]
+    return argv[argv.index("run") + 1:]
+
+
+def test_run_sh_defaults_and_prints_the_command(fake_mpiexec, tmp_path):
+    results = str(tmp_path / "demo.h5")
+    proc = _run([ROOT / "launch" / "run.sh", "jobs/demo.toml", "--output", results, "--overwrite"],
+                {"MPIEXEC": str(fake_mpiexec)})
     assert proc.returncode == 0, proc.stderr
     called = json.loads(proc.stdout)
-    # NP from the default hostfile's slots (local3.hosts: three), PYTHON=python, the yield setting on
-    assert called == {"argv": ["-f", "hostfiles/local3.hosts", "-n", "3", "python", "-m", "edgeshard_mpi", "run",
-                               "jobs/demo.toml", "--hostfile", "hostfiles/local3.hosts", "--overwrite"],
-                      "yield": "1"}
-    assert proc.stderr.strip() == (f"+ MPIR_CVAR_ENABLE_HEAVY_YIELD=1 {fake_mpiexec} -f hostfiles/local3.hosts -n 3 "
-                                   "python -m edgeshard_mpi run jobs/demo.toml --hostfile hostfiles/local3.hosts "
-                                   "--overwrite")
+    # NP from the default hostfile's slots (local3.hosts: three), PYTHON=python, the yield setting on,
+    # and the run under `edgeshard launch`, which resumes it on the survivors after a loss
+    assert called["argv"][:7] == ["-f", "hostfiles/local3.hosts", "-n", "3", "python", "-m", "edgeshard_mpi"]
+    assert _run_args(called) == ["jobs/demo.toml", "--hostfile", "hostfiles/local3.hosts", "--launch-dir",
+                                 results + ".launch", "--output", results, "--step-timeout", "25", "--overwrite"]
+    assert called["yield"] == "1"
+    first = proc.stderr.splitlines()[0]
+    assert first == (f"+ MPIR_CVAR_ENABLE_HEAVY_YIELD=1 MPIEXEC={fake_mpiexec} MPIEXEC_ARGS='' python -m edgeshard_mpi "
+                     f"launch jobs/demo.toml -f hostfiles/local3.hosts -n 3 --max-restarts 3 --output {results} "
+                     "--overwrite")
+    assert "edgeshard launch: epoch 0: the job is done" in proc.stderr
 
 
 def test_run_sh_takes_every_setting_from_the_environment(fake_mpiexec, tmp_path):
     hosts = tmp_path / "two.hosts"
     hosts.write_text("# device: name=a\nnode1:2\n  # a comment\n\nnode2\n")
-    proc = _run([ROOT / "launch" / "run.sh", "my job.toml"],
-                {"MPIEXEC": str(fake_mpiexec), "HOSTFILE": str(hosts), "PYTHON": "/opt/py/bin/python3",
-                 "MPIEXEC_ARGS": "-launcher ssh -iface eth0", "MPIR_CVAR_ENABLE_HEAVY_YIELD": "0"})
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Hi"}\n')
+    job = tmp_path / "my job.toml"
+    job.write_text('model = "tiny-random"\nprompts = "p.jsonl"\noutput = "my job.h5"\n')
+    env = {"MPIEXEC": str(fake_mpiexec), "HOSTFILE": str(hosts), "PYTHON": sys.executable,
+           "MPIEXEC_ARGS": "-launcher ssh -iface eth0", "MPIR_CVAR_ENABLE_HEAVY_YIELD": "0", "MAX_RESTARTS": "1"}
+    proc = _run([ROOT / "launch" / "run.sh", job], env)
     assert proc.returncode == 0, proc.stderr
     called = json.loads(proc.stdout)
-    assert called["argv"] == ["-launcher", "ssh", "-iface", "eth0", "-f", str(hosts), "-n", "3",
-                              "/opt/py/bin/python3", "-m", "edgeshard_mpi", "run", "my job.toml",
-                              "--hostfile", str(hosts)]  # 2 + 1 slots
+    assert called["argv"][:9] == ["-launcher", "ssh", "-iface", "eth0", "-f", str(hosts), "-n", "3",
+                                  sys.executable]  # 2 + 1 slots
+    assert _run_args(called)[:3] == [str(job), "--hostfile", str(hosts)]
     assert called["yield"] == "0"
     assert "MPIR_CVAR_ENABLE_HEAVY_YIELD=0" in proc.stderr and r"my\ job.toml" in proc.stderr  # pasteable
-    proc = _run([ROOT / "launch" / "run.sh", "j.toml"], {"MPIEXEC": str(fake_mpiexec), "HOSTFILE": str(hosts),
-                                                         "NP": "1"})
-    assert json.loads(proc.stdout)["argv"][2:4] == ["-n", "1"]
+    assert "--max-restarts 1" in proc.stderr.splitlines()[0]
+    proc = _run([ROOT / "launch" / "run.sh", job], {**env, "NP": "1"})
+    assert json.loads(proc.stdout)["argv"][6:8] == ["-n", "1"]
 
 
 def test_run_sh_refuses_a_missing_hostfile(fake_mpiexec):
@@ -74,12 +91,13 @@ def test_slurm_sbatch_writes_the_hostfile_and_launches_on_it(fake_mpiexec, tmp_p
     hosts = tmp_path / "slurm.hosts"
     env = {"MPIEXEC": str(fake_mpiexec), "SLURM_JOB_NODELIST": "edge[01-02],gpu-a3", "SLURM_SUBMIT_DIR": str(ROOT),
            "SLURM_JOB_ID": "42", "HOSTFILE": str(hosts)}
-    proc = _run(["bash", ROOT / "launch" / "slurm.sbatch", "jobs/demo.toml", "--overwrite"], env, cwd=tmp_path)
+    proc = _run(["bash", ROOT / "launch" / "slurm.sbatch", "jobs/demo.toml", "--output", tmp_path / "demo.h5",
+                 "--overwrite"], env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     called = json.loads(proc.stdout)
     # two edge boards and a two-GPU server: four ranks, in node-list order
     assert called["argv"][:4] == ["-f", str(hosts), "-n", "4"]
-    assert called["argv"][-4:] == ["jobs/demo.toml", "--hostfile", str(hosts), "--overwrite"]
+    assert _run_args(called)[:3] == ["jobs/demo.toml", "--hostfile", str(hosts)] and called["argv"][-1] == "--overwrite"
     assert "# device: name=gpu-a3-1 memory=38GiB torch=cuda:1" in hosts.read_text()
     # outside SLURM it says so instead of launching on a guessed host list
     del env["SLURM_JOB_NODELIST"]
