@@ -128,8 +128,7 @@ class Heartbeat:
         if not self._last and self.first_progress is not None:
             self.first_progress(now)
         self._last = now
-        self.folder.heartbeat.touch()
-        os.utime(self.folder.heartbeat)  # touch() leaves an existing file's time as it was
+        self.folder.heartbeat.touch()  # its mtime is what the launcher reads
 
     def lost(self, ranks: list[int], devices: list[str]) -> None:
         self.folder.write(self.folder.lost, {"ranks": ranks, "devices": devices, "at": time.time()})
@@ -378,12 +377,13 @@ def launch(opts: LaunchOptions) -> int:
         folder.clear()
         folder.write(folder.epoch, {"epoch": epoch, **start})
         run_args = [a for a in opts.run_args if not (restarts and a == "--overwrite")]  # a restart continues
+        # a restart continues this launch's file; a first run continues one a killed launch left
         resume = "--overwrite" not in run_args and "--resume" not in run_args and (
-            output.exists() or Path(f"{output}.journal").exists())
+            restarts or output.exists() or Path(f"{output}.journal").exists())
         cmd = [*mpiexec, "-f", str(hostfile), "-n", str(len(devices)), opts.python, "-m", "edgeshard_mpi", "run",
                opts.job, "--hostfile", str(hostfile), "--launch-dir", str(folder.path), "--output", str(output),
                "--step-timeout", f"{opts.step_timeout:g}", *(["--resume"] if resume else []), *run_args]
-        _say(f"epoch {epoch}: {len(devices)} devices ({', '.join(d.name for d in devices)})"
+        _say(f"epoch {epoch}: {len(devices)} device{'s' * (len(devices) != 1)} ({', '.join(d.name for d in devices)})"
              f"{', resuming ' + str(output) if resume else ''}")
         _say(f"+ {shlex.join(cmd)}")
         folder.note(event="start", epoch=epoch, devices=[d.name for d in devices], hostfile=str(hostfile), **start)

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from edgeshard_mpi.cluster import Device, parse_hostfile
-from edgeshard_mpi.launcher import Ended, Heartbeat, LaunchFolder, describe_runs, hostfile_text, lost_ranks
+from edgeshard_mpi.launcher import (EXIT_RANK0_LOST, EXIT_TOO_FEW, Ended, Heartbeat, LaunchFolder, describe_runs,
+                                    hostfile_text, lost_ranks)
 from edgeshard_mpi.profiler import Profile, cluster_fingerprint, find_profile
 
 TABLE = [{"rank": r, "device": n, "host": "localhost", "pid": 100 + r} for r, n in enumerate("abc")]
@@ -110,3 +111,92 @@ def test_a_profile_cut_to_the_survivors_is_found_without_measuring(tmp_path):
     assert find_profile("e" * 16, fp, full.shapes, tmp_path, devices=survivors) is None
     (tmp_path / "ffffffff-broken-b1-p8-c16.json").write_text(json.dumps({"format": 1}))  # skipped, not fatal
     assert find_profile("f" * 16, fp, full.shapes, tmp_path, devices=survivors) is not None
+
+
+# -- the launcher's loop, with an mpiexec that plays a script of runs ------------------------------------
+FAKE_MPIEXEC = r'''#!/usr/bin/env python3
+"""Plays the next line of SCRIPT as a run: `lost R` (rank 0 reports rank R silent), `refuse` (the run
+does not start), `ok`. Records each run's hostfile. `-hosts H ... true` (the launcher's probe): a host
+ending in .invalid does not answer."""
+import json, os, sys
+from pathlib import Path
+argv = sys.argv[1:]
+if argv[0] == "-hosts":
+    sys.exit(1 if argv[1].endswith(".invalid") else 0)
+folder = Path(argv[argv.index("--launch-dir") + 1])
+calls = Path(os.environ["SCRIPT"] + ".calls")
+n = len(calls.read_text().splitlines()) if calls.exists() else 0
+hosts = Path(argv[argv.index("-f") + 1]).read_text()
+with open(calls, "a") as f:
+    f.write(json.dumps({"hosts": hosts, "resume": "--resume" in argv, "overwrite": "--overwrite" in argv}) + "\n")
+action = Path(os.environ["SCRIPT"]).read_text().splitlines()[n].split()
+names = [line.split("name=")[1].split()[0] for line in hosts.splitlines() if "name=" in line]
+(folder / "ranks.json").write_text(json.dumps([{"rank": r, "device": d, "host": "elsewhere", "pid": 1}
+                                               for r, d in enumerate(names)]))
+if action[0] == "lost":
+    (folder / "lost.json").write_text(json.dumps({"ranks": [int(action[1])], "devices": []}))
+    sys.exit(1)
+if action[0] == "refuse":
+    print("edgeshard: error: hosts: device a has 1 MiB, but units 0..3 need 2 MiB", file=sys.stderr)
+    sys.exit(1)
+sys.exit(0)
+'''
+
+
+@pytest.fixture
+def play(tmp_path, monkeypatch):
+    """launch() with the fake mpiexec over three devices: returns (exit status, runs' hostfiles' device names,
+    the runs as the fake saw them, the launcher's log)."""
+    from edgeshard_mpi.launcher import LaunchOptions, launch
+
+    fake = tmp_path / "mpiexec"
+    fake.write_text(FAKE_MPIEXEC)
+    fake.chmod(0o755)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Hi"}\n')
+    job = tmp_path / "job.toml"
+    job.write_text('model = "tiny-random"\nprompts = "p.jsonl"\noutput = "job.h5"\n')
+
+    def go(script: list[str], hosts=("localhost",) * 3, **kw):
+        (tmp_path / "hosts").write_text("".join(f"# device: name={n}\n{h}:1\n" for n, h in zip("abc", hosts)))
+        (tmp_path / "script").write_text("\n".join(script) + "\n")
+        (tmp_path / "script.calls").unlink(missing_ok=True)
+        monkeypatch.setenv("SCRIPT", str(tmp_path / "script"))
+        rc = launch(LaunchOptions(str(job), str(tmp_path / "hosts"), mpiexec=(str(fake),), **kw))
+        calls = [json.loads(line) for line in (tmp_path / "script.calls").read_text().splitlines()]
+        devices = [[line.split("name=")[1].split()[0] for line in c["hosts"].splitlines() if "name=" in line]
+                   for c in calls]
+        log = [json.loads(line) for line in (tmp_path / "job.h5.launch" / "log.jsonl").read_text().splitlines()]
+        return rc, devices, calls, log
+
+    return go
+
+
+def test_launch_drops_each_lost_device_and_resumes_on_the_rest(play):
+    rc, devices, calls, log = play(["lost 1", "lost 1", "ok"], run_args=("--overwrite",))
+    assert rc == 0 and devices == [["a", "b", "c"], ["a", "c"], ["a"]]
+    # the first run overwrites as asked; each restart continues the file
+    assert [(c["overwrite"], c["resume"]) for c in calls] == [(True, False), (False, True), (False, True)]
+    assert [e["event"] for e in log] == ["start", "ended", "start", "ended", "start", "done"]
+    assert log[2]["lost"] == ["b"] and log[4]["lost"] == ["c"] and log[4]["epoch"] == 2
+
+
+def test_launch_gives_up_after_max_restarts_and_on_too_few_devices(play):
+    from edgeshard_mpi.launcher import EXIT_FAILED, EXIT_GAVE_UP
+
+    assert play(["lost 1", "lost 1"], max_restarts=1)[:2] == (EXIT_GAVE_UP, [["a", "b", "c"], ["a", "c"]])
+    assert play(["lost 2", "refuse"])[:2] == (EXIT_TOO_FEW, [["a", "b", "c"], ["a", "b"]])
+    assert play(["refuse"])[:2] == (EXIT_FAILED, [["a", "b", "c"]])  # no device lost: not run again
+
+
+def test_a_device_whose_host_answers_after_the_grace_runs_again(play):
+    rc, devices, _, _ = play(["lost 2", "ok"], grace=0.01)
+    assert rc == 0 and devices == [["a", "b", "c"], ["a", "b", "c"]]
+    rc, devices, _, _ = play(["lost 2", "ok"], hosts=("localhost", "localhost", "gone.invalid"), grace=0.01)
+    assert rc == 0 and devices == [["a", "b", "c"], ["a", "b"]]
+
+
+def test_rank_0_lost_with_its_host_ends_the_job(play):
+    rc, devices, _, _ = play(["lost 0"], hosts=("head.invalid", "localhost", "localhost"))
+    assert rc == EXIT_RANK0_LOST and devices == [["a", "b", "c"]]
+    rc, devices, _, _ = play(["lost 0", "ok"])  # its host answers: the same devices run again
+    assert rc == 0 and devices == [["a", "b", "c"]] * 2
