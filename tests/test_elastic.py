@@ -40,9 +40,9 @@ def _hosts(names, memory: str = "") -> str:
 class Launch:
     """`edgeshard launch` in a session of its own, its output to a file."""
 
-    def __init__(self, tmp_path: Path, hosts: str, *args: str):
+    def __init__(self, tmp_path: Path, hosts: str, *args: str, model: str = "tiny-random", prompts=PROMPTS):
         (tmp_path / "job.hosts").write_text(hosts)
-        self.job = write_job(tmp_path, "tiny-random", [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)],
+        self.job = write_job(tmp_path, model, [{"id": f"p{i}", "prompt": p} for i, p in enumerate(prompts)],
                              extra="micro_batch_size = 1", generation=f"max_new_tokens = {MAX_NEW}")
         self.dir, self.h5 = tmp_path, tmp_path / "job.h5"
         self.folder = tmp_path / "job.h5.launch"
@@ -214,10 +214,15 @@ def test_too_few_devices_left_end_the_job_with_a_clear_message_and_the_results_k
     assert 3 <= len(got) < len(PROMPTS) and got == {k: reference[k] for k in got}
 
 
-def test_the_launcher_killed_leaves_nothing_running_and_a_later_launch_resumes(tmp_path, reference):
-    run = Launch(tmp_path, _hosts(["alpha", "beta", "gamma"]))
+def test_the_launcher_killed_leaves_nothing_running_and_a_later_launch_resumes(tmp_path, smollm_path):
+    """On the embedded model: the launcher is killed mid-run; its mpiexec and every rank go with it, and
+    `edgeshard launch` again finishes the job from the results file."""
+    prompts = PROMPTS[:10]
+    reference = dict(zip((f"p{i}" for i in range(len(prompts))), reference_tokens(smollm_path, prompts, MAX_NEW, 1)))
+    run = Launch(tmp_path, "".join(f"# device: name={n} slowdown=4\nlocalhost:1\n" for n in ("alpha", "beta")),
+                 model="smollm2-135m", prompts=prompts)
     try:
-        run.ranks(3, 3)
+        run.ranks(2, 2)
         run.proc.kill()
         run.proc.wait()
         run.nothing_left()  # mpiexec got SIGTERM when its parent died, and took the ranks down
@@ -226,7 +231,7 @@ def test_the_launcher_killed_leaves_nothing_running_and_a_later_launch_resumes(t
         assert run.wait() == 0, run.output()
     finally:
         run.cleanup()
-    assert 3 <= before < len(PROMPTS)
+    assert 2 <= before < len(prompts)
     assert _tokens(run.h5) == reference
     assert "resuming" in run.output()
     assert [r["reason"] for r in run.runs()] == ["start", "launched again"]
