@@ -276,6 +276,9 @@ def _launch(args, rest: list[str]) -> int:
     except _USER_ERRORS as e:
         print(f"edgeshard launch: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the job was ended with it (launcher._run); what it wrote is kept
+        print("edgeshard launch: interrupted; the results so far are kept: launch again to resume", file=sys.stderr)
+        return 130
 
 
 def _mpi_command(args) -> int:

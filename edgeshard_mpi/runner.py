@@ -293,8 +293,9 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
                 measure = shapes
         _check_memory(spec, plan, cluster, local.row_tokens * in_flight_for(local.schedule, len(plan.stages), local.in_flight),
                       longest)
-    if not opts.profile and local.profile is not None and Path(local.profile.source).name != local.profile.file_name:
-        print(f"edgeshard: profile: {local.profile.source}", file=sys.stderr, flush=True)  # cut from a larger one
+    prof = local.profile
+    if prof is not None and not opts.profile and Path(prof.source).name != prof.file_name:
+        print(f"edgeshard: profile: {prof.source}", file=sys.stderr, flush=True)  # cut from a larger cluster's
     local.total = count_prompts(job.prompts) - len(done)  # read in chunks, never a whole line
     if for_run:
         # the file itself is opened once the plan is made, so a plan that fails leaves nothing behind

@@ -155,6 +155,13 @@ def test_two_devices_lost_one_after_the_other_the_job_finishes_on_the_rest(tmp_p
     assert runs[2]["resumed_after_s"] > STEP_TIMEOUT  # a silent rank is found only after the timeout
     # measured once; each restart plans from that profile, cut to its devices
     out = run.output()
+    # rank 0 named the stopped rank, and only it, before the abort took it down
+    errors = [line for line in out.splitlines() if line.startswith("edgeshard: error")]
+    assert errors == [f"edgeshard: error on rank 0 of 3: rank {rank} (device {stopped}) sent nothing for "
+                      f"{STEP_TIMEOUT} s: lost (no answer to a check after {STEP_TIMEOUT / 2:g} s; --step-timeout "
+                      f"{STEP_TIMEOUT}). The results finished so far are kept: run again with --resume (without the "
+                      "lost device if it is gone)"], errors
+    assert [r["cluster"]["devices"][0]["name"] for r in json.loads(read_attrs(run.h5)["resumed"])] == ["alpha"] * 2
     assert out.count("edgeshard: profile saved to") <= 1, out
     assert f"(devices {', '.join(left)} of 4)" in out and f"(devices {', '.join(rest)} of 4)" in out, out
     hosts = (run.folder / "hosts-2").read_text()

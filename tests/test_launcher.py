@@ -43,7 +43,8 @@ def test_a_survivors_hostfile_reads_back_as_the_same_devices(tmp_path):
     (Ended(1, "edgeshard: error on rank 0 of 3: job.h5: writing results failed\n", first=[0]), None,
      ("failed", (), "rank 0 failed: job.h5: writing results failed")),
     # two processes ended before the launcher looked: a rank on another host's line, else mpiexec's report
-    (Ended(9, "edgeshard: error on rank 1 of 3: MPI error\n", first=[0, 1]), None, ("lost", (1,), "crashed: MPI error")),
+    (Ended(9, "edgeshard: error on rank 1 of 3: MPI error\n", first=[0, 1]), None,
+     ("lost", (1,), "crashed: MPI error")),
     (Ended(9, "=   PID 102 RUNNING AT localhost\n", first=[]), None,
      ("lost", (2,), "its process ended (named by mpiexec)")),
     (Ended(255, "ssh: connect to host x: No route to host\n"), None, ("unknown", (), "exit status 255")),
@@ -86,7 +87,8 @@ def _profile(names: list[str]) -> Profile:
                 "prefill_s": [1.0 * (j + 1)] * 2} for j, n in enumerate(names)]
     return Profile(model={"name": "m", "fingerprint": "f" * 16, "num_units": 2},
                    units=[{"name": "u", "param_bytes": 1, "kv_bytes_per_token": 0, "out_bytes_per_token": 1}] * 2,
-                   devices=devices, bandwidth=[[None if k == j else 1e6 * (k + 1) + j for j in range(m)] for k in range(m)],
+                   devices=devices,
+                   bandwidth=[[None if k == j else 1e6 * (k + 1) + j for j in range(m)] for k in range(m)],
                    latency=[[0.0 if k == j else 0.001 * (k + 1) + j for j in range(m)] for k in range(m)],
                    shapes={"prompt_tokens": 8, "context": 16, "micro_batch_size": 1},
                    cluster=cluster_fingerprint([Device(n, slowdown=2.0 + j).to_dict() for j, n in enumerate(names)]))
