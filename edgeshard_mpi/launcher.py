@@ -221,7 +221,7 @@ def lost_ranks(ended: Ended, table: list[dict] | None, reported: dict | None) ->
 
 # -- watching one run --------------------------------------------------------------------------------
 class _Tail:
-    """The last bytes of the job's output, both streams, copied through as they come."""
+    """The last bytes of one of the job's output streams, copied through as they come."""
 
     def __init__(self, keep: int = 1 << 16):
         self.keep, self.data, self.lock = keep, bytearray(), threading.Lock()
@@ -277,9 +277,10 @@ class _Exits:
 def _die_with_parent() -> None:
     """In mpiexec's child process: a launcher killed takes the job with it (mpiexec ends its ranks on
     SIGTERM), so nothing runs on that nobody watches."""
-    import ctypes
+    if sys.platform.startswith("linux"):  # elsewhere a killed launcher leaves its mpiexec running
+        import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _end(proc: subprocess.Popen) -> None:
@@ -300,8 +301,8 @@ def _run(cmd: list[str], env: dict, folder: LaunchFolder, limit: float) -> Ended
     """Run one mpiexec to its end, or end it when rank 0's heartbeat is older than `limit` seconds."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             preexec_fn=_die_with_parent, start_new_session=True)
-    tail, exits = _Tail(), _Exits()
-    copies = [tail.copy(proc.stdout, sys.stdout.buffer), tail.copy(proc.stderr, sys.stderr.buffer)]
+    out, err, exits = _Tail(), _Tail(), _Exits()  # a tail each, so that no line is spliced with another
+    copies = [out.copy(proc.stdout, sys.stdout.buffer), err.copy(proc.stderr, sys.stderr.buffer)]
     hung, watching = False, False
     try:
         while proc.poll() is None:
@@ -322,7 +323,7 @@ def _run(cmd: list[str], env: dict, folder: LaunchFolder, limit: float) -> Ended
         exits.close()
     for t in copies:
         t.join(5)
-    return Ended(proc.returncode, tail.text(), hung, exits.first, folder.last_beat(), time.time())
+    return Ended(proc.returncode, f"{out.text()}\n{err.text()}", hung, exits.first, folder.last_beat(), time.time())
 
 
 def _reachable(host: str, mpiexec: list[str], timeout: float = 10.0) -> bool:
