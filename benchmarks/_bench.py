@@ -38,6 +38,23 @@ def with_work_clock(src: Path, dst: Path) -> str:
     return str(dst)
 
 
+TOPICS = ["the ocean", "a robot", "mountains", "a city at night", "bread", "a violin", "the moon", "rain",
+          "a library", "trains", "a garden", "winter", "bees", "a lighthouse", "chess", "volcanoes"]
+
+
+def chat_job(work: Path, name: str, prompts: int) -> Path:
+    """`work/NAME.toml`: smollm2-135m fp32, `prompts` chat requests ("Write a few lines about ..."),
+    micro-batches of 2, 24 new tokens, the throughput plan, no-bubbles."""
+    lines = [{"id": f"r{i:03d}", "messages": [{"role": "user", "content": f"Write a few lines about "
+                                                                           f"{TOPICS[i % len(TOPICS)]}."}]}
+             for i in range(prompts)]
+    (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    job = work / f"{name}.toml"
+    job.write_text('model = "smollm2-135m"\ndtype = "float32"\nprompts = "prompts.jsonl"\nmicro_batch_size = 2\n'
+                   'schedule = "no-bubbles"\n[generation]\nmax_new_tokens = 24\n[plan]\nobjective = "throughput"\n')
+    return job
+
+
 def run_bench(hostfile: str, job: str, configs: list[str], out: Path, profiles: Path | None = None,
               extra: list[str] = ()) -> list[dict]:
     """`mpiexec -f HOSTFILE -n SLOTS python -m edgeshard_mpi bench JOB --configs ... --json OUT`.

@@ -32,10 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import with_work_clock  # noqa: E402
+from _bench import chat_job, with_work_clock  # noqa: E402
 
-TOPICS = ["the ocean", "a robot", "mountains", "a city at night", "bread", "a violin", "the moon", "rain",
-          "a library", "trains", "a garden", "winter", "bees", "a lighthouse", "chess", "volcanoes"]
 STEP_TIMEOUT = 10
 
 
@@ -98,16 +96,12 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgeshard-elastic-"))
-    lines = [{"id": f"r{i:03d}", "messages": [{"role": "user", "content": f"Write a few lines about "
-                                                                           f"{TOPICS[i % len(TOPICS)]}."}]}
-             for i in range(args.prompts)]
-    (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    job = work / "elastic.toml"
-    job.write_text('model = "smollm2-135m"\ndtype = "float32"\nprompts = "prompts.jsonl"\nmicro_batch_size = 2\n'
-                   'schedule = "no-bubbles"\n[generation]\nmax_new_tokens = 24\n[plan]\nobjective = "throughput"\n')
+    job = chat_job(work, "elastic", args.prompts)
     hosts = work / "trio3.hosts"
     with_work_clock(ROOT / "hostfiles" / "trio3.hosts", hosts)
     rows = [one(work, job, hosts, args.device, args.signal, args.at, k) for k in range(args.repeats)]
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"\n{platform.node()}: trio3, clock=work, smollm2-135m fp32, {args.prompts} prompts x 24 tokens, "
           f"micro-batch 2; {args.device} gets SIG{args.signal} after {args.at} requests; step timeout {STEP_TIMEOUT} s")
     print(f"{'run':>3} {'detect s':>9} {'restart s':>10} {'load s':>7} {'total s':>8} {'target s':>9}  plan after")
@@ -115,8 +109,6 @@ def main() -> None:
         plan = ", ".join(f"{s['device']} {s['first']}..{s['last']}" for s in r["plan_after"])
         print(f"{k:>3} {r['detect_s']:>9.2f} {r['restart_s']:>10.2f} {r['load_s']:>7.2f} {r['total_s']:>8.2f} "
               f"{r['target_s']:>9.2f}  {plan}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

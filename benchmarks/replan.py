@@ -29,10 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import slots, with_work_clock  # noqa: E402
-
-TOPICS = ["the ocean", "a robot", "mountains", "a city at night", "bread", "a violin", "the moon", "rain",
-          "a library", "trains", "a garden", "winter", "bees", "a lighthouse", "chess", "volcanoes"]
+from _bench import chat_job, slots, with_work_clock  # noqa: E402
 
 
 def _hostfile(src: Path, dst: Path, device: str | None, factor: float) -> Path:
@@ -82,13 +79,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgeshard-replan-"))
-    lines = [{"id": f"r{i:03d}", "messages": [{"role": "user", "content": f"Write a few lines about "
-                                                                           f"{TOPICS[i % len(TOPICS)]}."}]}
-             for i in range(args.prompts)]
-    (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    job = work / "replan.toml"
-    job.write_text('model = "smollm2-135m"\ndtype = "float32"\nprompts = "prompts.jsonl"\nmicro_batch_size = 2\n'
-                   'schedule = "no-bubbles"\n[generation]\nmax_new_tokens = 24\n[plan]\nobjective = "throughput"\n')
+    job = chat_job(work, "replan", args.prompts)
     trio3 = ROOT / "hostfiles" / "trio3.hosts"
     names = [d.name for d in __import__("edgeshard_mpi.cluster", fromlist=["parse_hostfile"]).parse_hostfile(trio3).devices]
     rank = names.index(args.device)
