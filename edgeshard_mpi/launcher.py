@@ -130,6 +130,12 @@ class Heartbeat:
         self._last = now
         self.folder.heartbeat.touch()  # its mtime is what the launcher reads
 
+    def rest(self) -> None:
+        """No steps for a while, by design (the shards reload for a new plan): the launcher watches
+        the heartbeat again from the next beat."""
+        self.folder.heartbeat.unlink(missing_ok=True)
+        self._last = min(self._last, time.time() - _BEAT_EVERY)  # the next beat is written at once
+
     def lost(self, ranks: list[int], devices: list[str]) -> None:
         self.folder.write(self.folder.lost, {"ranks": ranks, "devices": devices, "at": time.time()})
 

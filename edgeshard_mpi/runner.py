@@ -418,6 +418,8 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
             if nxt is None:
                 break
             plan = Plan.from_dict(nxt, spec.num_units)
+            if rank == 0 and local.heartbeat is not None:
+                local.heartbeat.rest()  # reloading (and compiling) is no step: the launcher waits for the next
         if rank == 0:
             summary = _joined(parts)
             if opts.trace:

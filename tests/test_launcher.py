@@ -64,6 +64,10 @@ def test_heartbeat_reports_ranks_progress_and_silent_ranks(tmp_path):
     hb.beat()
     hb.beat()  # within the rate limit: the first progress is reported once
     assert folder.read(folder.ranks) == TABLE and len(seen) == 1 and folder.last_beat() >= seen[0] - 1
+    hb.rest()  # a reload for a new plan: not watched until the next beat, which is not a first progress
+    assert folder.last_beat() is None
+    hb.beat()
+    assert folder.last_beat() is not None and len(seen) == 1
     hb.lost([2], ["c"])
     assert folder.read(folder.lost)["devices"] == ["c"]
     folder.clear()  # the next run's folder holds nothing of this one's
