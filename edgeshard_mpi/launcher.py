@@ -31,6 +31,7 @@ run talk; only rank 0 writes on its side, and it runs where the results file is:
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import json
 import math
 import os
@@ -149,17 +150,22 @@ def declaration(d: Device) -> str:
     if d.torch != "cpu":
         fields.append(f"torch={d.torch}")
     if d.slowdown != 1.0:
-        fields.append(f"slowdown={d.slowdown!r}")
+        fields.append(f"slowdown={_plain(d.slowdown)}")
     if d.bandwidth is not None:
-        fields.append(f"link={d.bandwidth!r}B/s")
+        fields.append(f"link={_plain(d.bandwidth)}B/s")
     if d.latency:
-        fields.append(f"latency={d.latency!r}s")
+        fields.append(f"latency={_plain(d.latency)}s")
     for key in ("threads", "dtype", "quantize"):
         if getattr(d, key) is not None:
             fields.append(f"{key}={getattr(d, key)}")
     if d.clock != "cpu":
         fields.append(f"clock={d.clock}")
     return "# device: " + " ".join(fields)
+
+
+def _plain(x: float) -> str:
+    """A float as the hostfile reads it back exactly: its shortest repr, without an exponent (1e-05 -> 0.00001)."""
+    return format(decimal.Decimal(repr(x)), "f")
 
 
 def hostfile_text(devices: list[Device], why: str = "") -> str:

@@ -18,7 +18,8 @@ def test_a_survivors_hostfile_reads_back_as_the_same_devices(tmp_path):
     devices = [Device("board", host="10.0.0.5", memory=8 * 2**30, slowdown=3.5, bandwidth=6.25e6, latency=0.002,
                       clock="work"),
                Device("gpu", host="10.0.0.9", memory=24 * 2**30, torch="cuda:0", dtype="float16", quantize="none"),
-               Device("cpu", host="10.0.0.7", threads=8, dtype="bfloat16", quantize="int8")]
+               Device("cpu", host="10.0.0.7", threads=8, dtype="bfloat16", quantize="int8"),
+               Device("lan", host="10.0.0.8", slowdown=1.25, bandwidth=1.25e9 / 3, latency=1e-05)]
     path = tmp_path / "hosts"
     path.write_text(hostfile_text(devices, "without lost-one"))
     assert parse_hostfile(path).devices == tuple(devices)
