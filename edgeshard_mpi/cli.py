@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeshard", description="EdgeShard LLM batch inference over MPI")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a job (under mpiexec)")
+    # no abbreviated options: `launch` passes its unknown options on to `run`, and must know them whole
+    run = sub.add_parser("run", help="run a job (under mpiexec)", allow_abbrev=False)
     run.add_argument("job", help="job file (TOML)")
     run.add_argument("--hostfile", help="hostfile with device declarations (default: the job's, or HYDRA_HOST_FILE)")
     run.add_argument("--plan", help="plan JSON to use instead of the job's")
@@ -105,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("job", help="job file (TOML)")
     launch.add_argument("-f", "--hostfile", dest="hosts", help="hostfile (default: the job's)")
     launch.add_argument("-n", type=int, dest="ranks", help="ranks: the hostfile's first N slots (default: all)")
-    launch.add_argument("--max-restarts", type=int, default=int(os.environ.get("MAX_RESTARTS", "3")), metavar="K",
+    launch.add_argument("--max-restarts", type=_count, metavar="K",
                         help="runs again after a loss at most K times (default: MAX_RESTARTS, else 3)")
     launch.add_argument("--grace", type=_seconds, default=0.0, metavar="T",
                         help="after a loss, wait T seconds and ask the lost devices' hosts: a device whose host "
@@ -191,6 +192,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _count(text: str) -> int:
+    """A whole number >= 0 (restarts)."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -227,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command != "launch":  # launch passes what it does not know on to `run`
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "launch":
+        parser.parse_args(["run", args.job, *rest])  # what goes on to `run` must be its options: checked now
+        if args.max_restarts is None:
+            try:
+                args.max_restarts = _count(os.environ.get("MAX_RESTARTS", "3"))
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"MAX_RESTARTS: {e}")
         return _launch(args, rest)
     if args.command == "profile" and args.compare:
         try:
@@ -273,7 +287,7 @@ def _launch(args, rest: list[str]) -> int:
                                     step_timeout=args.step_timeout, output=args.output, folder=args.launch_dir,
                                     run_args=tuple(rest), mpiexec=mpiexec,
                                     python=os.environ.get("PYTHON", sys.executable)))
-    except _USER_ERRORS as e:
+    except (*_USER_ERRORS, ValueError) as e:
         print(f"edgeshard launch: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the job was ended with it (launcher._run); what it wrote is kept

@@ -20,8 +20,9 @@ How a lost device is found, surest first (`lost_ranks`):
 
 The launch folder (default: the results file + ".launch") is how the launcher and rank 0 of each
 run talk; only rank 0 writes on its side, and it runs where the results file is:
-  ranks.json   rank 0, at start: each rank's device, host and pid
-  heartbeat    rank 0 touches it as steps come back: its mtime is the run's last progress
+  ranks.json   rank 0, as the ranks start: each rank's host and pid
+  opened       rank 0, once the results file is open: later runs continue it (--resume)
+  heartbeat    rank 0 touches it as steps come back and as it computes: its changes are progress
   lost.json    rank 0, when its step timeout names the silent ranks
   epoch.json   the launcher, before each run: why this run started (rank 0 keeps it in the results)
   hosts-N      the hostfile of epoch N, when devices were dropped
@@ -70,11 +71,12 @@ class LaunchFolder:
         self.path = Path(path)
         self.ranks, self.heartbeat = self.path / "ranks.json", self.path / "heartbeat"
         self.lost, self.epoch, self.log = self.path / "lost.json", self.path / "epoch.json", self.path / "log.jsonl"
+        self.opened = self.path / "opened"
 
     def clear(self) -> None:
         """Before a run: nothing of the previous run's may be taken for this one's."""
         self.path.mkdir(parents=True, exist_ok=True)
-        for p in (self.ranks, self.heartbeat, self.lost):
+        for p in (self.ranks, self.heartbeat, self.lost, self.opened):
             p.unlink(missing_ok=True)
 
     def write(self, path: Path, obj) -> None:
@@ -137,6 +139,10 @@ class Heartbeat:
         self.folder.heartbeat.unlink(missing_ok=True)
         self._last = min(self._last, time.time() - _BEAT_EVERY)  # the next beat is written at once
 
+    def opened(self) -> None:
+        """The results file is open: a run after this one continues it, whatever the first was asked."""
+        self.folder.opened.touch()
+
     def lost(self, ranks: list[int], devices: list[str]) -> None:
         self.folder.write(self.folder.lost, {"ranks": ranks, "devices": devices, "at": time.time()})
 
@@ -183,8 +189,9 @@ class Ended:
     text: str = ""  # the tail of mpiexec's output, both streams
     hung: bool = False  # the launcher ended it: rank 0's heartbeat went stale
     first: list[int] = dataclasses.field(default_factory=list)  # ranks (on this host) whose process ended first
-    last_beat: float | None = None  # wall time of the run's last progress
+    last_beat: float | None = None  # wall time the launcher saw the run's last progress
     at: float = 0.0  # wall time the launcher saw it end
+    local: bool = True  # every rank ran on the launcher's host: `first` then says which ended first of all
 
 
 _ERROR_ON = re.compile(r"^edgeshard: error on rank (\d+) of \d+: (.*)$", re.M)
@@ -214,7 +221,9 @@ def lost_ranks(ended: Ended, table: list[dict] | None, reported: dict | None) ->
     if setup:
         return Loss("refused", (), setup.group(1))
     errors = {int(r): msg for r, msg in _ERROR_ON.findall(ended.text)}
-    if len(ended.first) == 1:  # a process on this host ended before mpiexec took the others down
+    # a process ended before mpiexec took the others down: proof of which, when every rank is on this
+    # host (or when it said why); with ranks elsewhere, a death there shows here as a rank mpiexec ended
+    if len(ended.first) == 1 and (ended.local or ended.first[0] in errors):
         r = ended.first[0]
         if r == 0 and 0 in errors:
             return Loss("failed", (), f"rank 0 failed: {errors[0]}")
@@ -241,8 +250,11 @@ class _Tail:
     def copy(self, src, dst) -> threading.Thread:
         def run():
             for chunk in iter(lambda: os.read(src.fileno(), 1 << 14), b""):
-                dst.write(chunk)
-                dst.flush()
+                try:
+                    dst.write(chunk)
+                    dst.flush()
+                except (OSError, ValueError):  # our own output closed: keep draining mpiexec's
+                    pass
                 with self.lock:
                     self.data += chunk
                     del self.data[:-self.keep]
@@ -260,9 +272,10 @@ class _Exits:
     """pidfds of the ranks on this host: which process ended first, to the microsecond it ended."""
 
     def __init__(self):
-        self.poll, self.fds, self.first = select.poll(), {}, []
+        self.poll, self.fds, self.first, self.all_local = select.poll(), {}, [], True
 
     def watch(self, table: list[dict]) -> None:
+        self.all_local = all(row["host"] in _HERE for row in table)
         for row in table:
             if row["host"] in _HERE and hasattr(os, "pidfd_open"):
                 try:
@@ -316,6 +329,9 @@ def _run(cmd: list[str], env: dict, folder: LaunchFolder, limit: float) -> Ended
     out, err, exits = _Tail(), _Tail(), _Exits()  # a tail each, so that no line is spliced with another
     copies = [out.copy(proc.stdout, sys.stdout.buffer), err.copy(proc.stderr, sys.stderr.buffer)]
     hung, watching = False, False
+    # rank 0's heartbeat is judged on this process's clock: when its mtime last changed, not the mtime
+    # itself, which is rank 0's clock (or a file server's)
+    mtime, changed, last_beat = None, time.monotonic(), None
     try:
         while proc.poll() is None:
             if not watching:
@@ -325,7 +341,10 @@ def _run(cmd: list[str], env: dict, folder: LaunchFolder, limit: float) -> Ended
                     watching = True
             exits.wait(_POLL)
             beat = folder.last_beat()
-            if beat is not None and proc.poll() is None and time.time() - beat > limit:
+            if beat != mtime:
+                mtime, changed = beat, time.monotonic()
+                last_beat = time.time() if beat is not None else last_beat
+            if beat is not None and proc.poll() is None and time.monotonic() - changed > limit:
                 hung = True
                 _end(proc)
     except BaseException:
@@ -335,7 +354,8 @@ def _run(cmd: list[str], env: dict, folder: LaunchFolder, limit: float) -> Ended
         exits.close()
     for t in copies:
         t.join(5)
-    return Ended(proc.returncode, f"{out.text()}\n{err.text()}", hung, exits.first, folder.last_beat(), time.time())
+    return Ended(proc.returncode, f"{out.text()}\n{err.text()}", hung, exits.first, last_beat, time.time(),
+                 local=exits.all_local)
 
 
 def _reachable(host: str, mpiexec: list[str], timeout: float = 10.0) -> bool:
@@ -384,15 +404,19 @@ def launch(opts: LaunchOptions) -> int:
         folder.log.unlink(missing_ok=True)  # a new job: its epochs count from 0
     epoch = folder.epochs()
     start: dict = {"reason": "start" if epoch == 0 else "launched again"}
+    if opts.max_restarts < 0:
+        raise ValueError(f"--max-restarts must be 0 or more, got {opts.max_restarts}")
     hostfile, restarts = Path(opts.hostfile), 0
+    begun = False  # a run of this launch opened the results file: later runs continue it
     env = {**os.environ, "MPIR_CVAR_ENABLE_HEAVY_YIELD": os.environ.get("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")}
     while True:
         folder.clear()
         folder.write(folder.epoch, {"epoch": epoch, **start})
-        run_args = [a for a in opts.run_args if not (restarts and a == "--overwrite")]  # a restart continues
-        # a restart continues this launch's file; a first run continues one a killed launch left
+        # once a run of this launch has opened the results file, every later run continues it; before
+        # that, --overwrite still means the file found at the start (a run lost while loading opened none)
+        run_args = [a for a in opts.run_args if not (begun and a == "--overwrite")]
         resume = "--overwrite" not in run_args and "--resume" not in run_args and (
-            restarts or output.exists() or Path(f"{output}.journal").exists())
+            begun or output.exists() or Path(f"{output}.journal").exists())
         cmd = [*mpiexec, "-f", str(hostfile), "-n", str(len(devices)), opts.python, "-m", "edgeshard_mpi", "run",
                opts.job, "--hostfile", str(hostfile), "--launch-dir", str(folder.path), "--output", str(output),
                "--step-timeout", f"{opts.step_timeout:g}", *(["--resume"] if resume else []), *run_args]
@@ -401,6 +425,7 @@ def launch(opts: LaunchOptions) -> int:
         _say(f"+ {shlex.join(cmd)}")
         folder.note(event="start", epoch=epoch, devices=[d.name for d in devices], hostfile=str(hostfile), **start)
         ended = _run(cmd, env, folder, opts.step_timeout + HEARTBEAT_GRACE if opts.step_timeout else math.inf)
+        begun = begun or folder.opened.exists()
         if ended.rc == 0 and not ended.hung:
             folder.note(event="done", epoch=epoch)
             _say(f"epoch {epoch}: the job is done ({output})")
@@ -426,11 +451,12 @@ def launch(opts: LaunchOptions) -> int:
             return EXIT_RANK0_LOST
         gone = [devices[r] for r in loss.ranks if r != 0]  # rank 0's host answers: its device runs again
         what = ", ".join(d.name for d in gone) or f"rank 0 ({devices[0].name})"
-        if restarts == opts.max_restarts:
+        if restarts >= opts.max_restarts:
             _say(f"epoch {epoch}: {what} lost ({loss.why}), and --max-restarts {opts.max_restarts} are used up. "
                  f"The results so far are kept in {output}")
             return EXIT_GAVE_UP
         _say(f"epoch {epoch}: {what} lost ({loss.why}); running again without it")
+        lost_names = [d.name for d in gone] or [devices[0].name]  # what was lost, whether or not it comes back
         if opts.grace > 0:  # a device whose host answers after the grace (it rebooted) runs again
             time.sleep(opts.grace)
             back = [d for d in gone + dropped if _reachable(d.host, mpiexec)]
@@ -441,7 +467,7 @@ def launch(opts: LaunchOptions) -> int:
         devices = [d for d in everyone if d not in dropped]
         restarts += 1
         epoch += 1
-        start = {"reason": loss.why, "lost": [d.name for d in gone] or [devices[0].name],
+        start = {"reason": loss.why, "lost": lost_names,
                  "lost_at": ended.last_beat or ended.at, "detected_at": ended.at}
         if dropped:
             hostfile = folder.path / f"hosts-{epoch}"

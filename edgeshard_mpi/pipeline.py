@@ -316,8 +316,8 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     `watch` follows each stage's compute against its profile; while a stage drifts, `move(watch,
     requests done, tokens made)` is asked (at most once a window) whether to move to a new plan:
     then nothing more is admitted, the micro-batches in flight finish, and the Summary's `leftover`
-    holds the prompts taken but not run. `beat()` is called as each step comes back: the progress that
-    `edgeshard launch` watches for (launcher.Heartbeat).
+    holds the prompts taken but not run. `beat()` is called as each step comes back and after each
+    of rank 0's own forwards: the progress that `edgeshard launch` watches for (launcher.Heartbeat).
     """
     from tqdm import tqdm
 
@@ -365,6 +365,8 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
         launched[ln.slot] = ln, step.forwards()
         _slow_check(0, shard)
         out, seconds = _apply(shard, stats, tracer, step)
+        if beat is not None:  # a long stage-0 prefill is progress too, not a hung rank 0
+            beat()
         if nxt is None:
             local_tokens.append(_sample_step(samplers, step, out, seconds, eos))
         else:

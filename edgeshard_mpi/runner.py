@@ -368,15 +368,16 @@ def _become_device(comm: Comm, cluster: Cluster, shared: _Shared) -> None:
 def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     """Run a job on every rank; rank 0 returns the Summary, the others None."""
     rank, world = comm.rank, comm.size
+    heartbeat = None
+    if rank == 0 and opts.launch_dir:  # from here on the launcher watches each rank's process
+        heartbeat = Heartbeat(opts.launch_dir)
+        heartbeat.ranks([{"rank": r, "host": h, "pid": pid} for r, (h, pid) in enumerate(comm.where)])
     shared, local = _decide(comm, lambda: _read(job_path, opts, comm.hosts, mode="run"))
     cluster = Cluster.from_dict(shared.cluster)
     _become_device(comm, cluster, shared)
     if rank == 0:  # mpiexec reports a rank that died by its pid and host: this maps them to devices
         print(f"edgeshard: ranks: {comm.rank_table()}", file=sys.stderr, flush=True)
-        if opts.launch_dir:  # the launcher watches each rank's process from here on
-            local.heartbeat = Heartbeat(opts.launch_dir)
-            local.heartbeat.ranks([{"rank": r, "device": n, "host": h, "pid": pid}
-                                   for r, (n, (h, pid)) in enumerate(zip(comm.names, comm.where))])
+        local.heartbeat = heartbeat
     spec = local.spec if rank == 0 else shared.spec()
     if shared.measure is not None:
         prof = _profile(comm, shared, cluster, spec, opts.repeats)
@@ -440,6 +441,7 @@ def _record_epoch(heartbeat: Heartbeat, writer: ResultWriter, cluster: Cluster, 
            "stages": [{"device": cluster.devices[s.rank].name, "first": s.first, "last": s.last} for s in plan.stages]}
     runs.append(run)
     writer.set_attr("runs", runs)
+    heartbeat.opened()
 
     def progress(at: float) -> None:
         if "lost_at" in run:

@@ -49,6 +49,11 @@ def test_a_survivors_hostfile_reads_back_as_the_same_devices(tmp_path):
     (Ended(9, "=   PID 102 RUNNING AT localhost\n", first=[]), None,
      ("lost", (2,), "its process ended (named by mpiexec)")),
     (Ended(255, "ssh: connect to host x: No route to host\n"), None, ("unknown", (), "exit status 255")),
+    # ranks on other hosts: a rank here that mpiexec ended first says nothing of a death there
+    (Ended(9, "edgeshard: error on rank 2 of 3: RuntimeError: out of memory\n", first=[0], local=False), None,
+     ("lost", (2,), "crashed: RuntimeError: out of memory")),
+    (Ended(9, "=   PID 101 RUNNING AT board7\n", first=[0], local=False), None,
+     ("lost", (1,), "its process ended (named by mpiexec)")),
 ])
 def test_what_ended_a_run(ended, reported, expected):
     loss = lost_ranks(ended, TABLE, reported)
@@ -122,9 +127,10 @@ def test_a_profile_cut_to_the_survivors_is_found_without_measuring(tmp_path):
 
 # -- the launcher's loop, with an mpiexec that plays a script of runs ------------------------------------
 FAKE_MPIEXEC = r'''#!/usr/bin/env python3
-"""Plays the next line of SCRIPT as a run: `lost R` (rank 0 reports rank R silent), `refuse` (the run
-does not start), `ok`. Records each run's hostfile. `-hosts H ... true` (the launcher's probe): a host
-ending in .invalid does not answer."""
+"""Plays the next line of SCRIPT as a run: `lost R` (rank 0 opened the results, then reports rank R
+silent), `early R` (the same before the results were opened), `refuse` (the run does not start), `ok`.
+Records each run's hostfile and options. `-hosts H ... true` (the launcher's probe): a host ending in
+.invalid does not answer."""
 import json, os, sys
 from pathlib import Path
 argv = sys.argv[1:]
@@ -141,6 +147,8 @@ names = [line.split("name=")[1].split()[0] for line in hosts.splitlines() if "na
 (folder / "ranks.json").write_text(json.dumps([{"rank": r, "device": d, "host": "elsewhere", "pid": 1}
                                                for r, d in enumerate(names)]))
 if action[0] == "lost":
+    (folder / "opened").touch()
+if action[0] in ("lost", "early"):
     (folder / "lost.json").write_text(json.dumps({"ranks": [int(action[1])], "devices": []}))
     sys.exit(1)
 if action[0] == "refuse":
@@ -187,6 +195,13 @@ def test_launch_drops_each_lost_device_and_resumes_on_the_rest(play):
     assert log[2]["lost"] == ["b"] and log[4]["lost"] == ["c"] and log[4]["epoch"] == 2
 
 
+def test_overwrite_holds_until_a_run_has_opened_the_results(play):
+    """A run lost while loading has not replaced the old results file yet: the next still overwrites it."""
+    rc, devices, calls, _ = play(["early 2", "lost 1", "ok"], run_args=("--overwrite",))
+    assert rc == 0 and devices == [["a", "b", "c"], ["a", "b"], ["a"]]
+    assert [(c["overwrite"], c["resume"]) for c in calls] == [(True, False), (True, False), (False, True)]
+
+
 def test_launch_gives_up_after_max_restarts_and_on_too_few_devices(play):
     from edgeshard_mpi.launcher import EXIT_FAILED, EXIT_GAVE_UP
 
@@ -196,8 +211,9 @@ def test_launch_gives_up_after_max_restarts_and_on_too_few_devices(play):
 
 
 def test_a_device_whose_host_answers_after_the_grace_runs_again(play):
-    rc, devices, _, _ = play(["lost 2", "ok"], grace=0.01)
+    rc, devices, _, log = play(["lost 2", "ok"], grace=0.01)
     assert rc == 0 and devices == [["a", "b", "c"], ["a", "b", "c"]]
+    assert log[2]["lost"] == ["c"]  # recorded as lost, though it came back
     rc, devices, _, _ = play(["lost 2", "ok"], hosts=("localhost", "localhost", "gone.invalid"), grace=0.01)
     assert rc == 0 and devices == [["a", "b", "c"], ["a", "b"]]
 
@@ -207,3 +223,21 @@ def test_rank_0_lost_with_its_host_ends_the_job(play):
     assert rc == EXIT_RANK0_LOST and devices == [["a", "b", "c"]]
     rc, devices, _, _ = play(["lost 0", "ok"])  # its host answers: the same devices run again
     assert rc == 0 and devices == [["a", "b", "c"]] * 2
+
+
+def test_launch_refuses_bad_options_before_starting_anything(tmp_path, monkeypatch, capsys):
+    from edgeshard_mpi.cli import main
+
+    job = tmp_path / "job.toml"
+    job.write_text('model = "tiny-random"\nprompts = "p.jsonl"\n')
+    for argv, said in ((["--max-restarts", "-1"], "is not a whole number >= 0"),
+                       (["--overw"], "unrecognized arguments: --overw"),  # `run` takes no abbreviations
+                       (["--schedule", "fastest"], "invalid choice: 'fastest'")):
+        with pytest.raises(SystemExit) as e:
+            main(["launch", str(job), "-f", "hosts", *argv])
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    monkeypatch.setenv("MAX_RESTARTS", "three")
+    with pytest.raises(SystemExit):
+        main(["launch", str(job), "-f", "hosts"])
+    assert "MAX_RESTARTS: 'three' is not a whole number >= 0" in capsys.readouterr().err
+    assert main(["show", "--runs", str(tmp_path / "none.h5")]) == 1  # other commands do not read it
