@@ -67,7 +67,9 @@ def one(work: Path, job: Path, hosts: Path, device: str, sig: str, at: int, k: i
         if table and _records(out) >= at:
             break
         time.sleep(0.05)
-    row = next(r for r in table if r["device"] == device)
+    from edgeshard_mpi.cluster import parse_hostfile
+
+    row = table[[d.name for d in parse_hostfile(hosts).devices].index(device)]  # ranks fill the slots in order
     before = _records(out)
     hit = time.time()
     os.kill(row["pid"], getattr(signal, f"SIG{sig}"))
