@@ -38,7 +38,7 @@ import re
 from pathlib import Path
 
 __all__ = ["Device", "Cluster", "HostfileError", "parse_bytes", "parse_hostfile", "format_bytes", "default_threads",
-           "DTYPES", "QUANTIZE"]
+           "boot_id", "DTYPES", "QUANTIZE"]
 
 _UNITS = {
     "b": 1,
@@ -174,6 +174,16 @@ class Device:
         """(dtype, quantize) this device holds its shard in: its own where declared, else the job's."""
         own = self.quantize if self.quantize is not None else quantize
         return self.dtype or dtype, None if own == "none" else own
+
+
+def boot_id() -> str:
+    """This machine's boot id (Linux; "" elsewhere): processes with the same one run on one machine,
+    whatever their hosts are called (edge boards all named "raspberrypi")."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def default_threads(device: Device, cores: int, host_ranks: int) -> int:

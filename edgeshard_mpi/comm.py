@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from .cluster import boot_id
+
 __all__ = ["Comm", "Message", "RankLost", "ACT", "TOKENS", "STOP", "versions"]
 
 ACT, TOKENS, STOP = 1, 2, 3  # message kinds
@@ -82,6 +84,8 @@ class Comm:
         # mpiexec names a process that died by its pid and host only: keep them to map it to a rank
         self.barrier()
         self.where: list[tuple[str, int]] = self.comm.allgather((os.uname().nodename, os.getpid()))
+        # which machine each rank is on, where host names may repeat (edge boards all called "raspberrypi")
+        self.boots: list[str] = self.comm.allgather(boot_id())
         # per rank: (cores this process may use, ranks on its host), for its default thread count; MPI's
         # shared-memory split finds the ranks that share a host, whatever the hosts are called
         on_host = self.comm.Split_type(MPI.COMM_TYPE_SHARED)

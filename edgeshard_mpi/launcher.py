@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .cluster import Device, parse_hostfile
+from .cluster import Device, boot_id, parse_hostfile
 
 __all__ = ["Heartbeat", "LaunchFolder", "LaunchOptions", "Ended", "Loss", "launch", "lost_ranks", "hostfile_text",
            "declaration", "describe_runs", "EXIT_FAILED", "EXIT_GAVE_UP", "EXIT_TOO_FEW", "EXIT_RANK0_LOST",
@@ -62,6 +62,14 @@ HEARTBEAT_GRACE = 4.0  # seconds past the step timeout before a silent rank 0 co
 _BEAT_EVERY = 0.25  # rank 0 touches the heartbeat at most this often
 _POLL = 0.2  # the launcher looks at the job this often
 _HERE = ("localhost", "127.0.0.1", "::1", os.uname().nodename)
+_BOOT = boot_id()
+
+
+def _local(row: dict) -> bool:
+    """Does a rank of ranks.json run on this machine? By boot id where both know it: host names repeat."""
+    if row.get("boot") and _BOOT:
+        return row["boot"] == _BOOT
+    return row["host"] in _HERE
 
 
 class LaunchFolder:
@@ -275,9 +283,9 @@ class _Exits:
         self.poll, self.fds, self.first, self.all_local = select.poll(), {}, [], True
 
     def watch(self, table: list[dict]) -> None:
-        self.all_local = all(row["host"] in _HERE for row in table)
+        self.all_local = all(_local(row) for row in table)
         for row in table:
-            if row["host"] in _HERE and hasattr(os, "pidfd_open"):
+            if _local(row) and hasattr(os, "pidfd_open"):
                 try:
                     fd = os.pidfd_open(int(row["pid"]))
                 except OSError:  # already gone: mpiexec will say so

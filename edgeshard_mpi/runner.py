@@ -371,7 +371,8 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     heartbeat = None
     if rank == 0 and opts.launch_dir:  # from here on the launcher watches each rank's process
         heartbeat = Heartbeat(opts.launch_dir)
-        heartbeat.ranks([{"rank": r, "host": h, "pid": pid} for r, (h, pid) in enumerate(comm.where)])
+        heartbeat.ranks([{"rank": r, "host": h, "pid": pid, "boot": b}
+                         for r, ((h, pid), b) in enumerate(zip(comm.where, comm.boots))])
     shared, local = _decide(comm, lambda: _read(job_path, opts, comm.hosts, mode="run"))
     cluster = Cluster.from_dict(shared.cluster)
     _become_device(comm, cluster, shared)

@@ -241,3 +241,14 @@ def test_launch_refuses_bad_options_before_starting_anything(tmp_path, monkeypat
         main(["launch", str(job), "-f", "hosts"])
     assert "MAX_RESTARTS: 'three' is not a whole number >= 0" in capsys.readouterr().err
     assert main(["show", "--runs", str(tmp_path / "none.h5")]) == 1  # other commands do not read it
+
+
+def test_a_rank_is_local_by_its_machine_not_its_host_name():
+    from edgeshard_mpi.cluster import boot_id
+    from edgeshard_mpi.launcher import _local
+
+    me = boot_id()
+    assert me  # Linux
+    assert _local({"host": "anything", "boot": me})
+    assert not _local({"host": "localhost", "boot": "another-machine"})  # a board called like this one
+    assert _local({"host": "localhost"})  # a table without boot ids: by name
