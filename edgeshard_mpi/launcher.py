@@ -56,7 +56,7 @@ __all__ = ["Heartbeat", "LaunchFolder", "LaunchOptions", "Ended", "Loss", "launc
 # exit statuses of `edgeshard launch` (2 is argparse's, a bad command line)
 EXIT_FAILED = 1  # the run failed for a reason other than a lost device (its error is printed)
 EXIT_GAVE_UP = 3  # devices were lost more often than --max-restarts allows
-EXIT_TOO_FEW = 4  # the devices left cannot run the job (the model does not fit them)
+EXIT_TOO_FEW = 4  # the run refused to start on the devices left (most often: the model does not fit them)
 EXIT_RANK0_LOST = 5  # rank 0's host, which holds the prompts and the results, is gone
 HEARTBEAT_GRACE = 4.0  # seconds past the step timeout before a silent rank 0 counts as hung
 _BEAT_EVERY = 0.25  # rank 0 touches the heartbeat at most this often
@@ -408,12 +408,12 @@ def launch(opts: LaunchOptions) -> int:
     everyone = list(given.for_world(opts.ranks or given.size).devices)
     devices, dropped = list(everyone), []
     mpiexec = list(opts.mpiexec)
+    if opts.max_restarts < 0:
+        raise ValueError(f"--max-restarts must be 0 or more, got {opts.max_restarts}")
     if "--overwrite" in opts.run_args:
         folder.log.unlink(missing_ok=True)  # a new job: its epochs count from 0
     epoch = folder.epochs()
     start: dict = {"reason": "start" if epoch == 0 else "launched again"}
-    if opts.max_restarts < 0:
-        raise ValueError(f"--max-restarts must be 0 or more, got {opts.max_restarts}")
     hostfile, restarts = Path(opts.hostfile), 0
     begun = False  # a run of this launch opened the results file: later runs continue it
     env = {**os.environ, "MPIR_CVAR_ENABLE_HEAVY_YIELD": os.environ.get("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")}
@@ -463,7 +463,8 @@ def launch(opts: LaunchOptions) -> int:
             _say(f"epoch {epoch}: {what} lost ({loss.why}), and --max-restarts {opts.max_restarts} are used up. "
                  f"The results so far are kept in {output}")
             return EXIT_GAVE_UP
-        _say(f"epoch {epoch}: {what} lost ({loss.why}); running again without it")
+        _say(f"epoch {epoch}: {what} lost ({loss.why}); "
+             f"{'running again without it' if gone else 'running again on the same devices'}")
         lost_names = [d.name for d in gone] or [devices[0].name]  # what was lost, whether or not it comes back
         if opts.grace > 0:  # a device whose host answers after the grace (it rebooted) runs again
             time.sleep(opts.grace)
@@ -492,7 +493,8 @@ def describe_runs(runs: list[dict]) -> list[str]:
         stages = ", ".join(f"{s['device']} {s['first']}..{s['last']}" for s in r.get("stages", []))
         after = f", progress again {r['resumed_after_s']:.1f} s after the loss" if "resumed_after_s" in r else ""
         lost = f" lost {', '.join(r['lost'])}:" if r.get("lost") else ""
-        lines.append(f"epoch {r['epoch']}:{lost} {r['reason']}; {len(r.get('devices', []))} devices "
-                     f"({', '.join(r.get('devices', []))}); plan {stages or '-'}{after}")
+        names = r.get("devices", [])
+        lines.append(f"epoch {r['epoch']}:{lost} {r['reason']}; {len(names)} device{'s' * (len(names) != 1)} "
+                     f"({', '.join(names)}); plan {stages or '-'}{after}")
     return lines
 
