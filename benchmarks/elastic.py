@@ -1,12 +1,13 @@
 """A device lost mid-run under `edgeshard launch`: from the loss to progress again on the survivors.
 
-    python benchmarks/elastic.py [--device mid] [--signal KILL|STOP] [--at 16] [--repeats 2] [--json out.json]
+    python benchmarks/elastic.py [--device mid] [--signal KILL|STOP] [--at 16] [--repeats 2] [--step-timeout 10]
+                                 [--json out.json]
 
 trio3 (hostfiles/trio3.hosts) on the work clock, smollm2-135m, fp32, 48 prompts x 24 new tokens,
 micro-batches of 2, the throughput plan. The first run measures the profile; every run after a
 loss plans from it, cut to the survivors (nothing is measured again). Once the results hold `--at`
 requests, `--device`'s rank gets the signal: KILL (its process ends: the launcher sees it at once)
-or STOP (silent: rank 0's step timeout, 10 s here, names it). For each loss it prints:
+or STOP (silent: rank 0's step timeout, `--step-timeout` (10 s), names it). For each loss it prints:
 - detect: from the signal to the launcher knowing the run has ended (mpiexec gone);
 - restart: from then to the first step back on the survivors: a new mpiexec, imports, the job
   read, the profile cut, the plan, the shards loaded (`load`, the slowest rank's), the first step;
@@ -34,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench import chat_job, with_work_clock  # noqa: E402
 
-STEP_TIMEOUT = 10
 
 
 def _journal(h5: Path) -> list[dict]:
@@ -47,13 +47,13 @@ def _records(h5: Path) -> int:
     return sum("record" in e for e in _journal(h5))
 
 
-def one(work: Path, job: Path, hosts: Path, device: str, sig: str, at: int, k: int) -> dict:
+def one(work: Path, job: Path, hosts: Path, device: str, sig: str, at: int, k: int, step_timeout: float) -> dict:
     from edgeshard_mpi.results import read_attrs
 
     out = work / f"elastic-{k}.h5"
     env = {**os.environ, "EDGESHARD_PROFILES": str(work / "profiles"), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "edgeshard_mpi", "launch", str(job), "-f", str(hosts), "--output", str(out),
-           "--overwrite", "--no-progress", "--step-timeout", str(STEP_TIMEOUT)]
+           "--overwrite", "--no-progress", "--step-timeout", f"{step_timeout:g}"]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     log = open(work / f"launch-{k}.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -95,17 +95,18 @@ def main() -> None:
     ap.add_argument("--at", type=int, default=16, help="requests written before the signal")
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--step-timeout", type=float, default=10.0)
     ap.add_argument("--json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgeshard-elastic-"))
     job = chat_job(work, "elastic", args.prompts)
     hosts = work / "trio3.hosts"
     with_work_clock(ROOT / "hostfiles" / "trio3.hosts", hosts)
-    rows = [one(work, job, hosts, args.device, args.signal, args.at, k) for k in range(args.repeats)]
+    rows = [one(work, job, hosts, args.device, args.signal, args.at, k, args.step_timeout) for k in range(args.repeats)]
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"\n{platform.node()}: trio3, clock=work, smollm2-135m fp32, {args.prompts} prompts x 24 tokens, "
-          f"micro-batch 2; {args.device} gets SIG{args.signal} after {args.at} requests; step timeout {STEP_TIMEOUT} s")
+          f"micro-batch 2; {args.device} gets SIG{args.signal} after {args.at} requests; step timeout {args.step_timeout:g} s")
     print(f"{'run':>3} {'detect s':>9} {'restart s':>10} {'load s':>7} {'total s':>8} {'target s':>9}  plan after")
     for k, r in enumerate(rows):
         plan = ", ".join(f"{s['device']} {s['first']}..{s['last']}" for s in r["plan_after"])
