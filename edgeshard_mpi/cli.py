@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="after a loss, wait T seconds and ask the lost devices' hosts: a device whose host "
                              "answers runs again (default 0: dropped at once)")
     launch.add_argument("--step-timeout", type=_seconds, default=25.0, metavar="S",
-                        help="as for run; rank 0 silent for S + 4 seconds is hung, and the job runs again")
+                        help="as for run; rank 0 silent for S + 3 seconds is hung, and the job runs again")
     launch.add_argument("--output", help="results HDF5 file (default: the job's)")
     launch.add_argument("--launch-dir", help="folder of the launch's state and log (default: the results file "
                                              "+ .launch)")

@@ -58,7 +58,7 @@ EXIT_FAILED = 1  # the run failed for a reason other than a lost device (its err
 EXIT_GAVE_UP = 3  # devices were lost more often than --max-restarts allows
 EXIT_TOO_FEW = 4  # the run refused to start on the devices left (most often: the model does not fit them)
 EXIT_RANK0_LOST = 5  # rank 0's host, which holds the prompts and the results, is gone
-HEARTBEAT_GRACE = 4.0  # seconds past the step timeout before a silent rank 0 counts as hung
+HEARTBEAT_GRACE = 3.0  # seconds past the step timeout before a silent rank 0 counts as hung (found within +5 s)
 _BEAT_EVERY = 0.25  # rank 0 touches the heartbeat at most this often
 _POLL = 0.2  # the launcher looks at the job this often
 _HERE = ("localhost", "127.0.0.1", "::1", os.uname().nodename)
@@ -198,7 +198,7 @@ class Ended:
     hung: bool = False  # the launcher ended it: rank 0's heartbeat went stale
     first: list[int] = dataclasses.field(default_factory=list)  # ranks (on this host) whose process ended first
     last_beat: float | None = None  # wall time the launcher saw the run's last progress
-    at: float = 0.0  # wall time the launcher saw it end
+    at: float = 0.0  # wall time the launcher saw it end (or, hung, found rank 0 silent)
     local: bool = True  # every rank ran on the launcher's host: `first` then says which ended first of all
 
 
@@ -336,7 +336,7 @@ def _run(cmd: list[str], env: dict, folder: LaunchFolder, limit: float) -> Ended
                             preexec_fn=_die_with_parent, start_new_session=True)
     out, err, exits = _Tail(), _Tail(), _Exits()  # a tail each, so that no line is spliced with another
     copies = [out.copy(proc.stdout, sys.stdout.buffer), err.copy(proc.stderr, sys.stderr.buffer)]
-    hung, watching = False, False
+    hung, watching, seen = False, False, None
     # rank 0's heartbeat is judged on this process's clock: when its mtime last changed, not the mtime
     # itself, which is rank 0's clock (or a file server's)
     mtime, changed, last_beat = None, time.monotonic(), None
@@ -353,7 +353,7 @@ def _run(cmd: list[str], env: dict, folder: LaunchFolder, limit: float) -> Ended
                 mtime, changed = beat, time.monotonic()
                 last_beat = time.time() if beat is not None else last_beat
             if beat is not None and proc.poll() is None and time.monotonic() - changed > limit:
-                hung = True
+                hung, seen = True, time.time()
                 _end(proc)
     except BaseException:
         _end(proc)
@@ -362,7 +362,7 @@ def _run(cmd: list[str], env: dict, folder: LaunchFolder, limit: float) -> Ended
         exits.close()
     for t in copies:
         t.join(5)
-    return Ended(proc.returncode, f"{out.text()}\n{err.text()}", hung, exits.first, last_beat, time.time(),
+    return Ended(proc.returncode, f"{out.text()}\n{err.text()}", hung, exits.first, last_beat, seen or time.time(),
                  local=exits.all_local)
 
 
@@ -442,7 +442,7 @@ def launch(opts: LaunchOptions) -> int:
         if loss.kind == "unknown":  # nothing names a device: ask the hosts themselves
             silent = tuple(r for r, d in enumerate(devices) if not _reachable(d.host, mpiexec))
             loss = Loss("lost", silent, "its host does not answer") if silent else Loss("failed", (), loss.why)
-        folder.note(event="ended", epoch=epoch, rc=ended.rc, kind=loss.kind,
+        folder.note(event="ended", epoch=epoch, rc=ended.rc, kind=loss.kind, detected=ended.at,
                     lost=[devices[r].name for r in loss.ranks], why=loss.why)
         if loss.kind == "refused" and dropped:
             _say(f"the devices left ({', '.join(d.name for d in devices)}) cannot run the job: {loss.why}. "

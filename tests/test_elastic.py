@@ -198,7 +198,9 @@ def test_a_stopped_rank_0_is_found_within_the_step_timeout_and_the_job_finishes(
     ended = next(e for e in run.events() if e["event"] == "ended")
     assert ended["kind"] == "hung" and ended["lost"] == [], ended
     # its heartbeat is allowed the step timeout + HEARTBEAT_GRACE; the issue's bound is the timeout + 5 s
-    assert ended["at"] - stopped <= STEP_TIMEOUT + 5 and HEARTBEAT_GRACE < 5, (ended["at"] - stopped)
+    took = ended["detected"] - stopped
+    print(f"rank 0 stopped: found hung after {took:.2f} s (step timeout {STEP_TIMEOUT} s)")
+    assert took <= STEP_TIMEOUT + 5 and HEARTBEAT_GRACE < 5, took
     assert _tokens(run.h5) == reference
     runs = run.runs()
     assert [r["devices"] for r in runs] == [["alpha", "beta", "gamma"]] * 2  # rank 0's device runs again
