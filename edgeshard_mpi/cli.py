@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     except (*_USER_ERRORS, ValueError) as e:  # these commands run no model: a ValueError is a bad argument
         print(f"edgeshard: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `edgeshard show F | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
     raise AssertionError(args.command)
 
 

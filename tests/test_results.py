@@ -105,3 +105,24 @@ def test_files_that_are_not_our_results_get_a_clear_error(tmp_path):
     # the command line says so in one line, with no traceback
     for path in (notes, other, newer):
         assert main(["show", str(path)]) != 0
+
+
+def test_show_into_a_pipe_closed_early_ends_quietly(tmp_path):
+    """`edgeshard show F | head`: the reader leaves after a line; show ends with status 0, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    path = tmp_path / "r.h5"
+    w = ResultWriter(path, {"job": "model = 'x'"})
+    w.append([Record(f"r{i}", f"p.jsonl:{i}", "prompt", "text " * 40, [1, 2], "length", 3, 2, 1.5, 0.25)
+              for i in range(2000)])  # far more than a pipe holds
+    w.close(complete=True)
+    proc = subprocess.Popen([sys.executable, "-m", "edgeshard_mpi", "show", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().startswith(b"--- r0 ")
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == b""
