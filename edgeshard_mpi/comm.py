@@ -42,7 +42,7 @@ __all__ = ["Comm", "Message", "RankLost", "ACT", "TOKENS", "STOP", "versions"]
 ACT, TOKENS, STOP = 1, 2, 3  # message kinds
 _TAG_PIPE, _TAG_TOKENS = 11, 12  # stage -> next stage, head -> source
 _TAG_PING, _TAG_PONG = 13, 14  # rank 0 -> a rank it suspects, and the answer (liveness checks)
-MAX_FIELDS, MAX_BUFFERS, _MAX_NDIM = 12, 4, 3
+MAX_FIELDS, MAX_BUFFERS, _MAX_NDIM = 16, 4, 3
 # kind, send time (ns), field count, buffer count, the fields, then per buffer: dtype code, ndim, dims
 _HEADER = 4 + MAX_FIELDS + MAX_BUFFERS * (2 + _MAX_NDIM)
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.float64]

@@ -68,17 +68,17 @@ class DriftWatch:
         self.last_s = 0.0  # when the last step came back, seconds into the run
         self._asked = -window
 
-    def observe(self, times: Sequence[float], forwards: Sequence[int], rows: int, now: float) -> list[Drift]:
+    def observe(self, times: Sequence[float], forwards: Sequence[tuple[int, int]], rows: int, now: float) -> list[Drift]:
         """One step back at the source (at `now`, seconds into the run): each stage's compute `times`,
-        the step's `forwards`, and the `rows` (tokens) it made. Returns the stages that crossed the
-        threshold with it, either way."""
+        the step's `forwards` ((tokens, columns) each), and the `rows` (tokens) it made. Returns the
+        stages that crossed the threshold with it, either way."""
         self.steps += 1
         self.last_s = now
         self._returns.append((now, rows))
         changed = []
         for i, (t, line) in enumerate(zip(times, self.lines)):
             self._measured[i].append(t)
-            self._predicted[i].append(sum(line.seconds(n) for n in forwards))
+            self._predicted[i].append(sum(line.seconds(*f) for f in forwards))
             r = self.ratio(i)
             if r is None:
                 continue

@@ -39,6 +39,8 @@ class Step:
     (`SamplingParams.needs_prompt`), else [].
     times: the compute seconds of each stage that has run the step so far, in pipeline order; the
     reply brings every stage's back to the source, which watches them for drift (drift.py).
+    columns: the slot's KV columns after the step, which its decode attends over (scheduler.Launch):
+    what a work clock costs the step's context by.
     """
 
     slot: int
@@ -58,6 +60,7 @@ class Step:
     top_ids: torch.Tensor | None = None  # (rows, K) the top K's token ids
     chunks: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
     times: list[float] = dataclasses.field(default_factory=list)
+    columns: int = 0
 
     @property
     def relayout(self) -> bool:
@@ -68,13 +71,14 @@ class Step:
         """How many rows join by their last chunk in this step."""
         return sum(start + n == total for _, start, n, total in self.chunks)
 
-    def forwards(self) -> list[int]:
-        """The tokens of each forward a stage runs for this step, in `split`'s order: what a work clock
-        (simulate.StageLine) times the step by."""
+    def forwards(self) -> list[tuple[int, int]]:
+        """(tokens, columns) of each forward a stage runs for this step, in `split`'s order: what a work
+        clock (simulate.StageLine) times the step by. Only the decode attends over the slot's columns;
+        a prefill's are its own (0)."""
         joined = len(self.pads) * self.width
         if self.fresh:
-            return [joined]
-        return [self.rows] + ([joined] if joined else []) + [c[2] for c in self.chunks]
+            return [(joined, 0)]
+        return [(self.rows, self.columns)] + ([(joined, 0)] if joined else []) + [(c[2], 0) for c in self.chunks]
 
     def split(self) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor]]:
         """(decode input (rows, 1, ...), join input (joining, width, ...), each None when empty, and
@@ -104,7 +108,7 @@ class Step:
         joining = len(self.pads)
         fields = [self.slot, self.step, int(self.fresh), self.rows, joining, self.width, self.trim, self.capacity,
                   -1 if self.keep is None else len(self.keep), int(self.logprobs is not None), len(self.chunks),
-                  len(self.times)]
+                  len(self.times), self.columns]
         buffers = [self.tensor]
         if self.logprobs is not None:
             buffers += [self.logprobs, self.top_ids]
@@ -125,7 +129,7 @@ class Step:
 
     @classmethod
     def from_wire(cls, msg: Message) -> "Step":
-        slot, step, fresh, rows, joining, width, trim, capacity, nkeep, has_logprobs, nchunks, ntimes = msg.fields
+        slot, step, fresh, rows, joining, width, trim, capacity, nkeep, has_logprobs, nchunks, ntimes, columns = msg.fields
         bufs = iter(msg.buffers)
         tensor = next(bufs)
         logprobs, top_ids = (next(bufs), next(bufs)) if has_logprobs else (None, None)
@@ -147,7 +151,7 @@ class Step:
                 at += 2 + n + m
         times = next(bufs).tolist() if ntimes else []
         return cls(slot, step, tensor, bool(fresh), rows, keep, places, pads, width, trim, capacity, sampling,
-                   prompts, logprobs, top_ids, chunks, times)
+                   prompts, logprobs, top_ids, chunks, times, columns)
 
     def reply(self, tokens: torch.Tensor, logprobs=None, seconds: float = 0.0) -> "Step":
         """The head's answer: this step's token ids, one per row of the slot after the step, when rows

@@ -285,7 +285,7 @@ def _step_of(ln: Launch, pad_id: int) -> Step:
     chunks = [torch.tensor([r.item.prompt.ids[start:start + n]]) for r, start, n in ln.chunks]
     return Step(ln.slot, ln.step, Step.pack(last[:, None], join, chunks), False, len(ln.rows), ln.keep, ln.places,
                 ln.pads, ln.width, ln.trim, ln.capacity if ln.relayout else 0, sampling, prompts,
-                chunks=[(r.index, start, n, r.prompt_tokens - 1) for r, start, n in ln.chunks])
+                chunks=[(r.index, start, n, r.prompt_tokens - 1) for r, start, n in ln.chunks], columns=ln.columns)
 
 
 def _error_record(p: Prompt) -> Record:
@@ -352,7 +352,7 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     sched = Scheduler(source(), micro_batch_size=job.micro_batch_size, schedule=schedule, in_flight=in_flight,
                       stages=len(plan.stages), admission=admission, row_budget=row_budget,
                       prefill_chunk=prefill_chunk)
-    launched: dict[int, tuple[Launch, list[int]]] = {}  # slot -> its step in flight, and that step's forwards
+    launched: dict[int, tuple[Launch, list[tuple[int, int]]]] = {}  # slot -> its step in flight, and that step's forwards
     leftover: list[Prompt] = []
 
     def launch(ln: Launch) -> None:
@@ -388,7 +388,7 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
         drift = f", {watch.postfix()}" if watch is not None and watch.drifting else ""
         bar.set_postfix_str(f"{counts['tokens'] / (time.perf_counter() - t_run):.1f} tok/s{errors}{drift}")
 
-    def watched(back: Step, forwards: list[int]) -> None:
+    def watched(back: Step, forwards: list[tuple[int, int]]) -> None:
         for d in watch.observe(back.times, forwards, len(back.tensor), time.perf_counter() - t_run):
             tqdm.write(f"edgeshard: drift: {d.describe()} over its last {d.steps} steps", file=sys.stderr)
         if move is not None and not sched.draining and watch.due() and move(watch, counts["requests"], counts["tokens"]):

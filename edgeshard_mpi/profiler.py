@@ -193,6 +193,20 @@ class Profile:
                    for d in self.devices]
         return [list(row) for row in zip(*columns)]
 
+    def context_costs(self, j: int, first: int, last: int) -> tuple[tuple[int | None, float], ...]:
+        """What a decode step of units first..last on device j costs more per row for each KV column
+        past the profile's context (less before it), as (sliding window or None, seconds per column)
+        by window: the units' KV bytes per token in the device's dtype x its measured seconds per
+        byte read (`decode_kv_s`). Empty for a profile that did not measure it."""
+        per_byte = self.devices[j].get("decode_kv_s") or 0.0
+        kv = self.devices[j].get("kv_bytes_per_token") or [u["kv_bytes_per_token"] for u in self.units]
+        out: dict[int | None, float] = {}
+        for u in range(first, last + 1):
+            if per_byte and kv[u]:
+                w = self.units[u].get("kv_window")
+                out[w] = out.get(w, 0.0) + kv[u] * per_byte
+        return tuple(out.items())
+
     def out_bytes_per_token(self, j: int) -> list[int]:
         """What each unit sends on from device j, per token and row, in that device's dtype."""
         return self.devices[j].get("out_bytes_per_token") or [u["out_bytes_per_token"] for u in self.units]
@@ -281,7 +295,7 @@ class Profile:
             raise ProfileError(f"{path}: not a valid profile ({type(e).__name__}: {e})") from None
 
 
-_TIMES = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s")
+_TIMES = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s", "decode_kv_s")
 # a profile's own device fields: its times, each unit's spread (spread_of), the memory the measuring
 # took beyond what the rank held before (a high-water mark: 0 if it stayed below one), and the
 # rank's peak RSS
@@ -450,10 +464,14 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
 
     `turn(fn)` runs each measurement when it is this rank's turn (see measure_profile).
 
-    Returns {"prefill_s": [per unit], "decode_s": [per unit], "prefill_step_s": s, "decode_step_s": s}.
+    Returns {"prefill_s": [per unit], "decode_s": [per unit], "prefill_step_s": s, "decode_step_s": s,
+    "decode_kv_s": s per byte}, and each unit's spreads.
     Every unit is timed from a cold start (see _Evictor), so each unit's time holds the cold start of
     a step; a stage of several units pays it once. Timing a run of k blocks together against the
-    sum of their own times gives it: (sum - together) / (k - 1).
+    sum of their own times gives it: (sum - together) / (k - 1). The same blocks' decode step at four
+    times the context gives what a step pays for each byte of KV cache it reads (a row's columns
+    grow as it decodes, and row admission lets a slot's axis reach past its longest request):
+    (time there - time at the context) / the bytes it read more (Profile.context_costs).
 
     A slowed-down device is measured at full speed, by CPU time on one thread, and its times
     multiplied by its slowdown: what its shard stretches them to in a run (on one thread:
@@ -480,7 +498,8 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
     gen = torch.Generator().manual_seed(0)
     prefill, decode = [], []
 
-    def measure(first: int, last: int) -> tuple[float, float]:
+    def measure(first: int, last: int, long: int = 0) -> tuple:
+        """(prefill, decode at the context[, decode at `long` columns]), each (time, spread)."""
         shard = Shard(spec, first, last, device.torch)
         u = first
 
@@ -497,7 +516,11 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
         run(x_p, [0] * b)  # warm-up
         t_prefill = _timed(lambda: run(x_p, [0] * b), repeats, device.slowdown, evict)
         run(x_c, [0] * b)  # a cache holding `context` tokens, then single-token steps
-        return t_prefill, _timed(lambda: run(x_d, None), repeats, device.slowdown, evict)
+        t_decode = _timed(lambda: run(x_d, None), repeats, device.slowdown, evict)
+        if not long:
+            return t_prefill, t_decode
+        run(inputs(long), [0] * b)
+        return t_prefill, t_decode, _timed(lambda: run(x_d, None), repeats, device.slowdown, evict)
 
     spreads = {"prefill_spread": [], "decode_spread": []}
     for u in range(spec.num_units):
@@ -510,12 +533,19 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
         decode.append(t_decode)
         spreads["prefill_spread"].append(s_prefill)
         spreads["decode_spread"].append(s_decode)
-    out = {"prefill_s": prefill, "decode_s": decode, "prefill_step_s": 0.0, "decode_step_s": 0.0, **spreads}
+    out = {"prefill_s": prefill, "decode_s": decode, "prefill_step_s": 0.0, "decode_step_s": 0.0,
+           "decode_kv_s": 0.0, **spreads}
     if last > first and all(fits[first:last + 1]):
-        together = [t for t, _ in turn(lambda: measure(first, last))]
+        # the blocks' decode again at `long` columns: what a step pays per byte of KV it reads
+        long = min(4 * c, int(spec.config.get("max_position_embeddings") or 4 * c))
+        kv_bytes = sum(u.kv_bytes_per_token * (min(long, u.kv_window or long) - min(c, u.kv_window or c))
+                       for u in spec.units[first:last + 1])
+        together = [t for t, _ in turn(lambda: measure(first, last, long if kv_bytes > 0 else 0))]
         for key, alone, t in (("prefill", prefill, together[0]), ("decode", decode, together[1])):
             step = (sum(alone[first:last + 1]) - t) / (last - first)
             out[f"{key}_step_s"] = max(0.0, step)  # Profile.costs keeps every unit's share >= 0
+        if kv_bytes > 0:
+            out["decode_kv_s"] = max(0.0, (together[2] - together[1]) / (b * kv_bytes))
     return out
 
 

@@ -110,6 +110,7 @@ class Launch:
     capacity: int = 0
     relayout: bool = False
     chunks: list[tuple[Row, int, int]] = dataclasses.field(default_factory=list)
+    columns: int = 0  # the axis's length after the step: the KV columns its decode attends over
 
     @property
     def filled(self) -> list[Row]:
@@ -314,7 +315,7 @@ class Scheduler(Generic[T]):
             s.columns = column + 1
         s.capacity = capacity
         launch = Launch(slot, 0 if fresh else s.step, None if fresh else keep, rows, joining, places, pads, width,
-                        fresh, trim, capacity, relayout, chunks)
+                        fresh, trim, capacity, relayout, chunks, s.columns)
         s.rows, s.step = rows, launch.step + 1
         self.steps += 1
         self.row_steps += len(rows)

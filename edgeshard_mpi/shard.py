@@ -270,10 +270,10 @@ class Shard:
         self.slots.pop(slot, None)
 
     @contextlib.contextmanager
-    def running(self, forwards: Sequence[int] = ()):
+    def running(self, forwards: Sequence[tuple[int, int]] = ()):
         """Where a step's work runs: without autograd, and, on an emulated device (`slowdown` > 1),
         stretched to slowdown x the CPU time it used, or, with a clock, to the clock's time for the
-        step's `forwards` (the tokens of each), the rest spent asleep."""
+        step's `forwards` ((tokens, columns) of each: messages.Step.forwards), the rest spent asleep."""
         # a compiled graph cannot take inference tensors (their version counters are gone)
         with torch.no_grad() if self.compiled else torch.inference_mode():
             if self.slowdown == 1.0 and self.drift == 1.0:
@@ -282,7 +282,7 @@ class Shard:
             wall, cpu = time.perf_counter(), time.thread_time()
             yield
             if self.clock is not None:
-                target = self.drift * sum(self.clock.seconds(n) for n in forwards)
+                target = self.drift * sum(self.clock.seconds(*f) for f in forwards)
             elif self.slowdown == 1.0:  # a real device slowed: its own threads' time is not this thread's
                 target = self.drift * (time.perf_counter() - wall)
             else:
@@ -302,7 +302,7 @@ class Shard:
         Returns hidden states (B, T, H), or, if the shard holds the head, fp32 logits (B, V)
         of each row's last position.
         """
-        with self.running([x.shape[0] * x.shape[1]]):
+        with self.running([(x.shape[0] * x.shape[1], 0)]):
             return self.run_units(slot, x, prefill_pads, capacity)
 
     # -- rows joining a running slot (scheduler.py's row admission) --------------------------------

@@ -12,7 +12,10 @@ the head's token ids go back to rank 0, which hands them to the scheduler.
 Step costs come from the profile, which times a decode step and a prefill of one micro-batch: a
 stage's forward over T tokens (rows x width) is a straight line through those two points (a decode
 step is its device's step cost plus its units' decode times, Profile.costs, Costs.stage_compute), so
-it keeps a step's fixed cost, and a step of fewer rows costs less by their tokens' share of the slope. Figures are those a run
+it keeps a step's fixed cost, and a step of fewer rows costs less by their tokens' share of the slope. A decode
+step also reads every row's KV cache, which grows with its slot's columns: past the profile's context it
+costs each row its blocks' KV bytes per column times the device's measured seconds per KV byte
+(Profile.context_costs), and less below it. Figures are those a run
 reports (pipeline.Summary): tokens/s over the whole job, mean decode ms/token per request (first to
 last token), mean time to first token, and each stage's busy share.
 
@@ -48,6 +51,9 @@ class StepCosts:
     decode_s[s], prefill_s[s]: stage s's compute for a decode step and a prefill of `prompt_tokens`
     (the profile's); out_bytes[s]: bytes per row per token stage s sends on (the head: a token id);
     latency[s], bandwidth[s]: the link from stage s to the next (the head's: back to rank 0).
+    context: the columns the profile's decode step attended over; kv_s[s]: stage s's decode cost per row
+    per column beyond them, as (window, seconds) by its blocks' sliding window (None: full attention);
+    empty for a profile that did not measure it.
     """
 
     decode_s: tuple[float, ...]
@@ -57,6 +63,8 @@ class StepCosts:
     latency: tuple[float, ...]
     bandwidth: tuple[float, ...]
     rows: int = 1  # the profile's micro-batch: the rows its decode and prefill times are for
+    context: int = 0
+    kv_s: tuple[tuple[tuple[int | None, float], ...], ...] = ()
 
     @classmethod
     def from_profile(cls, profile, plan: Plan) -> "StepCosts":
@@ -68,9 +76,10 @@ class StepCosts:
         if bad:
             raise PlanError(f"{plan.source}: plan uses rank(s) {bad}, the profile has {m} device(s)")
         decode_costs, prefill_costs = profile.costs("decode"), profile.costs("prefill")
-        decode, prefill, out, lat, bw = [], [], [], [], []
+        decode, prefill, out, lat, bw, kv = [], [], [], [], [], []
         for s, nxt in zip(plan.stages, list(plan.stages[1:]) + [None]):
             decode.append(decode_costs.stage_compute(s.rank, s.first, s.last))
+            kv.append(profile.context_costs(s.rank, s.first, s.last))
             prefill.append(prefill_costs.stage_compute(s.rank, s.first, s.last))
             head = nxt is None
             out.append(8.0 if head else float(profile.out_bytes_per_token(s.rank)[s.last]))  # in its dtype
@@ -83,22 +92,25 @@ class StepCosts:
                 b = profile.bandwidth[s.rank][to]
                 bw.append(math.inf if b is None else float(b))
         return cls(tuple(decode), tuple(prefill), int(profile.shapes["prompt_tokens"]), tuple(out),
-                   tuple(lat), tuple(bw), int(profile.shapes.get("micro_batch_size", 1)))
+                   tuple(lat), tuple(bw), int(profile.shapes.get("micro_batch_size", 1)),
+                   int(profile.shapes.get("context", 0)), tuple(kv))
 
     def line(self, s: int) -> "StageLine":
-        return StageLine(self.decode_s[s], self.prefill_s[s], self.rows, self.prompt_tokens)
+        return StageLine(self.decode_s[s], self.prefill_s[s], self.rows, self.prompt_tokens, self.context,
+                         self.kv_s[s] if self.kv_s else ())
 
-    def compute(self, s: int, width: int, rows: int | None = None) -> float:
+    def compute(self, s: int, width: int, rows: int | None = None, columns: int = 0) -> float:
         """Stage s's forward over `rows` rows (default: the profile's) of `width` new tokens each: 1 for a
-        decode step, the prompt for a prefill (StageLine.seconds)."""
-        return self.line(s).seconds(width * (self.rows if rows is None else rows))
+        decode step over `columns` KV columns, the prompt for a prefill (StageLine.seconds)."""
+        return self.line(s).seconds(width * (self.rows if rows is None else rows), columns)
 
 
 @dataclasses.dataclass(frozen=True)
 class StageLine:
     """One stage's forward time as a function of the tokens it computes: the straight line through
     the profile's decode step (`rows` tokens) and prefill (`rows` x `prompt_tokens`), never below
-    nothing. The simulator costs every forward with it, and a device with `clock=work` takes
+    nothing, and for a decode, each row's reading of its KV columns against the profile's `context`
+    (StepCosts). The simulator costs every forward with it, and a device with `clock=work` takes
     exactly this long (shard.Shard.running), so that the two differ only in what the simulator
     models besides compute."""
 
@@ -106,13 +118,22 @@ class StageLine:
     prefill_s: float
     rows: int
     prompt_tokens: int
+    context: int = 0
+    kv_s: tuple[tuple[int | None, float], ...] = ()
 
-    def seconds(self, tokens: int) -> float:
+    def seconds(self, tokens: int, columns: int = 0) -> float:
+        """A forward over `tokens` tokens; `columns`: a decode's (one token a row) KV columns, 0 for a
+        prefill, whose attention the line through the profile's prefill already holds."""
         p = self.prompt_tokens
         if p <= 1:
-            return self.prefill_s * tokens / self.rows
-        per_token = (self.prefill_s - self.decode_s) / (self.rows * (p - 1))
-        return max(0.0, self.decode_s + per_token * (tokens - self.rows))
+            t = self.prefill_s * tokens / self.rows
+        else:
+            per_token = (self.prefill_s - self.decode_s) / (self.rows * (p - 1))
+            t = self.decode_s + per_token * (tokens - self.rows)
+        if columns:
+            c = self.context
+            t += tokens * sum(k * (min(columns, w or columns) - min(c, w or c)) for w, k in self.kv_s)
+        return max(0.0, t)
 
 
 @dataclasses.dataclass
@@ -180,7 +201,7 @@ def simulate(costs: StepCosts, requests: Sequence[Request], *, micro_batch_size:
         its fixed cost again)."""
         if ln.fresh:
             return costs.compute(s, ln.width, len(ln.rows))
-        cost = costs.compute(s, 1, len(ln.rows))
+        cost = costs.compute(s, 1, len(ln.rows), ln.columns)
         if ln.width:
             cost += costs.compute(s, ln.width, len(ln.join))
         return cost + sum(costs.compute(s, n, 1) for _, _, n in ln.chunks)

@@ -133,7 +133,8 @@ def test_work_clock_devices_share_one_calibration():
 
     def measured(rank, decode):
         return {"rank": rank, "decode_s": decode, "prefill_s": [10 * t if t else None for t in decode],
-                "decode_step_s": 0.1 * rank, "prefill_step_s": 1.0, "decode_spread": [0.2] * 2,
+                "decode_step_s": 0.1 * rank, "prefill_step_s": 1.0, "decode_kv_s": 1e-9 * (rank + 1),
+                "decode_spread": [0.2] * 2,
                 "prefill_spread": [0.3] * 2}
 
     gathered = [measured(0, [2.2, 4.0]), measured(1, [4.0, None]), measured(2, [9.0, 9.0]), measured(3, [5.0, 5.0])]
@@ -142,6 +143,7 @@ def test_work_clock_devices_share_one_calibration():
     assert a["decode_s"] == [2.0, 4.0] and b["decode_s"] == [4.0, None]  # min(2.2/2, 4/4) = 1.0 a unit of slowdown
     assert a["prefill_s"] == [20.0, 40.0] and b["prefill_s"] == [40.0, None]
     assert a["decode_step_s"] == 0.0 and b["decode_step_s"] == 0.0 and a["prefill_step_s"] == 0.5
+    assert a["decode_kv_s"] == pytest.approx(1e-9) and b["decode_kv_s"] == pytest.approx(2e-9)  # min(1/2, 2/4) x slowdown
     assert a["decode_spread"] == [0.0, 0.0] and b["prefill_spread"] == [0.0, 0.0]
     assert c == measured(2, [9.0, 9.0])  # the CPU clock's figures are its own
     # alone in its precision: its own figures, which a run then takes exactly, so no spread

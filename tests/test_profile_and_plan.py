@@ -129,7 +129,7 @@ def test_a_work_clock_takes_what_its_profile_says(tmp_path, tiny_path):
     for d in data["devices"]:
         for key in ("decode_s", "prefill_s"):
             d[key] = [4 * x for x in d[key]]
-        for key in ("decode_step_s", "prefill_step_s"):
+        for key in ("decode_step_s", "prefill_step_s", "decode_kv_s"):
             d[key] *= 4
     scaled = tmp_path / "scaled.json"
     scaled.write_text(json.dumps(data))

@@ -76,7 +76,7 @@ def _drive(requests, **kw):
             assert all(r.prompt_tokens - 1 <= chunk for r in launch.join) or launch.fresh
             assert len(launch.rows) + len(axis.filling) <= kw["micro_batch_size"]
         cols = len(axis.rows[0])
-        assert all(len(row) == cols for row in axis.rows)
+        assert all(len(row) == cols for row in axis.rows) and launch.columns == cols
         for row, r in zip(axis.rows, launch.rows):
             assert row[:r.pad] == [None] * r.pad and None not in row[r.pad:], "a row's pad is not its masked prefix"
         max_columns[launch.slot] = max(max_columns.get(launch.slot, 0), cols)

@@ -10,7 +10,7 @@ import pytest
 
 from edgeshard_mpi.planner import Plan, Stage, plan_for, predict
 from edgeshard_mpi.profiler import Profile
-from edgeshard_mpi.simulate import Request, StepCosts, simulate, uniform_requests
+from edgeshard_mpi.simulate import Request, StageLine, StepCosts, simulate, uniform_requests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +47,51 @@ def test_a_step_of_fewer_rows_costs_less_by_their_tokens():
     assert c.compute(0, 1, 1) == pytest.approx(0.010 - 3 * 0.00125)
     assert c.compute(0, 5, 2) == pytest.approx(0.010 + 0.00125 * (10 - 4))
     assert c.compute(0, 1, 0) >= 0.0
+
+
+def test_a_decode_costs_each_row_its_kv_columns_against_the_profiles_context():
+    # profiled at 256 columns; full-attention blocks 10 us a row per column, sliding ones (window 64) 20 us
+    line = StageLine(0.010, 0.030, 4, 5, context=256, kv_s=((None, 1e-5), (64, 2e-5)))
+    assert line.seconds(4, 256) == pytest.approx(line.seconds(4))  # at the profile's context: its time
+    assert line.seconds(4, 512) == pytest.approx(0.010 + 4 * 256 * 1e-5)  # the window's layers read no more
+    assert line.seconds(2, 32) == pytest.approx(line.seconds(2) + 2 * (1e-5 * (32 - 256) + 2e-5 * (32 - 64)))
+    assert line.seconds(20) == pytest.approx(0.030)  # a prefill (no columns): the profile's line alone
+    assert StageLine(0.010, 0.030, 4, 5).seconds(4, 4096) == pytest.approx(0.010)  # not measured: no term
+
+
+def test_the_simulator_costs_each_decode_step_at_its_slots_columns():
+    # one request of 5 prompt tokens and 4 new ones on one stage, profiled at a context of 5 columns:
+    # its decode steps attend over 6, 7 and 8 columns, 1 + 2 + 3 past the profile's, 1 ms each
+    base = StepCosts(decode_s=(0.010,), prefill_s=(0.030,), prompt_tokens=5, out_bytes=(8.0,), latency=(0.0,),
+                     bandwidth=(math.inf,))
+    costs = dataclasses.replace(base, context=5, kv_s=(((None, 0.001),),))
+    plain, long = (simulate(c, [Request(5, 4)], micro_batch_size=1) for c in (base, costs))
+    assert plain.seconds == pytest.approx(0.030 + 3 * 0.010)
+    assert long.seconds == pytest.approx(plain.seconds + 0.006)
+
+
+def test_a_profile_gives_each_stage_its_kv_bytes_times_its_devices_seconds_a_byte():
+    units = [{"name": "embed", "param_bytes": 1, "kv_bytes_per_token": 0, "out_bytes_per_token": 4},
+             {"name": "block.0", "param_bytes": 1, "kv_bytes_per_token": 100, "out_bytes_per_token": 4},
+             {"name": "block.1", "param_bytes": 1, "kv_bytes_per_token": 100, "out_bytes_per_token": 4,
+              "kv_window": 8},
+             {"name": "head", "param_bytes": 1, "kv_bytes_per_token": 0, "out_bytes_per_token": 4}]
+    times = {"decode_s": [0.001] * 4, "prefill_s": [0.002] * 4}
+    prof = Profile(model={"name": "m", "fingerprint": "f", "num_units": 4}, units=units,
+                   devices=[{"name": "a", **times, "decode_kv_s": 1e-6},
+                            {"name": "b", **times, "decode_kv_s": 1e-6, "param_bytes": [1] * 4,
+                             "kv_bytes_per_token": [0, 50, 50, 0], "out_bytes_per_token": [2] * 4},
+                            {"name": "old", **times}],
+                   bandwidth=[[None] * 3] * 3, latency=[[0.0] * 3] * 3,
+                   shapes={"prompt_tokens": 4, "context": 16, "micro_batch_size": 2})
+    assert prof.context_costs(0, 0, 3) == (pytest.approx((None, 1e-4)), pytest.approx((8, 1e-4)))
+    assert prof.context_costs(1, 1, 1) == (pytest.approx((None, 5e-5)),)  # its own dtype's bytes
+    assert prof.context_costs(0, 0, 0) == () == prof.context_costs(2, 0, 3)  # no blocks; not measured
+    sc = StepCosts.from_profile(prof, Plan((Stage(0, 0, 1), Stage(1, 2, 3)), 4))
+    assert sc.context == 16 and sc.line(0).kv_s == (pytest.approx((None, 1e-4)),)
+    # stage 1's block slides over 8 columns: 40 columns cost what 16 do, 4 cost 2 rows x 4 columns less
+    assert sc.compute(1, 1, 2, 40) == pytest.approx(sc.compute(1, 1, 2, 16))
+    assert sc.compute(1, 1, 2, 4) == pytest.approx(sc.compute(1, 1, 2, 16) - 2 * 4 * 5e-5)
 
 
 def test_no_bubbles_reaches_the_bottleneck_rate():
