@@ -678,6 +678,14 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
 
     import resource
 
+    import torch
+
+    from .fewrows import rows_for
+    from .shard import TORCH_DTYPES
+
+    # the few-row products' form is measured before the memory baseline: its probe matrix is freed
+    # before any unit loads, and a device's budget is for its units
+    rows_for(own, torch.device(me.torch), TORCH_DTYPES[own.dtype])
     try:
         held = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:  # not Linux: the peak since the process began

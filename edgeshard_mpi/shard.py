@@ -32,6 +32,7 @@ import transformers.modeling_utils  # noqa: F401
 
 from .compiling import CompiledStep
 from .families import mask_builder
+from .fewrows import rows_for, swap_linears
 from .kv_cache import add_rows, join_rows, relayout, slot_cache, static_slot_cache
 from .models import ModelError, ModelSpec
 from .quant import SCALE_DTYPE, Int8Embedding, int8_keys, int8_shell, quantize_rows
@@ -114,6 +115,8 @@ class Shard:
             if tied and not self.has_embed:
                 int8.add(embed_key)  # read for the head alone, even when the embedding is not a plain one (Gemma)
         tensors = self._read_tensors(Path(spec.path), int8)
+        # a decode step's few-row products in the form this CPU runs fastest (fewrows.py)
+        self.turned = rows_for(spec, self.device, self.dtype, compile)
 
         def take(name: str) -> torch.nn.Module:
             """Module `name` of the skeleton with its tensors from the checkpoint, on this device."""
@@ -122,7 +125,8 @@ class Shard:
                 module = int8_shell(module, self.dtype)
             state = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
             module.load_state_dict(state, strict=True, assign=True)
-            return module.to(self.device).eval()  # buffers (Gemma's embedding scale) follow the weights
+            # buffers (Gemma's embedding scale) follow the weights
+            return swap_linears(module.to(self.device).eval(), self.turned)
 
         self.embed = take(embed_name) if self.has_embed else None
         self.layers = [take(f"{layers_name}.{i}") for i in self.layer_ids]

@@ -1,0 +1,115 @@
+"""A decode step's matmuls, of a few rows each, in the form this CPU runs fastest.
+
+Each weight matrix W (out x in) of a decode step meets only the step's rows x (one a sequence), so
+the step is bound by reading W from memory. `linear` computes x @ W.T, and on some CPUs its sgemm
+takes a few rows far below the memory's speed: on a 2-core AMD EPYC, smollm2's head (W 49152 x 576,
+fp32) took 10 ms at 1 row, 35 ms at 3 and 17 ms at 8, where the same product as (W @ x.T).T took
+3.6 ms at 2 rows and 4.9 ms at 3; a one-row product runs as two rows (the row twice), which gemm
+takes where it would not take one. The two forms give the same values but for the order of fp32
+sums. On the Intel Xeon this project measured before, `linear` at one row was near the memory's
+speed already. So which form a row count runs in is measured, once per process, dtype and thread
+count (`transposed_rows`), on one matrix larger than a CPU's caches, and `FewRowsLinear` takes the
+faster one for each count up to MAX_ROWS.
+
+Only models of at least SWAP_BYTES of weights are swapped (`Shard`): on a smaller one the
+matrices sit in the caches, where the forms differ little, and measuring would cost every rank of a
+small job more than it saves. A shard compiled with `torch.compile` keeps `nn.Linear`, whose
+kernels inductor picks itself.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "rows_for", "swap_linears", "transposed_rows"]
+
+MAX_ROWS = 16  # more rows than this take `linear` (its gemm is then at the memory's speed, or the compute's)
+SWAP_BYTES = 64 << 20  # a model's weights from which its shards take the faster form
+_PROBE = (8192, 1024)  # out x in: 32 MiB in fp32, past a CPU's last-level cache (smollm2's head: 108 MiB)
+_chosen: dict[tuple, frozenset[int]] = {}
+
+
+def _transposed(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x2 @ weight.T as (weight @ x2.T).T, one row doubled into two (a copy: an expanded view, of
+    stride 0, takes a slow path)."""
+    m = x2.shape[0]
+    if m == 1:
+        x2 = torch.cat([x2, x2])
+    return (weight @ x2.t()).t()[:m].contiguous()
+
+
+def transposed_rows(dtype: torch.dtype) -> frozenset[int]:
+    """The row counts (1..MAX_ROWS) whose product runs faster as (W @ x.T).T than as `linear` here, at
+    this process's thread count: each form's best of five on a matrix past the caches, the
+    transposed one taken only when at least 10% faster, so that noise leaves `linear` in place."""
+    key = (dtype, torch.get_num_threads())
+    if key not in _chosen:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(*_PROBE, generator=gen).to(dtype)
+        faster = set()
+        for m in range(1, MAX_ROWS + 1):
+            x = torch.randn(m, _PROBE[1], generator=gen).to(dtype)
+            plain, turned = (_best(lambda: f(x, w)) for f in (nn.functional.linear, _transposed))
+            if turned < 0.9 * plain:
+                faster.add(m)
+        _chosen[key] = frozenset(faster)
+    return _chosen[key]
+
+
+def rows_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False) -> frozenset[int]:
+    """The row counts a shard of `spec` in `dtype` on `device` takes in the transposed form: none on a
+    GPU, compiled, quantized (quant.Int8Linear has its own kernel) or for a model under SWAP_BYTES."""
+    if device.type != "cpu" or compile or spec.quantize or spec.bytes_of(0, spec.num_units - 1) < SWAP_BYTES:
+        return frozenset()
+    return transposed_rows(dtype)
+
+
+def _best(fn, repeats: int = 5) -> float:
+    fn()  # the first call may allocate or pick a kernel
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+class FewRowsLinear(nn.Linear):
+    """`nn.Linear` whose product of a few rows runs in the faster form (`transposed_rows`)."""
+
+    turned: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, linear: nn.Linear, turned: frozenset[int]) -> "FewRowsLinear":
+        """A FewRowsLinear holding `linear`'s own parameters (nothing is copied)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        new.turned = turned
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if m not in self.turned:
+            return nn.functional.linear(x, self.weight, self.bias)
+        y = _transposed(x.reshape(m, x.shape[-1]), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def swap_linears(module: nn.Module, turned: frozenset[int]) -> nn.Module:
+    """`module` with each `nn.Linear` in it (itself included) a FewRowsLinear on the same parameters."""
+    if not turned:
+        return module
+    if type(module) is nn.Linear:
+        return FewRowsLinear.of(module, turned)
+    for name, child in list(module.named_modules()):
+        if name and type(child) is nn.Linear:
+            parent, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, leaf, FewRowsLinear.of(child, turned))
+    return module

@@ -1,0 +1,82 @@
+"""Few-row products in either form, in-process: the same values as `linear`, on the same parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgeshard_mpi.fewrows import MAX_ROWS, FewRowsLinear, swap_linears, transposed_rows
+
+EVERY = frozenset(range(1, MAX_ROWS + 1))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_either_form_gives_linears_values(bias, dtype):
+    torch.manual_seed(0)
+    plain = nn.Linear(96, 200, bias=bias).to(dtype)
+    turned = FewRowsLinear.of(plain, EVERY)
+    assert turned.weight is plain.weight and turned.bias is plain.bias  # nothing copied
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for shape in [(1, 1, 96), (3, 1, 96), (7, 96), (2, 5, 96), (MAX_ROWS + 1, 1, 96), (4, 0, 96)]:
+        x = torch.randn(*shape).to(dtype)
+        want, got = plain(x), turned(x)
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_only_the_chosen_row_counts_take_the_transposed_form(monkeypatch):
+    calls = []
+    import edgeshard_mpi.fewrows as fewrows
+
+    real = fewrows._transposed
+    monkeypatch.setattr(fewrows, "_transposed", lambda x2, w: calls.append(x2.shape[0]) or real(x2, w))
+    layer = FewRowsLinear.of(nn.Linear(8, 4), frozenset({1, 3}))
+    for rows in (1, 2, 3, 4):
+        layer(torch.randn(rows, 1, 8))
+    assert calls == [1, 3]
+
+
+def test_swap_reaches_every_plain_linear_and_nothing_else():
+    class Scaled(nn.Linear):  # a family's own subclass does more than a product: left alone
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), Scaled(4, 4)), nn.LayerNorm(4))
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    swapped = swap_linears(model, frozenset({1}))
+    kinds = [type(m) for m in swapped.modules() if isinstance(m, nn.Linear)]
+    assert kinds == [FewRowsLinear, FewRowsLinear, Scaled]
+    assert [m.weight for m in swapped.modules() if isinstance(m, nn.Linear)] == weights
+    assert type(swap_linears(nn.Linear(2, 2), frozenset({1}))) is FewRowsLinear
+    alone = nn.Linear(2, 2)
+    assert swap_linears(alone, frozenset()) is alone  # no row count faster: nothing swapped
+
+
+def test_the_choice_is_measured_once_and_within_the_bounds():
+    first = transposed_rows(torch.float32)
+    assert first <= EVERY and transposed_rows(torch.float32) is first
+
+
+def test_a_large_models_shard_swaps_and_keeps_the_models_logits(smollm_path):
+    from edgeshard_mpi.fewrows import SWAP_BYTES
+    from edgeshard_mpi.models import ModelSpec
+    from edgeshard_mpi.shard import Shard
+
+    spec = ModelSpec.load(smollm_path, "float32")
+    assert spec.bytes_of(0, spec.num_units - 1) >= SWAP_BYTES
+    shard = Shard(spec, 0, spec.num_units - 1)
+    assert shard.turned == transposed_rows(torch.float32)
+    if shard.turned:
+        assert isinstance(shard.lm_head, FewRowsLinear)
+    plain = Shard(spec, 0, spec.num_units - 1)
+    plain.turned = frozenset()
+    for m in [plain.lm_head, *(mod for layer in plain.layers for mod in layer.modules())]:
+        if isinstance(m, FewRowsLinear):
+            m.turned = frozenset()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18]])
+    for s in (shard, plain):
+        s.forward(0, ids, [0, 0, 0])
+    for step in range(3):  # decode steps of 3 rows: the turned form where this CPU chose it
+        x = torch.tensor([[20 + step], [30 + step], [40 + step]])
+        torch.testing.assert_close(shard.forward(0, x), plain.forward(0, x), rtol=1e-4, atol=1e-4)
