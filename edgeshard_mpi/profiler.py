@@ -110,7 +110,7 @@ class Profile:
             for key in ("prefill_s", "decode_s") + (_OWN_BYTES if any(k in d for k in _OWN_BYTES) else ()):
                 if len(d.get(key, [])) != n:
                     raise ProfileError(f"{where}: devices[{j}].{key} has {len(d.get(key, []))} entries, expected {n}")
-            for key in ("prefill_spread", "decode_spread"):
+            for key in ("prefill_spread", "decode_spread", "decode_one_s"):
                 if key in d and len(d[key]) != n:
                     raise ProfileError(f"{where}: devices[{j}].{key} has {len(d[key])} entries, expected {n}")
         for name, table in (("bandwidth", self.bandwidth), ("latency", self.latency)):
@@ -207,6 +207,16 @@ class Profile:
                 out[w] = out.get(w, 0.0) + kv[u] * per_byte
         return tuple(out.items())
 
+    def one_row_s(self, j: int, first: int, last: int) -> float | None:
+        """Device j's decode step of one row through units first..last, its step cost paid once (as
+        Costs.stage_compute); None where not measured (a profile at one row, or an older one)."""
+        d = self.devices[j]
+        one = d.get("decode_one_s")
+        if not one or any(one[u] is None for u in range(first, last + 1)):
+            return None
+        step = float(d.get("decode_step_s", 0.0))
+        return step + sum(max(0.0, one[u] - step) for u in range(first, last + 1))
+
     def out_bytes_per_token(self, j: int) -> list[int]:
         """What each unit sends on from device j, per token and row, in that device's dtype."""
         return self.devices[j].get("out_bytes_per_token") or [u["out_bytes_per_token"] for u in self.units]
@@ -295,7 +305,7 @@ class Profile:
             raise ProfileError(f"{path}: not a valid profile ({type(e).__name__}: {e})") from None
 
 
-_TIMES = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s", "decode_kv_s")
+_TIMES = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s", "decode_kv_s", "decode_one_s")
 # a profile's own device fields: its times, each unit's spread (spread_of), the memory the measuring
 # took beyond what the rank held before (a high-water mark: 0 if it stayed below one), and the
 # rank's peak RSS
@@ -496,7 +506,7 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
     hidden = int(spec.config["hidden_size"])
     vocab = int(spec.config["vocab_size"])
     gen = torch.Generator().manual_seed(0)
-    prefill, decode = [], []
+    prefill, decode, decode_one = [], [], []
 
     def measure(first: int, last: int, long: int = 0) -> tuple:
         """(prefill, decode at the context[, decode at `long` columns]), each (time, spread)."""
@@ -522,6 +532,20 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
         run(inputs(long), [0] * b)
         return t_prefill, t_decode, _timed(lambda: run(x_d, None), repeats, device.slowdown, evict)
 
+    def one_row(u: int) -> float:
+        """Unit u's decode step of one row at the context."""
+        shard = Shard(spec, u, u, device.torch)
+        x_c = torch.randint(vocab, (1, c), generator=gen) if u == 0 else \
+            torch.randn(1, c, hidden, generator=gen).to(shard.dtype)
+        x_d = x_c[:, :1]
+
+        def run(x, pads):
+            shard.forward(0, x, pads)
+            shard.sync()
+
+        run(x_c, [0])
+        return _timed(lambda: run(x_d, None), repeats, device.slowdown, evict)[0]
+
     spreads = {"prefill_spread": [], "decode_spread": []}
     for u in range(spec.num_units):
         if not fits[u]:  # recorded as not fitting (None), not loaded; the planner keeps it off this device
@@ -531,10 +555,12 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
             (t_prefill, s_prefill), (t_decode, s_decode) = turn(lambda: measure(u, u))
         prefill.append(t_prefill)
         decode.append(t_decode)
+        if b > 1:  # a step of fewer rows: the simulator's decode line runs from here to b rows
+            decode_one.append(turn(lambda: one_row(u)) if fits[u] else None)
         spreads["prefill_spread"].append(s_prefill)
         spreads["decode_spread"].append(s_decode)
     out = {"prefill_s": prefill, "decode_s": decode, "prefill_step_s": 0.0, "decode_step_s": 0.0,
-           "decode_kv_s": 0.0, **spreads}
+           "decode_kv_s": 0.0, **spreads, **({"decode_one_s": decode_one} if b > 1 else {})}
     if last > first and all(fits[first:last + 1]):
         # the blocks' decode again at `long` columns: what a step pays per byte of KV it reads
         long = min(4 * c, int(spec.config.get("max_position_embeddings") or 4 * c))
@@ -635,6 +661,8 @@ def _one_host_calibration(gathered: list[dict], devices: list, spec) -> None:
     for group in groups.values():
         slow = {g["rank"]: devices[g["rank"]].slowdown for g in group}
         for key in _TIMES:  # not the spreads: a share of each figure, whatever its slowdown
+            if key not in group[0]:  # decode_one_s, measured only at more than one row
+                continue
             if isinstance(group[0][key], list):
                 base = [min((g[key][u] / slow[g["rank"]] for g in group if g[key][u] is not None), default=None)
                         for u in range(len(group[0][key]))]
@@ -713,7 +741,7 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
     dev_dicts = []
     for g in gathered:
         dev_dicts.append({**devices[g["rank"]].to_dict(),
-                          **{k: g[k] for k in _MEASURED}, **g["bytes"]})
+                          **{k: g[k] for k in _MEASURED if k in g}, **g["bytes"]})
         for (a, b), (lat, bw) in g["links"].items():
             for k, j in ((a, b), (b, a)):  # ping-pong measures both directions together
                 latency[k][j] = lat

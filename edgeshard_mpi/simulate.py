@@ -12,12 +12,15 @@ the head's token ids go back to rank 0, which hands them to the scheduler.
 Step costs come from the profile, which times a decode step and a prefill of one micro-batch: a
 stage's forward over T tokens (rows x width) is a straight line through those two points (a decode
 step is its device's step cost plus its units' decode times, Profile.costs, Costs.stage_compute), so
-it keeps a step's fixed cost, and a step of fewer rows costs less by their tokens' share of the slope. A decode
-step also reads every row's KV cache, which grows with its slot's columns: past the profile's context it
-costs each row its blocks' KV bytes per column times the device's measured seconds per KV byte
-(Profile.context_costs), and less below it. Figures are those a run
-reports (pipeline.Summary): tokens/s over the whole job, mean decode ms/token per request (first to
-last token), mean time to first token, and each stage's busy share.
+it keeps a step's fixed cost, and a step of fewer rows costs less by their tokens' share of the
+slope. Where the profile also timed a decode step of one row (Profile.one_row_s), a decode of fewer
+rows runs on the line from that step to the profile's decode instead: a decode's rows each cost far
+more than a prefill's tokens (smollm2 at 8 rows: about 5 ms a row against 1.4 ms a token). A decode
+step also reads every row's KV cache, which grows with its slot's columns: past the profile's
+context it costs each row its blocks' KV bytes per column times the device's measured seconds per
+KV byte (Profile.context_costs), and less below it. Figures are those a run reports
+(pipeline.Summary): tokens/s over the whole job, mean decode ms/token per request (first to last
+token), mean time to first token, and each stage's busy share.
 
 Pure Python: no torch, no MPI.
 """
@@ -65,6 +68,7 @@ class StepCosts:
     rows: int = 1  # the profile's micro-batch: the rows its decode and prefill times are for
     context: int = 0
     kv_s: tuple[tuple[tuple[int | None, float], ...], ...] = ()
+    one_s: tuple[float | None, ...] = ()
 
     @classmethod
     def from_profile(cls, profile, plan: Plan) -> "StepCosts":
@@ -76,10 +80,11 @@ class StepCosts:
         if bad:
             raise PlanError(f"{plan.source}: plan uses rank(s) {bad}, the profile has {m} device(s)")
         decode_costs, prefill_costs = profile.costs("decode"), profile.costs("prefill")
-        decode, prefill, out, lat, bw, kv = [], [], [], [], [], []
+        decode, prefill, out, lat, bw, kv, one = [], [], [], [], [], [], []
         for s, nxt in zip(plan.stages, list(plan.stages[1:]) + [None]):
             decode.append(decode_costs.stage_compute(s.rank, s.first, s.last))
             kv.append(profile.context_costs(s.rank, s.first, s.last))
+            one.append(profile.one_row_s(s.rank, s.first, s.last))
             prefill.append(prefill_costs.stage_compute(s.rank, s.first, s.last))
             head = nxt is None
             out.append(8.0 if head else float(profile.out_bytes_per_token(s.rank)[s.last]))  # in its dtype
@@ -93,11 +98,11 @@ class StepCosts:
                 bw.append(math.inf if b is None else float(b))
         return cls(tuple(decode), tuple(prefill), int(profile.shapes["prompt_tokens"]), tuple(out),
                    tuple(lat), tuple(bw), int(profile.shapes.get("micro_batch_size", 1)),
-                   int(profile.shapes.get("context", 0)), tuple(kv))
+                   int(profile.shapes.get("context", 0)), tuple(kv), tuple(one))
 
     def line(self, s: int) -> "StageLine":
         return StageLine(self.decode_s[s], self.prefill_s[s], self.rows, self.prompt_tokens, self.context,
-                         self.kv_s[s] if self.kv_s else ())
+                         self.kv_s[s] if self.kv_s else (), self.one_s[s] if self.one_s else None)
 
     def compute(self, s: int, width: int, rows: int | None = None, columns: int = 0) -> float:
         """Stage s's forward over `rows` rows (default: the profile's) of `width` new tokens each: 1 for a
@@ -120,12 +125,15 @@ class StageLine:
     prompt_tokens: int
     context: int = 0
     kv_s: tuple[tuple[int | None, float], ...] = ()
+    one_s: float | None = None  # a decode step of one row, where the profile measured it
 
     def seconds(self, tokens: int, columns: int = 0) -> float:
         """A forward over `tokens` tokens; `columns`: a decode's (one token a row) KV columns, 0 for a
         prefill, whose attention the line through the profile's prefill already holds."""
         p = self.prompt_tokens
-        if p <= 1:
+        if columns and self.one_s is not None and self.rows > 1:  # a decode of `tokens` rows
+            t = self.one_s + (self.decode_s - self.one_s) * (tokens - 1) / (self.rows - 1)
+        elif p <= 1:
             t = self.prefill_s * tokens / self.rows
         else:
             per_token = (self.prefill_s - self.decode_s) / (self.rows * (p - 1))

@@ -157,3 +157,17 @@ def test_a_rank_refuses_a_shard_over_its_memory(tiny_path):
     spec = ModelSpec.load(tiny_path)
     with pytest.raises(ModelError, match="memory budget of 1000 bytes"):
         Shard(spec, 0, spec.num_units - 1, memory=1000)
+
+
+def test_a_profile_of_several_rows_times_one_row_and_the_kv_it_reads(tiny_path):
+    # in-process, on the tiny model: what the simulator's decode line needs beyond the units' times
+    from edgeshard_mpi.cluster import Device
+    from edgeshard_mpi.profiler import _measure_units
+
+    spec = ModelSpec.load(tiny_path, "float32")
+    shapes = {"prompt_tokens": 4, "context": 8, "micro_batch_size": 3}
+    out = _measure_units(spec, Device(name="d"), shapes, repeats=1)
+    assert len(out["decode_one_s"]) == spec.num_units and all(t > 0 for t in out["decode_one_s"])
+    assert out["decode_kv_s"] >= 0.0
+    one = _measure_units(spec, Device(name="d"), {**shapes, "micro_batch_size": 1}, repeats=1)
+    assert "decode_one_s" not in one  # a decode step of the profile's rows is one of one row

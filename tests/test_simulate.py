@@ -59,6 +59,15 @@ def test_a_decode_costs_each_row_its_kv_columns_against_the_profiles_context():
     assert StageLine(0.010, 0.030, 4, 5).seconds(4, 4096) == pytest.approx(0.010)  # not measured: no term
 
 
+def test_a_decode_of_fewer_rows_runs_on_the_line_from_one_row_to_the_profiles():
+    # profiled at 4 rows: a decode of 4 rows 10 ms, of one row 4 ms; a prefill of 4 x 5 tokens 30 ms
+    line = StageLine(0.010, 0.030, 4, 5, context=8, one_s=0.004)
+    assert [line.seconds(r, 8) for r in (1, 2, 4)] == pytest.approx([0.004, 0.006, 0.010])
+    assert line.seconds(20) == pytest.approx(0.030)  # prefills keep the line through decode and prefill
+    assert line.seconds(1) == pytest.approx(0.010 - 3 * 0.00125)
+    assert StageLine(0.010, 0.030, 4, 5, context=8).seconds(1, 8) == pytest.approx(line.seconds(1))  # not measured
+
+
 def test_the_simulator_costs_each_decode_step_at_its_slots_columns():
     # one request of 5 prompt tokens and 4 new ones on one stage, profiled at a context of 5 columns:
     # its decode steps attend over 6, 7 and 8 columns, 1 + 2 + 3 past the profile's, 1 ms each
@@ -78,7 +87,8 @@ def test_a_profile_gives_each_stage_its_kv_bytes_times_its_devices_seconds_a_byt
              {"name": "head", "param_bytes": 1, "kv_bytes_per_token": 0, "out_bytes_per_token": 4}]
     times = {"decode_s": [0.001] * 4, "prefill_s": [0.002] * 4}
     prof = Profile(model={"name": "m", "fingerprint": "f", "num_units": 4}, units=units,
-                   devices=[{"name": "a", **times, "decode_kv_s": 1e-6},
+                   devices=[{"name": "a", **times, "decode_kv_s": 1e-6, "decode_step_s": 0.0005,
+                             "decode_one_s": [0.0006, 0.0007, 0.0008, None]},
                             {"name": "b", **times, "decode_kv_s": 1e-6, "param_bytes": [1] * 4,
                              "kv_bytes_per_token": [0, 50, 50, 0], "out_bytes_per_token": [2] * 4},
                             {"name": "old", **times}],
@@ -87,8 +97,13 @@ def test_a_profile_gives_each_stage_its_kv_bytes_times_its_devices_seconds_a_byt
     assert prof.context_costs(0, 0, 3) == (pytest.approx((None, 1e-4)), pytest.approx((8, 1e-4)))
     assert prof.context_costs(1, 1, 1) == (pytest.approx((None, 5e-5)),)  # its own dtype's bytes
     assert prof.context_costs(0, 0, 0) == () == prof.context_costs(2, 0, 3)  # no blocks; not measured
+    # one row: the step cost once, and each unit's time past it; a unit not timed, or a device
+    # profiled before one-row steps were, gives none
+    assert prof.one_row_s(0, 0, 2) == pytest.approx(0.0005 + 0.0001 + 0.0002 + 0.0003)
+    assert prof.one_row_s(0, 2, 3) is None and prof.one_row_s(2, 0, 1) is None
     sc = StepCosts.from_profile(prof, Plan((Stage(0, 0, 1), Stage(1, 2, 3)), 4))
     assert sc.context == 16 and sc.line(0).kv_s == (pytest.approx((None, 1e-4)),)
+    assert sc.one_s == (pytest.approx(0.0008), None)
     # stage 1's block slides over 8 columns: 40 columns cost what 16 do, 4 cost 2 rows x 4 columns less
     assert sc.compute(1, 1, 2, 40) == pytest.approx(sc.compute(1, 1, 2, 16))
     assert sc.compute(1, 1, 2, 4) == pytest.approx(sc.compute(1, 1, 2, 16) - 2 * 4 * 5e-5)
