@@ -556,7 +556,8 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
         prefill.append(t_prefill)
         decode.append(t_decode)
         if b > 1:  # a step of fewer rows: the simulator's decode line runs from here to b rows
-            decode_one.append(turn(lambda: one_row(u)) if fits[u] else None)
+            # every rank takes every turn, a unit it cannot hold included: turns are barriers
+            decode_one.append(turn(lambda: one_row(u) if fits[u] else None))
         spreads["prefill_spread"].append(s_prefill)
         spreads["decode_spread"].append(s_decode)
     out = {"prefill_s": prefill, "decode_s": decode, "prefill_step_s": 0.0, "decode_step_s": 0.0,
@@ -572,6 +573,8 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
             out[f"{key}_step_s"] = max(0.0, step)  # Profile.costs keeps every unit's share >= 0
         if kv_bytes > 0:
             out["decode_kv_s"] = max(0.0, (together[2] - together[1]) / (b * kv_bytes))
+    else:
+        turn(lambda: None)  # the others' turn at their blocks together
     return out
 
 
