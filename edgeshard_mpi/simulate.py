@@ -56,7 +56,8 @@ class StepCosts:
     latency[s], bandwidth[s]: the link from stage s to the next (the head's: back to rank 0).
     context: the columns the profile's decode step attended over; kv_s[s]: stage s's decode cost per row
     per column beyond them, as (window, seconds) by its blocks' sliding window (None: full attention);
-    empty for a profile that did not measure it.
+    one_s[s]: stage s's decode step of one row (None: not measured). Both empty for a profile that
+    did not measure them.
     """
 
     decode_s: tuple[float, ...]
@@ -114,8 +115,8 @@ class StepCosts:
 class StageLine:
     """One stage's forward time as a function of the tokens it computes: the straight line through
     the profile's decode step (`rows` tokens) and prefill (`rows` x `prompt_tokens`), never below
-    nothing, and for a decode, each row's reading of its KV columns against the profile's `context`
-    (StepCosts). The simulator costs every forward with it, and a device with `clock=work` takes
+    nothing; for a decode, the line from one row (`one_s`) to the profile's rows where measured, and
+    each row's reading of its KV columns against the profile's `context` (StepCosts). The simulator costs every forward with it, and a device with `clock=work` takes
     exactly this long (shard.Shard.running), so that the two differ only in what the simulator
     models besides compute."""
 
