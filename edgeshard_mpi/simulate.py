@@ -116,9 +116,10 @@ class StageLine:
     """One stage's forward time as a function of the tokens it computes: the straight line through
     the profile's decode step (`rows` tokens) and prefill (`rows` x `prompt_tokens`), never below
     nothing; for a decode, the line from one row (`one_s`) to the profile's rows where measured, and
-    each row's reading of its KV columns against the profile's `context` (StepCosts). The simulator costs every forward with it, and a device with `clock=work` takes
-    exactly this long (shard.Shard.running), so that the two differ only in what the simulator
-    models besides compute."""
+    each row's reading of its KV columns against the profile's `context` (StepCosts). The
+    simulator costs every forward with it, and a device with `clock=work` takes exactly this long
+    (shard.Shard.running), so that the two differ only in what the simulator models besides
+    compute."""
 
     decode_s: float
     prefill_s: float
