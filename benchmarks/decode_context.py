@@ -48,7 +48,8 @@ def main() -> None:
         prof = Profile.load(args.profile)
         line = StepCosts.from_profile(prof, Plan((Stage(0, 0, prof.num_units - 1),), prof.num_units)).line(0)
     print(f"{platform.node()}: smollm2-135m fp32, eager, {args.threads} threads, torch {torch.__version__}")
-    print(f"{'rows':>4} {'columns':>8} {'ms/step':>8} {'vs 256':>7}" + (f" {'line ms':>8} {'meas/line':>9}" if line else ""))
+    extra = f" {'line ms':>8} {'meas/line':>9}" if line else ""
+    print(f"{'rows':>4} {'columns':>8} {'ms/step':>8} {'vs 256':>7}{extra}")
     for rows in (int(r) for r in args.rows.split(",")):
         at = {}
         for cols in columns:

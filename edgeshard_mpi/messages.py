@@ -129,7 +129,8 @@ class Step:
 
     @classmethod
     def from_wire(cls, msg: Message) -> "Step":
-        slot, step, fresh, rows, joining, width, trim, capacity, nkeep, has_logprobs, nchunks, ntimes, columns = msg.fields
+        (slot, step, fresh, rows, joining, width, trim, capacity, nkeep, has_logprobs, nchunks, ntimes,
+         columns) = msg.fields
         bufs = iter(msg.buffers)
         tensor = next(bufs)
         logprobs, top_ids = (next(bufs), next(bufs)) if has_logprobs else (None, None)

@@ -352,7 +352,8 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
     sched = Scheduler(source(), micro_batch_size=job.micro_batch_size, schedule=schedule, in_flight=in_flight,
                       stages=len(plan.stages), admission=admission, row_budget=row_budget,
                       prefill_chunk=prefill_chunk)
-    launched: dict[int, tuple[Launch, list[tuple[int, int]]]] = {}  # slot -> its step in flight, and that step's forwards
+    # slot -> its step in flight, and that step's forwards
+    launched: dict[int, tuple[Launch, list[tuple[int, int]]]] = {}
     leftover: list[Prompt] = []
 
     def launch(ln: Launch) -> None:
