@@ -6,10 +6,11 @@ takes a few rows far below the memory's speed: on a 2-core AMD EPYC, smollm2's h
 fp32) took 10 ms at 1 row, 35 ms at 3 and 17 ms at 8, where the same product as (W @ x.T).T took
 3.6 ms at 2 rows and 4.9 ms at 3; a one-row product runs as two rows (the row twice), which gemm
 takes where it would not take one. The two forms give the same values but for the order of fp32
-sums. On the Intel Xeon this project measured before, `linear` at one row was near the memory's
-speed already. So which form a row count runs in is measured, once per process, dtype and thread
-count (`transposed_rows`), on one matrix larger than a CPU's caches, and `FewRowsLinear` takes the
-faster one for each count up to MAX_ROWS.
+sums, as `linear`'s own products of one row at different row counts do. On the Intel Xeon this
+project measured before, `linear` at one row was near the memory's speed already. So which form a
+row count runs in is measured, once per process, dtype and thread count (`transposed_rows`), on one
+matrix as large as a CPU's last-level cache, and `FewRowsLinear` takes the faster one for each
+count up to MAX_ROWS.
 
 Only models of at least SWAP_BYTES of weights are swapped (`Shard`): on a smaller one the
 matrices sit in the caches, where the forms differ little, and measuring would cost every rank of a
@@ -28,7 +29,7 @@ __all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "rows_for", "swap_linears"
 
 MAX_ROWS = 16  # more rows than this take `linear` (its gemm is then at the memory's speed, or the compute's)
 SWAP_BYTES = 64 << 20  # a model's weights from which its shards take the faster form
-_PROBE = (8192, 1024)  # out x in: 32 MiB in fp32, past a CPU's last-level cache (smollm2's head: 108 MiB)
+_PROBE = (8192, 1024)  # out x in: 32 MiB in fp32, at or past most CPUs' last-level cache (smollm2's head: 108 MiB)
 _chosen: dict[tuple, frozenset[int]] = {}
 
 

@@ -58,25 +58,31 @@ def test_the_choice_is_measured_once_and_within_the_bounds():
     assert first <= EVERY and transposed_rows(torch.float32) is first
 
 
-def test_a_large_models_shard_swaps_and_keeps_the_models_logits(smollm_path):
+def test_a_large_models_shard_swaps_and_keeps_the_models_logits(smollm_path, monkeypatch):
+    # whatever this CPU chose: one shard as if every row count ran faster transposed, one as if none did
+    import edgeshard_mpi.fewrows as fewrows
     from edgeshard_mpi.fewrows import SWAP_BYTES
     from edgeshard_mpi.models import ModelSpec
     from edgeshard_mpi.shard import Shard
 
     spec = ModelSpec.load(smollm_path, "float32")
     assert spec.bytes_of(0, spec.num_units - 1) >= SWAP_BYTES
-    shard = Shard(spec, 0, spec.num_units - 1)
-    assert shard.turned == transposed_rows(torch.float32)
-    if shard.turned:
-        assert isinstance(shard.lm_head, FewRowsLinear)
+    key = (torch.float32, torch.get_num_threads())
+    monkeypatch.setitem(fewrows._chosen, key, EVERY)
+    turned = Shard(spec, 0, spec.num_units - 1)
+    monkeypatch.setitem(fewrows._chosen, key, frozenset())
     plain = Shard(spec, 0, spec.num_units - 1)
-    plain.turned = frozenset()
-    for m in [plain.lm_head, *(mod for layer in plain.layers for mod in layer.modules())]:
-        if isinstance(m, FewRowsLinear):
-            m.turned = frozenset()
+    linears = lambda s: [m for layer in [s.lm_head, *s.layers] for m in layer.modules() if isinstance(m, nn.Linear)]
+    assert turned.turned == EVERY and {type(m) for m in linears(turned)} == {FewRowsLinear}
+    assert plain.turned == frozenset() and {type(m) for m in linears(plain)} == {nn.Linear}
+    assert turned.lm_head.weight is turned.embed.weight  # the tied head still reads the embedding
     ids = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18]])
-    for s in (shard, plain):
+    for s in (turned, plain):
         s.forward(0, ids, [0, 0, 0])
-    for step in range(3):  # decode steps of 3 rows: the turned form where this CPU chose it
+    for step in range(3):  # decode steps of 3 rows, then of one
         x = torch.tensor([[20 + step], [30 + step], [40 + step]])
-        torch.testing.assert_close(shard.forward(0, x), plain.forward(0, x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(turned.forward(0, x), plain.forward(0, x), rtol=1e-4, atol=1e-4)
+    for s in (turned, plain):
+        s.select(0, [1])
+    torch.testing.assert_close(turned.forward(0, torch.tensor([[50]])), plain.forward(0, torch.tensor([[50]])),
+                               rtol=1e-4, atol=1e-4)
