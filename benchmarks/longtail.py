@@ -134,8 +134,6 @@ def replay_on_measured_compute(work: Path) -> dict:
     """Each run of `work` replayed by the simulator with every stage's profiled costs scaled by one
     factor, its compute in the run over its compute in the prediction: what the simulator gets right
     when the profile's absolute costs are right. {run: {factors, replayed, measured}}."""
-    import dataclasses
-
     import h5py
 
     from edgeshard_mpi.planner import Plan, Stage
@@ -168,11 +166,10 @@ def replay_on_measured_compute(work: Path) -> dict:
         prof = Profile.load(next((work / "profiles").glob(f"*-b{mbs}-*.json")))
         plan = (Plan((Stage(0, 0, prof.num_units - 1),), prof.num_units) if plan is None else
                 Plan(tuple(Stage(**st) for st in plan["stages"]), plan["num_units"]))
-        costs = StepCosts.from_profile(prof, plan)
         p = s["predicted"]
         k = [st["compute_s"] / (busy * p["seconds"]) for st, busy in zip(s["stages"], p["busy"])]
-        costs = dataclasses.replace(costs, decode_s=tuple(x * f for x, f in zip(costs.decode_s, k)),
-                                    prefill_s=tuple(x * f for x, f in zip(costs.prefill_s, k)))
+        # every figure of each stage's device scaled (its decode, prefill, one-row and KV terms)
+        costs = StepCosts.from_profile(prof.scaled({st.rank: f for st, f in zip(plan.stages, k)}), plan)
         sim = simulate(costs, requests, micro_batch_size=mbs, admission=p["admission"])
         out[name] = {"factors": k, "replayed": sim.tokens_per_s, "measured": measured}
     return out
