@@ -44,8 +44,8 @@ def _transposed(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def transposed_rows(dtype: torch.dtype) -> frozenset[int]:
     """The row counts (1..MAX_ROWS) whose product runs faster as (W @ x.T).T than as `linear` here, at
-    this process's thread count: each form's best of five on a matrix past the caches, the
-    transposed one taken only when at least 10% faster, so that noise leaves `linear` in place."""
+    this process's thread count: each form's best of five on a matrix as large as a last-level
+    cache, the transposed one taken only when at least 10% faster, so that noise leaves `linear`."""
     key = (dtype, torch.get_num_threads())
     if key not in _chosen:
         gen = torch.Generator().manual_seed(0)
