@@ -1,6 +1,7 @@
 """Row admission against batch admission and batched `generate`, on a long-tailed job, side by side.
 
-    python benchmarks/longtail.py [--prompts 96] [--mbs 8] [--clusters one,hetero4] [--clock cpu|work] [--json out.json]
+    python benchmarks/longtail.py [--prompts 96] [--mbs 8] [--clusters one,hetero4] [--clock cpu|work]
+                                  [--admissions batch,row] [--prefill-chunk N] [--json out.json]
     python benchmarks/longtail.py --replay WORK_DIR     # the last table again, from an earlier run's files
 
 The workload: `--prompts` text-continuation prompts cut from this repository's own documents, their
@@ -15,7 +16,9 @@ In one run, one after the other:
   left-padded, each batch generating until its longest request's `max_new_tokens` (as a user of
   `generate` gets it), every row then cut to its own budget and EOS;
 - `hostfiles/hetero4.hosts` (`edgeshard bench`, throughput plan, no-bubbles), both admissions, at
-  micro-batch `--hetero-mbs`.
+  micro-batch `--hetero-mbs`;
+- with `--prefill-chunk N`, row admission again on each cluster, with prompts longer than N tokens
+  prefilled by chunks of N (`run --prefill-chunk N`).
 Each row prints tokens/s (the requests' own new tokens over the run's wall time), the rows a step
 carried on average, the simulator's prediction on the run's profile, and, on hetero4, the plan's
 ideal rate (tokens over the busiest stage's compute time). A last table replays each run in the
@@ -76,12 +79,19 @@ def write_job(workdir: Path, lines: list[dict], mbs: int, extra: str = "") -> Pa
     return job
 
 
+def _chunked(admission: str) -> tuple[str, list[str]]:
+    """'row' or 'batch', or 'rowN' (row admission, chunks of N): the run's admission and its options."""
+    chunk = admission[3:] if admission.startswith("row") else ""
+    return admission[:len(admission) - len(chunk)], ["--prefill-chunk", chunk] if chunk else []
+
+
 def run_one_rank(job: Path, admission: str, env: dict) -> dict:
     from edgeshard_mpi.results import read_attrs
 
     out = job.parent / f"one-{admission}.h5"
+    admission, extra = _chunked(admission)
     cmd = ["mpiexec", "-n", "1", sys.executable, "-m", "edgeshard_mpi", "run", str(job), "--admission", admission,
-           "--output", str(out), "--overwrite", "--no-progress"]
+           "--output", str(out), "--overwrite", "--no-progress", *extra]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True, env=env, cwd=job.parent)
     s = json.loads(read_attrs(out)["summary"])
@@ -121,8 +131,9 @@ def run_generate(model_path: Path, lines: list[dict], mbs: int, threads: int) ->
 
 def run_hetero4(job: Path, admission: str, profiles: Path, hosts: str = "hostfiles/hetero4.hosts") -> dict:
     out = job.parent / f"hetero4-{admission}.json"
+    admission, chunks = _chunked(admission)
     (r,) = run_bench(hosts, str(job), ["throughput:no-bubbles"], out, profiles=profiles,
-                     extra=["--admission", admission])
+                     extra=["--admission", admission, *chunks])
     if "error" in r:
         return {"error": r["error"]}
     return {"tokens": r["tokens"], "seconds": r["seconds"], "tokens_per_s": r["tokens_per_s"],
@@ -149,15 +160,12 @@ def replay_on_measured_compute(work: Path) -> dict:
         line = [int(w.decode().rsplit(":", 1)[1]) for w in r["where"][:]]
         requests = [Request(int(p), int(o)) for _, p, o in sorted(zip(line, r["prompt_tokens"][:], r["output_tokens"][:]))]
     runs = {}
-    for admission in ("batch", "row"):
-        f = work / "one" / f"one-{admission}.h5"
-        if f.is_file():
-            s = json.loads(read_attrs(f)["summary"])
-            runs[f"1 rank, {admission} admission"] = (s, None, s["tokens"] / s["seconds"])
-        f = work / "hetero4" / f"hetero4-{admission}.json"
-        if f.is_file():
-            (b,) = json.loads(f.read_text())
-            runs[f"hetero4, {admission} admission"] = (b, b["plan"], b["tokens_per_s"])
+    for f in sorted((work / "one").glob("one-*.h5")):
+        s = json.loads(read_attrs(f)["summary"])
+        runs[f"1 rank, {_label(f.stem[4:])}"] = (s, None, s["tokens"] / s["seconds"])
+    for f in sorted((work / "hetero4").glob("hetero4-*.json")):
+        (b,) = json.loads(f.read_text())
+        runs[f"hetero4, {_label(f.stem[8:])}"] = (b, b["plan"], b["tokens_per_s"])
     out = {}
     for name, (s, plan, measured) in runs.items():
         if not s.get("predicted"):
@@ -170,9 +178,15 @@ def replay_on_measured_compute(work: Path) -> dict:
         k = [st["compute_s"] / (busy * p["seconds"]) for st, busy in zip(s["stages"], p["busy"])]
         # every figure of each stage's device scaled (its decode, prefill, one-row and KV terms)
         costs = StepCosts.from_profile(prof.scaled({st.rank: f for st, f in zip(plan.stages, k)}), plan)
-        sim = simulate(costs, requests, micro_batch_size=mbs, admission=p["admission"])
+        sim = simulate(costs, requests, micro_batch_size=mbs, admission=p["admission"],
+                       prefill_chunk=s.get("prefill_chunk"))
         out[name] = {"factors": k, "replayed": sim.tokens_per_s, "measured": measured}
     return out
+
+
+def _label(admission: str) -> str:
+    admission, chunks = _chunked(admission)
+    return f"{admission} admission" + (f", chunks {chunks[1]}" if chunks else "")
 
 
 def print_replay(work: Path) -> None:
@@ -180,9 +194,9 @@ def print_replay(work: Path) -> None:
     if not rows:
         return
     print("\nThe simulator on each stage's measured compute (its profiled costs x one factor per stage):")
-    print(f"{'run':<28} {'factors':>18} {'replayed':>9} {'measured':>9} {'meas/replay':>11}")
+    print(f"{'run':<38} {'factors':>18} {'replayed':>9} {'measured':>9} {'meas/replay':>11}")
     for name, r in rows.items():
-        print(f"{name:<28} {' '.join(f'{x:.2f}' for x in r['factors']):>18} {r['replayed']:>9.2f} "
+        print(f"{name:<38} {' '.join(f'{x:.2f}' for x in r['factors']):>18} {r['replayed']:>9.2f} "
               f"{r['measured']:>9.2f} {r['measured'] / r['replayed']:>11.3f}")
 
 
@@ -194,6 +208,8 @@ def main() -> None:
     ap.add_argument("--clusters", default="one,hetero4")
     ap.add_argument("--clock", choices=("cpu", "work"), default="cpu",
                     help="hetero4's emulated devices: slowdown x CPU time, or the profile's time for their work")
+    ap.add_argument("--admissions", default="batch,row", help="the admissions to run on each cluster")
+    ap.add_argument("--prefill-chunk", type=int, help="also run row admission with prefill chunks of N tokens")
     ap.add_argument("--json")
     ap.add_argument("--replay", metavar="DIR", help="only replay the runs of an earlier run's work folder")
     args = ap.parse_args()
@@ -223,8 +239,8 @@ def main() -> None:
         label, mbs, run = runs[cluster]
         (work / cluster).mkdir()
         job = write_job(work / cluster, lines, mbs)
-        for admission in ("batch", "row"):
-            rows[f"{label}, {admission} admission"] = run(job, admission)
+        for admission in args.admissions.split(",") + ([f"row{args.prefill_chunk}"] if args.prefill_chunk else []):
+            rows[f"{label}, {_label(admission)}"] = run(job, admission)
         if cluster == "one":
             rows["generate, batched"] = run_generate(model_path, lines, args.mbs, threads=2)
 
@@ -232,14 +248,14 @@ def main() -> None:
                 if ln.startswith("model name")), platform.machine())
     print(f"\n{args.prompts} prompts (10-500 tokens), max_new_tokens 8-200 log-uniform, smollm2-135m fp32; "
           f"{os.cpu_count()} cores, {cpu}; hetero4 with clock={args.clock}")
-    print(f"{'run':<28} {'threads':>7} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'rows/step':>9} "
+    print(f"{'run':<38} {'threads':>7} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'rows/step':>9} "
           f"{'predicted':>9} {'meas/pred':>9} {'ideal':>7} {'of ideal':>8}")
     for name, r in rows.items():
         if "error" in r:
-            print(f"{name:<28} {r['error']}")
+            print(f"{name:<38} {r['error']}")
             continue
         p, ideal = r.get("predicted"), r.get("ideal")
-        print(f"{name:<28} {r['threads']:>7} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>9.2f} "
+        print(f"{name:<38} {r['threads']:>7} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>9.2f} "
               f"{r['rows_per_step']:>9.2f} {p or float('nan'):>9.2f} {r['tokens_per_s'] / p if p else float('nan'):>9.2f} "
               f"{ideal or float('nan'):>7.2f} {r['tokens_per_s'] / ideal if ideal else float('nan'):>8.0%}")
 
@@ -253,6 +269,10 @@ def main() -> None:
           f"(target >= 1.8)")
     print(f"row / batch admission, hetero4: {ratio('hetero4, row admission', 'hetero4, batch admission'):.2f} "
           f"(target >= 1.3)")
+    if args.prefill_chunk:
+        for label in ("1 rank", "hetero4"):
+            print(f"row admission with / without chunks of {args.prefill_chunk}, {label}: "
+                  f"{ratio(f'{label}, row admission, chunks {args.prefill_chunk}', f'{label}, row admission'):.2f}")
     print_replay(work)
     print(f"\nthe runs' files: {work} (--replay {work} prints the last table again)")
     if args.json:

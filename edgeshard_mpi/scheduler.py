@@ -15,7 +15,9 @@ With `prefill_chunk` (row admission only), a joining prompt of more than that ma
 last does not prefill in one step: it fills a cache of its own `prefill_chunk` tokens a step, beside
 the slot's decode steps (Sarathi-Serve's chunked prefill), and joins, appended after the slot's rows,
 at the step that carries its last chunk. One long prompt then no longer holds every stage for a whole
-prefill while the other slots wait behind it. A slot starting anew takes its filling rows back whole.
+prefill while the other slots wait behind it. A slot starting anew does the same: it starts with its short
+prompts (or its shortest), and its long ones fill by chunks from its next step on; rows already filling go
+on filling. Only when no new prompt is left to start it does the shortest of them start it, whole.
 When a joining prompt does not fit before the step's column, or the rows need more columns than the
 slot has, the step first re-lays the axis out: columns no row needs are dropped from the left (or
 empty ones added there), and the capacity becomes what the rows need. That costs one copy of the
@@ -186,12 +188,13 @@ class Scheduler(Generic[T]):
         joining: list[Row] = []
         fresh = len(gone) == len(s.rows)
         if gone and (self.admission == "row" or fresh):
-            if fresh:  # rows still filling start over with the slot, whole, ahead of new ones
-                joining, s.filling = s.filling, []
-                for r in joining:
-                    r.prefilled = 0
-            joining += self._take(self.micro_batch_size - len(joining) if fresh else len(gone), None if fresh else s,
-                                  gone)
+            joining = self._take(self.micro_batch_size - len(s.filling) if fresh else len(gone), None if fresh else s,
+                                 gone)
+            if fresh and not joining and s.filling:
+                # no new prompt to decode beside the rows still filling: the shortest starts the slot, whole
+                first = min(s.filling, key=lambda r: r.prompt_tokens)
+                s.filling.remove(first)
+                first.prefilled, joining = 0, [first]
             if not fresh and self.prefill_chunk is not None:  # long prompts join by chunks, after the rows
                 s.filling += [r for r in joining if r.prompt_tokens - 1 > self.prefill_chunk]
                 joining = [r for r in joining if r.prompt_tokens - 1 <= self.prefill_chunk]
@@ -289,7 +292,15 @@ class Scheduler(Generic[T]):
     def _launch(self, slot: int, keep: list[int] | None, rows: list[Row], joining: list[Row],
                 places: list[int]) -> Launch:
         s = self.slots[slot]
-        fresh = not rows and not s.filling
+        fresh = not rows
+        if fresh and self.prefill_chunk is not None and len(joining) > 1:
+            # a fresh slot starts with its short prompts (its shortest if none is short), and its other
+            # long prompts fill by chunks beside its decode steps from the next step on, after the rows
+            # that were filling already, which keep what they have
+            first = min(joining, key=lambda r: r.prompt_tokens)
+            short = [r for r in joining if r is first or r.prompt_tokens - 1 <= self.prefill_chunk]
+            s.filling += [r for r in joining if r not in short]
+            joining = short
         chunks = [] if fresh else self._chunks(s)
         filled = [r for r, start, n in chunks if start + n == r.prompt_tokens - 1]
         staying = [r for i, r in enumerate(rows) if i not in places]  # the others are taken over

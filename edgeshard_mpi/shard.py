@@ -231,8 +231,11 @@ class Shard:
     # -- running ----------------------------------------------------------------------------
     def start(self, slot: int, pads: list[int], capacity: int) -> None:
         """A new micro-batch enters `slot`: rows are left-padded by `pads` tokens each, and the longest
-        of them will have been `capacity` tokens long (prompt and padding, then new tokens) by its last step."""
-        self.slots[slot] = _SlotState(
+        of them will have been `capacity` tokens long (prompt and padding, then new tokens) by its last step.
+        Rows filling by chunks go on filling (scheduler.py). When one instead starts the slot, whole, its
+        partial cache stays until the slot's state goes: no new prompt is left to take the slot again."""
+        filling = self.slots[slot].filling if slot in self.slots else {}
+        self.slots[slot] = _SlotState(filling=filling,
             cache=(static_slot_cache if self.compiled else slot_cache)(self.config, self.layer_ids, capacity)
             if self.layers else None,
             mask=None, last_pos=torch.zeros(len(pads), 1, dtype=torch.long, device=self.device))

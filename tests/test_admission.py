@@ -172,8 +172,9 @@ def test_pipelined_row_admission_gives_generates_tokens_and_fuller_steps(tmp_pat
     fill = {}
     for admission in ("row", "batch"):
         out = tmp_path / f"{admission}.h5"
-        # row admission with chunks of 3: the longer prompts join by chunks across the stages, the others whole
-        chunks = ["--prefill-chunk", "3"] if admission == "row" else []
+        # row admission with chunks of 5: the longer prompts join (or start a slot) by chunks across the
+        # stages, the others whole
+        chunks = ["--prefill-chunk", "5"] if admission == "row" else []
         proc = run_mpi(["run", str(job), "--no-progress", "--admission", admission, "--output", str(out), *chunks], 3)
         assert proc.returncode == 0, proc.stderr
         records = read_results(out)
@@ -188,6 +189,6 @@ def test_pipelined_row_admission_gives_generates_tokens_and_fuller_steps(tmp_pat
         assert summary["admission"] == admission
         fill[admission] = summary["rows_per_step"]
         if admission == "row":
-            assert summary["prefill_chunk"] == 3 and summary["chunked"] >= 2, summary
+            assert summary["prefill_chunk"] == 5 and summary["chunked"] >= 2, summary
     # 10 requests of 1 to 14 tokens in micro-batches of 3: a batch waits for its longest row
     assert fill["row"] > 1.2 * fill["batch"], fill

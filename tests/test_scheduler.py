@@ -68,8 +68,9 @@ def _drive(requests, **kw):
     while queue:
         launch = queue.pop(0)  # FIFO: slots come back in the order they went out
         axis = axes.setdefault(launch.slot, _Axis())
-        if launch.fresh:
-            axis.filling.clear()  # a slot that starts anew prefills its filling rows whole
+        if launch.fresh:  # rows filling go on filling, unless they start the slot anew, whole
+            for r in launch.join:
+                axis.filling.pop(r.index, None)
         axis.apply(launch)
         if chunk is not None:  # a step prefills at most a chunk, and a slot holds at most its rows
             assert sum(n for _, _, n in launch.chunks) <= chunk
@@ -119,9 +120,9 @@ def test_a_long_prompt_joins_by_chunks_beside_the_decode_steps():
     _drive(reqs, micro_batch_size=2, prefill_chunk=4)
 
 
-def test_filling_rows_start_over_whole_when_their_slot_does():
-    # the slot's last row finishes while a long prompt is still filling: the slot starts anew with it
-    # (whole, ahead of the next prompt), since a step needs a row to decode
+def test_filling_rows_start_over_by_chunks_when_their_slot_does():
+    # the slot's last row finishes while a long prompt is still filling: the slot starts anew with the
+    # next prompt (a step needs a row to decode), and the long one goes on filling where it was
     reqs = [(3, 4), (3, 2), (30, 2), (3, 2)]
     _drive(reqs, micro_batch_size=2, prefill_chunk=4)
     sched = Scheduler(((i, p, n) for i, (p, n) in enumerate(reqs)), micro_batch_size=2, prefill_chunk=4)
@@ -131,7 +132,38 @@ def test_filling_rows_start_over_whole_when_their_slot_does():
     assert [(r.item, start, n) for r, start, n in launch.chunks] == [(2, 0, 4)] and launch.keep == [0]
     (launch,) = sched.returned(0, [])[0]
     (launch,) = sched.returned(0, [0])[0]  # row 0 is done, and row 2 has 21 tokens left to prefill
-    assert launch.fresh and [r.item for r in launch.join] == [2, 3] and launch.width == 30
+    assert launch.fresh and [r.item for r in launch.join] == [3] and launch.width == 3
+    (launch,) = sched.returned(0, [])[0]
+    assert [(r.item, start, n) for r, start, n in launch.chunks] == [(2, 8, 4)]
+    # with no prompt left to start a slot, the shortest row still filling starts it, whole
+    sched = Scheduler(((i, p, n) for i, (p, n) in enumerate([(3, 2), (30, 2), (20, 2)])), micro_batch_size=3,
+                      prefill_chunk=4)
+    (launch,) = sched.start()
+    assert [r.item for r in launch.rows] == [0] and [r.item for r in sched.slots[0].filling] == [1, 2]
+    (launch,) = sched.returned(0, [])[0]
+    (launch,) = sched.returned(0, [0])[0]
+    assert launch.fresh and [r.item for r in launch.rows] == [2] and launch.width == 20
+    assert [r.item for r in sched.slots[0].filling] == [1]
+    _drive([(3, 2), (30, 2), (20, 2)], micro_batch_size=3, prefill_chunk=4)
+
+
+@pytest.mark.parametrize("reqs,starts", [([(3, 40), (20, 5), (2, 40), (12, 5)], [0, 2]),  # short ones start it
+                                         ([(20, 5), (9, 40), (12, 5)], [1])])  # none short: the shortest
+def test_a_fresh_slot_starts_with_its_short_prompts_and_fills_the_long_ones_by_chunks(reqs, starts):
+    # a fresh slot of long prompts would prefill every row padded to the longest: the long ones
+    # instead fill by chunks beside the first rows' decode steps, as if they joined a running slot
+    sched, _ = _drive(reqs, micro_batch_size=4, prefill_chunk=4)
+    assert sched.chunked == len(reqs) - len(starts)
+    sched = Scheduler(((i, p, n) for i, (p, n) in enumerate(reqs)), micro_batch_size=4, prefill_chunk=4)
+    (launch,) = sched.start()
+    assert launch.fresh and [r.item for r in launch.rows] == starts
+    assert launch.width == max(reqs[i][0] for i in starts)
+    (launch,) = sched.returned(0, [])[0]
+    long = [i for i in range(len(reqs)) if i not in starts]
+    assert [(r.item, start, n) for r, start, n in launch.chunks] == [(long[0], 0, 4)]
+    # without chunks, the same slot starts with every prompt, padded to the longest
+    (whole,) = Scheduler(((i, p, n) for i, (p, n) in enumerate(reqs)), micro_batch_size=4).start()
+    assert len(whole.rows) == len(reqs) and whole.width == max(p for p, _ in reqs)
 
 
 def test_row_admission_keeps_micro_batches_fuller_than_batch_admission():
