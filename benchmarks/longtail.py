@@ -18,7 +18,8 @@ In one run, one after the other:
 - `hostfiles/hetero4.hosts` (`edgeshard bench`, throughput plan, no-bubbles), both admissions, at
   micro-batch `--hetero-mbs`;
 - with `--prefill-chunk N`, row admission again on each cluster, with prompts longer than N tokens
-  prefilled by chunks of N (`run --prefill-chunk N`).
+  prefilled by chunks of N (`run --prefill-chunk N`; 0: whole). Without it, row admission chunks by the
+  default: 64 tokens on hetero4, none on one rank.
 Each row prints tokens/s (the requests' own new tokens over the run's wall time), the rows a step
 carried on average, the simulator's prediction on the run's profile, and, on hetero4, the plan's
 ideal rate (tokens over the busiest stage's compute time). A last table replays each run in the
@@ -186,7 +187,7 @@ def replay_on_measured_compute(work: Path) -> dict:
 
 def _label(admission: str) -> str:
     admission, chunks = _chunked(admission)
-    return f"{admission} admission" + (f", chunks {chunks[1]}" if chunks else "")
+    return f"{admission} admission" + ("" if not chunks else ", whole prompts" if chunks[1] == "0" else f", chunks {chunks[1]}")
 
 
 def print_replay(work: Path) -> None:
@@ -239,7 +240,7 @@ def main() -> None:
         label, mbs, run = runs[cluster]
         (work / cluster).mkdir()
         job = write_job(work / cluster, lines, mbs)
-        for admission in args.admissions.split(",") + ([f"row{args.prefill_chunk}"] if args.prefill_chunk else []):
+        for admission in args.admissions.split(",") + ([f"row{args.prefill_chunk}"] if args.prefill_chunk is not None else []):
             rows[f"{label}, {_label(admission)}"] = run(job, admission)
         if cluster == "one":
             rows["generate, batched"] = run_generate(model_path, lines, args.mbs, threads=2)
@@ -269,10 +270,11 @@ def main() -> None:
           f"(target >= 1.8)")
     print(f"row / batch admission, hetero4: {ratio('hetero4, row admission', 'hetero4, batch admission'):.2f} "
           f"(target >= 1.3)")
-    if args.prefill_chunk:
+    if args.prefill_chunk is not None:
+        other = _label(f"row{args.prefill_chunk}")
         for label in ("1 rank", "hetero4"):
-            print(f"row admission with / without chunks of {args.prefill_chunk}, {label}: "
-                  f"{ratio(f'{label}, row admission, chunks {args.prefill_chunk}', f'{label}, row admission'):.2f}")
+            print(f"row admission, default chunks / {other}, {label}: "
+                  f"{ratio(f'{label}, row admission', f'{label}, {other}'):.2f}")
     print_replay(work)
     print(f"\nthe runs' files: {work} (--replay {work} prints the last table again)")
     if args.json:

@@ -78,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="row: a finished row's place takes the next prompt at its micro-batch's next step; "
                           "batch: new prompts only when a whole micro-batch finished (default: the job's)")
     run.add_argument("--prefill-chunk", type=_tokens, metavar="N",
-                     help="with row admission, a joining prompt longer than N tokens prefills N a step beside "
-                          "the other rows' decode steps; 0: in one step (default: the job's)")
+                     help="with row admission, a prompt longer than N tokens prefills N a step beside the "
+                          "other rows' decode steps; 0: in one step (default: the job's, else 64 on a pipeline "
+                          "of more than one stage and 0 on one)")
     run.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, "
                      "else twice the plan's stages)")
     run.add_argument("--compile", action="store_true", default=None,
@@ -126,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--micro-batches", type=int, help="micro-batches in flight (default: the job's, else twice the stages)")
     bench.add_argument("--admission", choices=list(ADMISSIONS), help="row or batch (default: the job's)")
     bench.add_argument("--prefill-chunk", type=_tokens, metavar="N",
-                       help="prompt tokens a step prefills of a long joining prompt; 0: whole (default: the job's)")
+                       help="prompt tokens a step prefills of a long prompt; 0: whole (default: the job's, else "
+                            "64 on a pipeline of more than one stage and 0 on one)")
     bench.add_argument("--profile", help="profile JSON to plan from (default: a saved matching one, else measure)")
     bench.add_argument("--json", help="also save the rows as JSON to this file")
     bench.add_argument("--compile", action="store_true", default=None,

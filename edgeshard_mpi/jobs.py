@@ -15,8 +15,9 @@ A job file, with paths relative to the job file's folder:
     schedule = "no-bubbles"          # no-bubbles (default) | bubbles | sequential
     admission = "row"                # row (default): a finished row's place takes the next prompt at
                                      # once | batch: new prompts only when a whole micro-batch finished
-    prefill_chunk = 0                # row admission: a joining prompt longer than N > 0 tokens prefills
-                                     # N a step beside the decode steps (0, the default: in one step)
+    prefill_chunk = 64               # row admission: a prompt longer than N > 0 tokens prefills N a step
+                                     # beside the decode steps (0: in one step; default: 64 on a
+                                     # pipeline of more than one stage, 0 on one)
     chat = false                     # apply the chat template to plain "prompt" strings too
 
     [generation]                     # defaults for every request; a JSONL line may override any
@@ -44,7 +45,7 @@ from typing import Iterator
 
 from .planner import OBJECTIVES
 from .sampling import SamplingParams
-from .scheduler import ADMISSIONS, DEFAULT_PREFILL_CHUNK, SCHEDULES
+from .scheduler import ADMISSIONS, SCHEDULES
 
 __all__ = ["JobError", "Generation", "Job", "Request", "read_prompts", "count_prompts", "SCHEDULES", "BENCH_DEFAULT",
            "MAX_LINE_BYTES"]
@@ -179,7 +180,7 @@ class Job:
     micro_batches: int | None = None  # in flight; None = twice the plan's stages
     schedule: str = "no-bubbles"
     admission: str = "row"  # scheduler.ADMISSIONS
-    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK  # tokens a step prefills of a prompt joining by chunks; None: whole
+    prefill_chunk: int | None = None  # tokens a step prefills of a prompt by chunks; 0: whole; None: scheduler's default
     chat: bool = False
     generation: Generation = Generation()
     plan: dict | None = None  # {"split": "even"} | {"file": path} | {"stages": [...]}
@@ -235,8 +236,8 @@ class Job:
         admission = _field(d, "admission", str, "row", where)
         if admission not in ADMISSIONS:
             raise JobError(f"{where}: field 'admission' must be one of {', '.join(ADMISSIONS)}, got {admission!r}")
-        chunk = _field(d, "prefill_chunk", int, DEFAULT_PREFILL_CHUNK or 0, where)
-        if chunk < 0:
+        chunk = _field(d, "prefill_chunk", int, None, where)
+        if chunk is not None and chunk < 0:
             raise JobError(f"{where}: field 'prefill_chunk' must be >= 0 tokens (0: no chunks), got {chunk}")
         gen_table = d.get("generation", {})
         if not isinstance(gen_table, dict):
@@ -262,7 +263,7 @@ class Job:
             path=str(path.resolve()), model=model, prompts=rel(_field(d, "prompts", str, None, where)),
             output=rel(output) if output else str(Path("results", path.stem + ".h5").resolve()),
             dtype=dtype, quantize=quantize, compile=_field(d, "compile", bool, False, where), hostfile=rel(hostfile) if hostfile else None, micro_batch_size=mbs,
-            micro_batches=in_flight, schedule=schedule, admission=admission, prefill_chunk=chunk or None, chat=_field(d, "chat", bool, False, where),
+            micro_batches=in_flight, schedule=schedule, admission=admission, prefill_chunk=chunk, chat=_field(d, "chat", bool, False, where),
             generation=_generation(gen_table, f"{where}: [generation]"), plan=plan, text=text)
 
 

@@ -39,7 +39,7 @@ from .profiler import (Profile, cluster_fingerprint, find_profile, measure_profi
                        profile_shapes, profiles_dir)
 from .results import ResultWriter, done_key
 from .shard import Shard
-from .scheduler import in_flight_for, slot_columns
+from .scheduler import in_flight_for, prefill_chunk_for, slot_columns
 from .simulate import Request, Simulation, StageLine, StepCosts, simulate
 from .trace import Tracer, write_chrome_trace
 
@@ -60,7 +60,7 @@ class RunOptions:
     retry_errors: bool = False  # with resume: run the requests recorded as errors again
     schedule: str | None = None
     admission: str | None = None  # scheduler.ADMISSIONS; None: the job's
-    prefill_chunk: int | None = None  # tokens a step prefills of a long joining prompt; 0: whole; None: the job's
+    prefill_chunk: int | None = None  # tokens a step prefills of a long prompt; 0: whole; None: the job's
     micro_batches: int | None = None
     progress: bool = True
     repeats: int = 5  # profiling: runs per measurement
@@ -213,7 +213,7 @@ class _Local:
     row_tokens: int = 0  # micro-batch x longest request: the KV cache of one slot
     longest: int = 0  # tokens of the longest request: what a sliding layer's window caps
     admission: str = "row"  # scheduler.ADMISSIONS, as this model allows
-    prefill_chunk: int | None = None  # scheduler.Scheduler's, None: every join in one step
+    prefill_chunk: int | None = None  # as asked for (options, job): scheduler.prefill_chunk_for
     schedule: str = "no-bubbles"
     in_flight: int | None = None  # micro-batches in flight if asked for (options, job): scheduler.in_flight_for
     shapes: dict | None = None  # the shapes this job is profiled at (profiler.profile_shapes)
@@ -262,7 +262,7 @@ def _read(job_path: str, opts: RunOptions, hosts: list[tuple[int, int]], *, mode
     local = _Local(job, spec, tok, itertools.chain(read_ahead, stream),
                    kv_tokens=columns * job.micro_batch_size * (in_flight or 2 * world))
     local.row_tokens, local.longest, local.admission = columns * job.micro_batch_size, longest, admission
-    local.prefill_chunk = (job.prefill_chunk if opts.prefill_chunk is None else opts.prefill_chunk) or None
+    local.prefill_chunk = job.prefill_chunk if opts.prefill_chunk is None else opts.prefill_chunk
     local.schedule, local.in_flight = opts.schedule or job.schedule, in_flight
     local.drift, local.replan = opts.drift, opts.replan and for_run
     plan = _given_plan(job, opts, spec, world) if for_run else None
@@ -616,7 +616,7 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
         summary = source_loop(comm, shard, plan, local.job, local.tok, prompts, local.writer, progress, stats,
                               tracer, schedule=schedule, in_flight=in_flight, total=local.total,
                               admission=local.admission, row_budget=local.row_tokens // local.job.micro_batch_size,
-                              prefill_chunk=local.prefill_chunk, watch=watch, move=move,
+                              prefill_chunk=prefill_chunk_for(len(plan.stages), local.prefill_chunk), watch=watch, move=move,
                               beat=local.heartbeat.beat if local.heartbeat else None)
         if watch is not None and watch.events:
             local.drifts += [dataclasses.asdict(d) for d in watch.events]

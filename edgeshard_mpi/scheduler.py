@@ -34,7 +34,8 @@ import dataclasses
 import math
 from typing import Generic, Iterable, Iterator, TypeVar
 
-__all__ = ["ADMISSIONS", "DEFAULT_PREFILL_CHUNK", "SCHEDULES", "Launch", "Row", "Scheduler", "in_flight_for", "slot_columns"]
+__all__ = ["ADMISSIONS", "DEFAULT_PREFILL_CHUNK", "SCHEDULES", "Launch", "Row", "Scheduler", "in_flight_for",
+           "prefill_chunk_for", "slot_columns"]
 
 SCHEDULES = ("sequential", "bubbles", "no-bubbles")
 ADMISSIONS = ("row", "batch")
@@ -48,14 +49,23 @@ T = TypeVar("T")
 ROW_HEADROOM = 1.25
 
 
-# Chunked prefill's default chunk, in prompt tokens: see BENCHMARKS.md, "Chunked prefill".
-DEFAULT_PREFILL_CHUNK: int | None = None
+# Chunked prefill's default chunk on a pipeline, in prompt tokens. On one stage there is no pipeline to
+# keep busy, and a chunk only adds a forward's fixed cost: none there. See BENCHMARKS.md, "Chunked prefill".
+DEFAULT_PREFILL_CHUNK = 64
 
 
 def slot_columns(longest: int, admission: str) -> int:
     """The KV columns a slot may reach for requests of at most `longest` tokens (prompt and new ones):
     what the memory checks budget and the scheduler's `row_budget` holds row admission to."""
     return longest if admission == "batch" else math.ceil(longest * ROW_HEADROOM)
+
+
+def prefill_chunk_for(stages: int, requested: int | None = None) -> int | None:
+    """Prompt tokens a step prefills by chunks: as requested (0: none, prompts whole), else the default
+    on a pipeline of more than one stage, none on one."""
+    if requested is not None:
+        return requested or None
+    return DEFAULT_PREFILL_CHUNK if stages > 1 else None
 
 
 def in_flight_for(schedule: str, stages: int, requested: int | None = None) -> int:
@@ -294,11 +304,11 @@ class Scheduler(Generic[T]):
         s = self.slots[slot]
         fresh = not rows
         if fresh and self.prefill_chunk is not None and len(joining) > 1:
-            # a fresh slot starts with its short prompts (its shortest if none is short), and its other
-            # long prompts fill by chunks beside its decode steps from the next step on, after the rows
-            # that were filling already, which keep what they have
-            first = min(joining, key=lambda r: r.prompt_tokens)
-            short = [r for r in joining if r is first or r.prompt_tokens - 1 <= self.prefill_chunk]
+            # a fresh slot prefills its prompts padded to the longest: it starts with those within a chunk
+            # of its shortest, and the longer ones fill by chunks beside its decode steps from the next
+            # step on, after the rows that were filling already, which keep what they have
+            first = min(r.prompt_tokens for r in joining)
+            short = [r for r in joining if r.prompt_tokens <= first + self.prefill_chunk]
             s.filling += [r for r in joining if r not in short]
             joining = short
         chunks = [] if fresh else self._chunks(s)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from edgeshard_mpi.jobs import Job, JobError, read_prompts
+from edgeshard_mpi.scheduler import DEFAULT_PREFILL_CHUNK, prefill_chunk_for
 
 
 def _job(tmp_path, text):
@@ -24,9 +25,13 @@ def test_job_fields_and_relative_paths(tmp_path):
     assert job.plan == {"split": "even"}
 
 
-def test_prefill_chunk_zero_means_whole_prompts(tmp_path):
-    assert Job.load(_job(tmp_path, 'model = "m"\nprompts = "p.jsonl"\nprefill_chunk = 0\n')).prefill_chunk is None
-    assert Job.load(_job(tmp_path, 'model = "m"\nprompts = "p.jsonl"\nprefill_chunk = 64\n')).prefill_chunk == 64
+def test_prefill_chunk_zero_means_whole_prompts_and_unset_the_default_for_the_plan(tmp_path):
+    chunk = lambda extra: Job.load(_job(tmp_path, 'model = "m"\nprompts = "p.jsonl"\n' + extra)).prefill_chunk
+    assert (chunk("prefill_chunk = 0\n"), chunk("prefill_chunk = 32\n"), chunk("")) == (0, 32, None)
+    # unset: chunks on a pipeline, none on one stage; 0: none anywhere; N: N anywhere
+    assert [prefill_chunk_for(stages, None) for stages in (1, 2, 4)] == [None, DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_CHUNK]
+    assert [prefill_chunk_for(stages, 0) for stages in (1, 4)] == [None, None]
+    assert [prefill_chunk_for(stages, 32) for stages in (1, 4)] == [32, 32]
 
 
 @pytest.mark.parametrize("text,needle", [

@@ -147,11 +147,11 @@ def test_filling_rows_start_over_by_chunks_when_their_slot_does():
     _drive([(3, 2), (30, 2), (20, 2)], micro_batch_size=3, prefill_chunk=4)
 
 
-@pytest.mark.parametrize("reqs,starts", [([(3, 40), (20, 5), (2, 40), (12, 5)], [0, 2]),  # short ones start it
-                                         ([(20, 5), (9, 40), (12, 5)], [1])])  # none short: the shortest
+@pytest.mark.parametrize("reqs,starts", [([(3, 40), (20, 5), (2, 40), (12, 5)], [0, 2]),
+                                         ([(20, 5), (9, 40), (12, 5)], [1, 2])])  # none is short
 def test_a_fresh_slot_starts_with_its_short_prompts_and_fills_the_long_ones_by_chunks(reqs, starts):
-    # a fresh slot of long prompts would prefill every row padded to the longest: the long ones
-    # instead fill by chunks beside the first rows' decode steps, as if they joined a running slot
+    # a fresh slot would prefill every row padded to its longest prompt: those within a chunk of its
+    # shortest start it, and the others fill by chunks beside their decode steps, as when joining
     sched, _ = _drive(reqs, micro_batch_size=4, prefill_chunk=4)
     assert sched.chunked == len(reqs) - len(starts)
     sched = Scheduler(((i, p, n) for i, (p, n) in enumerate(reqs)), micro_batch_size=4, prefill_chunk=4)
@@ -161,6 +161,9 @@ def test_a_fresh_slot_starts_with_its_short_prompts_and_fills_the_long_ones_by_c
     (launch,) = sched.returned(0, [])[0]
     long = [i for i in range(len(reqs)) if i not in starts]
     assert [(r.item, start, n) for r, start, n in launch.chunks] == [(long[0], 0, 4)]
+    # prompts of one length start together, whole, chunks or not: nothing is padded
+    (even,) = Scheduler(((i, 20, 5) for i in range(4)), micro_batch_size=4, prefill_chunk=4).start()
+    assert len(even.rows) == 4 and even.width == 20
     # without chunks, the same slot starts with every prompt, padded to the longest
     (whole,) = Scheduler(((i, p, n) for i, (p, n) in enumerate(reqs)), micro_batch_size=4).start()
     assert len(whole.rows) == len(reqs) and whole.width == max(p for p, _ in reqs)
