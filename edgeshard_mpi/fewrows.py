@@ -4,8 +4,8 @@ Each weight matrix W (out x in) of a decode step meets only the step's rows x (o
 the step is bound by reading W from memory. `linear` computes x @ W.T, and on some CPUs its sgemm
 takes a few rows far below the memory's speed: on a 2-core AMD EPYC, smollm2's head (W 49152 x 576,
 fp32) took 10 ms at 1 row, 35 ms at 3 and 17 ms at 8, where the same product as (W @ x.T).T took
-3.6 ms at 2 rows and 4.9 ms at 3; a one-row product runs as two rows (the row twice), which gemm
-takes where it would not take one. The two forms give the same values but for the order of fp32
+3.6 ms at 2 rows and 4.9 ms at 3. The transposed product runs as two, one per half of W's rows, in
+one `bmm`, which takes them one a thread (`_transposed`). The two forms give the same values but for the order of fp32
 sums, as `linear`'s own products of one row at different row counts do. On the Intel Xeon this
 project measured before, `linear` at one row was near the memory's speed already. So which form a
 row count runs in is measured, once per process, dtype and thread count (`transposed_rows`), on one
