@@ -146,6 +146,6 @@ def test_each_rank_sets_its_threads(tmp_path, tiny_path, tiny_reference):
     want = [3, max(1, cores // 2)]
     summary = json.loads(read_attrs(tmp_path / "job.h5")["summary"])
     assert [st["threads"] for st in sorted(summary["ranks"], key=lambda st: st["rank"])] == want
-    assert f"0 a (pid" in proc.stderr and f", 3 threads, float32), 1 b (pid" in proc.stderr
+    assert "0 a (pid" in proc.stderr and ", 3 threads, float32), 1 b (pid" in proc.stderr
     by_id = {r.id: r.token_ids for r in read_results(tmp_path / "job.h5")}
     assert [by_id[f"p{i}"] for i in range(len(PROMPTS))] == tiny_reference[1]
