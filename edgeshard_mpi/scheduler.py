@@ -15,9 +15,10 @@ With `prefill_chunk` (row admission only), a joining prompt of more than that ma
 last does not prefill in one step: it fills a cache of its own `prefill_chunk` tokens a step, beside
 the slot's decode steps (Sarathi-Serve's chunked prefill), and joins, appended after the slot's rows,
 at the step that carries its last chunk. One long prompt then no longer holds every stage for a whole
-prefill while the other slots wait behind it. A slot starting anew does the same: it starts with its short
-prompts (or its shortest), and its long ones fill by chunks from its next step on; rows already filling go
-on filling. Only when no new prompt is left to start it does the shortest of them start it, whole.
+prefill while the other slots wait behind it. A slot starting anew, which would prefill its prompts padded
+to the longest, does the same within its row budget: it starts with its prompts within a chunk of its
+shortest, and the longer ones fill by chunks from its next step on; rows already filling go on filling.
+Only when no new prompt is left to start it does the shortest of them start it, whole.
 When a joining prompt does not fit before the step's column, or the rows need more columns than the
 slot has, the step first re-lays the axis out: columns no row needs are dropped from the left (or
 empty ones added there), and the capacity becomes what the rows need. That costs one copy of the
@@ -285,6 +286,13 @@ class Scheduler(Generic[T]):
         column = max(column - trim, before)
         return column, slot.columns - column, True, column + 1 + more
 
+    def _may_fill(self, rows: list[Row]) -> bool:
+        """Whether a fresh slot of `rows` may let some fill by chunks: rows of different ages then share
+        its axis, which may reach the longest prompt plus the most new tokens of any row; only within the
+        row budget (the memory checks' bound), else every row starts whole, as one micro-batch."""
+        reach = max(r.prompt_tokens for r in rows) + max(r.max_new_tokens for r in rows)
+        return self.row_budget is None or reach <= self.row_budget
+
     def _chunks(self, s: _Slot) -> list[tuple[Row, int, int]]:
         """This step's chunks: `prefill_chunk` tokens, to the filling rows in admission order."""
         out, budget = [], self.prefill_chunk or 0
@@ -303,7 +311,7 @@ class Scheduler(Generic[T]):
                 places: list[int]) -> Launch:
         s = self.slots[slot]
         fresh = not rows
-        if fresh and self.prefill_chunk is not None and len(joining) > 1:
+        if fresh and self.prefill_chunk is not None and len(joining) > 1 and self._may_fill(joining):
             # a fresh slot prefills its prompts padded to the longest: it starts with those within a chunk
             # of its shortest, and the longer ones fill by chunks beside its decode steps from the next
             # step on, after the rows that were filling already, which keep what they have

@@ -161,6 +161,11 @@ def test_a_fresh_slot_starts_with_its_short_prompts_and_fills_the_long_ones_by_c
     (launch,) = sched.returned(0, [])[0]
     long = [i for i in range(len(reqs)) if i not in starts]
     assert [(r.item, start, n) for r, start, n in launch.chunks] == [(long[0], 0, 4)]
+    # past the row budget (the slot's axis could reach the longest prompt plus the most new tokens),
+    # every row starts whole
+    (bounded,) = Scheduler(((i, p, n) for i, (p, n) in enumerate(reqs)), micro_batch_size=4, prefill_chunk=4,
+                           row_budget=max(p for p, _ in reqs) + max(n for _, n in reqs) - 1).start()
+    assert len(bounded.rows) == len(reqs) and bounded.width == max(p for p, _ in reqs)
     # prompts of one length start together, whole, chunks or not: nothing is padded
     (even,) = Scheduler(((i, 20, 5) for i in range(4)), micro_batch_size=4, prefill_chunk=4).start()
     assert len(even.rows) == 4 and even.width == 20
