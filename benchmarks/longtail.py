@@ -187,7 +187,9 @@ def replay_on_measured_compute(work: Path) -> dict:
 
 def _label(admission: str) -> str:
     admission, chunks = _chunked(admission)
-    return f"{admission} admission" + ("" if not chunks else ", whole prompts" if chunks[1] == "0" else f", chunks {chunks[1]}")
+    if not chunks:
+        return f"{admission} admission"
+    return f"{admission} admission, " + ("whole prompts" if chunks[1] == "0" else f"chunks {chunks[1]}")
 
 
 def print_replay(work: Path) -> None:
@@ -240,7 +242,8 @@ def main() -> None:
         label, mbs, run = runs[cluster]
         (work / cluster).mkdir()
         job = write_job(work / cluster, lines, mbs)
-        for admission in args.admissions.split(",") + ([f"row{args.prefill_chunk}"] if args.prefill_chunk is not None else []):
+        extra = [f"row{args.prefill_chunk}"] if args.prefill_chunk is not None else []
+        for admission in args.admissions.split(",") + extra:
             rows[f"{label}, {_label(admission)}"] = run(job, admission)
         if cluster == "one":
             rows["generate, batched"] = run_generate(model_path, lines, args.mbs, threads=2)

@@ -180,7 +180,8 @@ class Job:
     micro_batches: int | None = None  # in flight; None = twice the plan's stages
     schedule: str = "no-bubbles"
     admission: str = "row"  # scheduler.ADMISSIONS
-    prefill_chunk: int | None = None  # tokens a step prefills of a prompt by chunks; 0: whole; None: scheduler's default
+    prefill_chunk: int | None = None  # prompt tokens a step prefills by chunks; 0: whole; None: the default for
+    # the plan (scheduler.prefill_chunk_for)
     chat: bool = False
     generation: Generation = Generation()
     plan: dict | None = None  # {"split": "even"} | {"file": path} | {"stages": [...]}
@@ -263,7 +264,8 @@ class Job:
             path=str(path.resolve()), model=model, prompts=rel(_field(d, "prompts", str, None, where)),
             output=rel(output) if output else str(Path("results", path.stem + ".h5").resolve()),
             dtype=dtype, quantize=quantize, compile=_field(d, "compile", bool, False, where), hostfile=rel(hostfile) if hostfile else None, micro_batch_size=mbs,
-            micro_batches=in_flight, schedule=schedule, admission=admission, prefill_chunk=chunk, chat=_field(d, "chat", bool, False, where),
+            micro_batches=in_flight, schedule=schedule, admission=admission, prefill_chunk=chunk,
+            chat=_field(d, "chat", bool, False, where),
             generation=_generation(gen_table, f"{where}: [generation]"), plan=plan, text=text)
 
 

@@ -616,7 +616,8 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
         summary = source_loop(comm, shard, plan, local.job, local.tok, prompts, local.writer, progress, stats,
                               tracer, schedule=schedule, in_flight=in_flight, total=local.total,
                               admission=local.admission, row_budget=local.row_tokens // local.job.micro_batch_size,
-                              prefill_chunk=prefill_chunk_for(len(plan.stages), local.prefill_chunk), watch=watch, move=move,
+                              prefill_chunk=prefill_chunk_for(len(plan.stages), local.prefill_chunk),
+                              watch=watch, move=move,
                               beat=local.heartbeat.beat if local.heartbeat else None)
         if watch is not None and watch.events:
             local.drifts += [dataclasses.asdict(d) for d in watch.events]

@@ -29,7 +29,8 @@ def test_prefill_chunk_zero_means_whole_prompts_and_unset_the_default_for_the_pl
     chunk = lambda extra: Job.load(_job(tmp_path, 'model = "m"\nprompts = "p.jsonl"\n' + extra)).prefill_chunk
     assert (chunk("prefill_chunk = 0\n"), chunk("prefill_chunk = 32\n"), chunk("")) == (0, 32, None)
     # unset: chunks on a pipeline, none on one stage; 0: none anywhere; N: N anywhere
-    assert [prefill_chunk_for(stages, None) for stages in (1, 2, 4)] == [None, DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_CHUNK]
+    default = DEFAULT_PREFILL_CHUNK
+    assert [prefill_chunk_for(stages, None) for stages in (1, 2, 4)] == [None, default, default]
     assert [prefill_chunk_for(stages, 0) for stages in (1, 4)] == [None, None]
     assert [prefill_chunk_for(stages, 32) for stages in (1, 4)] == [32, 32]
 
