@@ -87,3 +87,27 @@ def test_a_large_models_shard_swaps_and_keeps_the_models_logits(smollm_path, mon
         s.select(0, [1])
     torch.testing.assert_close(turned.forward(0, torch.tensor([[50]])), plain.forward(0, torch.tensor([[50]])),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_under_compile_one_row_turns_and_other_counts_share_one_graph():
+    """A compiled graph serves one row alone and any other count of rows as a symbol: the transposed
+    form (a bmm) at one row, `linear` for the rest, the same values, and no graph per row count (a
+    test of the symbol against `turned` would specialize the graph to each count)."""
+    torch.manual_seed(0)
+    layer = FewRowsLinear.of(nn.Linear(64, 32, bias=False), EVERY)
+    graphs = []
+
+    def keep(gm, example_inputs):  # a backend that records each graph dynamo hands it and runs it as is
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: layer(x) * 2, backend=keep, dynamic=None)
+    for rows in (1, 2, 3, 5, 1, 4):
+        x = torch.randn(rows, 1, 64)
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        torch.testing.assert_close(step(x), 2 * nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 2, "one graph for one row, one for every other count"
+    one, rest = (" ".join(g) for g in graphs)
+    assert "bmm" in one and "linear" not in one, one
+    assert "linear" in rest and "bmm" not in rest, rest
