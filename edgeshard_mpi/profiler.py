@@ -214,7 +214,7 @@ class Profile:
         one = d.get("decode_one_s")
         if not one or any(one[u] is None for u in range(first, last + 1)):
             return None
-        step = float(d.get("decode_step_s", 0.0))
+        step = float(d.get("decode_one_step_s", d.get("decode_step_s", 0.0)))
         return step + sum(max(0.0, one[u] - step) for u in range(first, last + 1))
 
     def out_bytes_per_token(self, j: int) -> list[int]:
@@ -305,7 +305,8 @@ class Profile:
             raise ProfileError(f"{path}: not a valid profile ({type(e).__name__}: {e})") from None
 
 
-_TIMES = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s", "decode_kv_s", "decode_one_s")
+_TIMES = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s", "decode_kv_s", "decode_one_s",
+          "decode_one_step_s")
 # a profile's own device fields: its times, each unit's spread (spread_of), the memory the measuring
 # took beyond what the rank held before (a high-water mark: 0 if it stayed below one), and the
 # rank's peak RSS
@@ -435,6 +436,7 @@ class _Evictor:
 
 SPREAD_BOUND = 0.1  # a figure's spread the profiler repeats for, up to SPREAD_REPEATS x the repeats
 SPREAD_REPEATS = 2
+STEP_ROUNDS = 4  # x the repeats: alternations of one block and several for a decode step's own cost
 
 
 def spread_of(times: list[float]) -> float:
@@ -476,12 +478,15 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
 
     Returns {"prefill_s": [per unit], "decode_s": [per unit], "prefill_step_s": s, "decode_step_s": s,
     "decode_kv_s": s per byte}, each unit's spreads and, at more than one row, "decode_one_s": [per
-    unit], each unit's decode step of one row (a step of fewer rows costs its line from there).
+    unit], each unit's decode step of one row (a step of fewer rows costs its line from there), and
+    "decode_one_step_s", the step cost at one row.
     Every unit is timed from a cold start (see _Evictor), so each unit's time holds the cold start of
     a step; a stage of several units pays it once. Timing a run of k blocks together against the
-    sum of their own times gives it: (sum - together) / (k - 1). The same blocks' decode step at four
-    times the context gives what a step pays for each byte of KV cache it reads (a row's columns
-    grow as it decodes, and row admission lets a slot's axis reach past its longest request):
+    sum of their own times gives it: (sum - together) / (k - 1), for a prefill; for a decode step,
+    whose blocks are short against it, k blocks against one in alternation (step_cost). The same
+    blocks' decode step at four times the context gives what a step pays for each byte of KV cache it
+    reads (a row's columns grow as it decodes, and row admission lets a slot's axis reach past its
+    longest request):
     (time there - time at the context) / the bytes it read more (Profile.context_costs).
 
     A slowed-down device is measured at full speed, by CPU time on one thread, and its times
@@ -493,13 +498,15 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
 
     from .shard import Shard
 
-    # within the device's budget, as a run: one unit at a time (four blocks for the step cost), none
-    # the budget cannot hold, and the cache-clearing buffer in what the largest of those leaves
+    # within the device's budget, as a run: one unit at a time (four blocks, and the first of them
+    # alone, for the step cost), none the budget cannot hold, and the cache-clearing buffer in what
+    # the largest of those leaves
     fits = [device.memory is None or spec.bytes_of(u, u) <= device.memory for u in range(spec.num_units)]
     first, last = 1, min(4, spec.num_units - 2)  # up to four blocks (neither embedding nor head)
-    while last > first and device.memory is not None and spec.bytes_of(first, last) > device.memory:
+    pair = lambda: spec.bytes_of(first, last) + spec.bytes_of(first, first)
+    while last > first and device.memory is not None and pair() > device.memory:
         last -= 1
-    held = max([spec.bytes_of(u, u) for u in range(spec.num_units) if fits[u]] + [spec.bytes_of(first, last)])
+    held = max([spec.bytes_of(u, u) for u in range(spec.num_units) if fits[u]] + [pair()])
     evict = None
     if torch.device(device.torch).type == "cpu":  # GPU memory has no such cache
         evict = _Evictor(None if device.memory is None else max(0, device.memory - held))
@@ -547,6 +554,31 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
         run(x_c, [0])
         return _timed(lambda: run(x_d, None), repeats, device.slowdown, evict)[0]
 
+    def step_cost(rows: int) -> float:
+        """What a decode step of `rows` rows costs a stage once, however many units it holds: blocks
+        first..last together against block `first` alone, timed in alternation so that the host's
+        drift falls on both alike. A model's decoder blocks have the same shapes, so k of them cost
+        k times one, plus the stage's step once. Timed apart, as the units are, the difference came
+        out anywhere from 0 to 1 ms on a 2-core VM, and a one-rank stage of smollm2 pays it 31 times:
+        a third of its decode step either way."""
+        both = (Shard(spec, first, first, device.torch), Shard(spec, first, last, device.torch))
+        x_c = torch.randn(rows, c, hidden, generator=gen).to(both[0].dtype)
+        for shard in both:
+            shard.forward(0, x_c, [0] * rows)
+        times: tuple[list, list] = ([], [])
+
+        def run(shard):
+            shard.forward(0, x_c[:, :1], None)
+            shard.sync()
+
+        for _ in range(STEP_ROUNDS * repeats):
+            for shard, t in zip(both, times):
+                t.append(_timed(lambda: run(shard), 1, device.slowdown, evict)[0])
+        pick = min if device.slowdown != 1.0 else statistics.median  # as _timed's repeats
+        one, together = pick(times[0]), pick(times[1])
+        k = last - first + 1
+        return max(0.0, (k * one - together) / (k - 1))
+
     spreads = {"prefill_spread": [], "decode_spread": []}
     for u in range(spec.num_units):
         if not fits[u]:  # recorded as not fitting (None), not loaded; the planner keeps it off this device
@@ -569,13 +601,17 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
         kv_bytes = sum(u.kv_bytes_per_token * (min(long, u.kv_window or long) - min(c, u.kv_window or c))
                        for u in spec.units[first:last + 1])
         together = [t for t, _ in turn(lambda: measure(first, last, long if kv_bytes > 0 else 0))]
-        for key, alone, t in (("prefill", prefill, together[0]), ("decode", decode, together[1])):
-            step = (sum(alone[first:last + 1]) - t) / (last - first)
-            out[f"{key}_step_s"] = max(0.0, step)  # Profile.costs keeps every unit's share >= 0
+        step = (sum(prefill[first:last + 1]) - together[0]) / (last - first)
+        out["prefill_step_s"] = max(0.0, step)  # Profile.costs keeps every unit's share >= 0
+        # a prefill's blocks are long against the step; a decode's are not: its step in alternation
+        out["decode_step_s"] = turn(lambda: step_cost(b))
+        if b > 1:
+            out["decode_one_step_s"] = turn(lambda: step_cost(1))
         if kv_bytes > 0:
             out["decode_kv_s"] = max(0.0, (together[2] - together[1]) / (b * kv_bytes))
     else:
-        turn(lambda: None)  # the others' turn at their blocks together
+        for _ in range(3 if b > 1 else 2):
+            turn(lambda: None)  # the others' turns at their blocks together and at their step costs
     return out
 
 

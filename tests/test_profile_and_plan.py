@@ -169,5 +169,7 @@ def test_a_profile_of_several_rows_times_one_row_and_the_kv_it_reads(tiny_path):
     out = _measure_units(spec, Device(name="d"), shapes, repeats=1)
     assert len(out["decode_one_s"]) == spec.num_units and all(t > 0 for t in out["decode_one_s"])
     assert out["decode_kv_s"] >= 0.0
+    assert out["decode_step_s"] >= 0.0 and out["decode_one_step_s"] >= 0.0  # each row count's own step cost
     one = _measure_units(spec, Device(name="d"), {**shapes, "micro_batch_size": 1}, repeats=1)
-    assert "decode_one_s" not in one  # a decode step of the profile's rows is one of one row
+    # a decode step of the profile's rows is one of one row
+    assert "decode_one_s" not in one and "decode_one_step_s" not in one and one["decode_step_s"] >= 0.0

@@ -101,6 +101,9 @@ def test_a_profile_gives_each_stage_its_kv_bytes_times_its_devices_seconds_a_byt
     # profiled before one-row steps were, gives none
     assert prof.one_row_s(0, 0, 2) == pytest.approx(0.0005 + 0.0001 + 0.0002 + 0.0003)
     assert prof.one_row_s(0, 2, 3) is None and prof.one_row_s(2, 0, 1) is None
+    prof.devices[0]["decode_one_step_s"] = 0.0004  # measured at one row: it stands for the step cost there
+    assert prof.one_row_s(0, 0, 2) == pytest.approx(0.0004 + 0.0002 + 0.0003 + 0.0004)
+    del prof.devices[0]["decode_one_step_s"]
     sc = StepCosts.from_profile(prof, Plan((Stage(0, 0, 1), Stage(1, 2, 3)), 4))
     assert sc.context == 16 and sc.line(0).kv_s == (pytest.approx((None, 1e-4)),)
     assert sc.one_s == (pytest.approx(0.0008), None)
