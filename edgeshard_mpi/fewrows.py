@@ -16,7 +16,7 @@ Only models of at least SWAP_BYTES of weights are swapped (`Shard`): on a smalle
 matrices sit in the caches, where the forms differ little, and measuring would cost every rank of a
 small job more than it saves. A shard compiled with `torch.compile` takes the transposed form at
 one row only, where torch specializes a graph of its own; its graph for any other count of rows keeps
-`linear`, whose kernel inductor picks. Compiled, smollm2's single stream then decodes at 1.09x
+`linear`, whose kernel inductor picks. Compiled, smollm2's single stream then decodes at 1.09-1.20x
 llama.cpp's F32 ms/token, against 2.77x with `linear` at one row (BENCHMARKS.md).
 """
 
@@ -107,9 +107,11 @@ class FewRowsLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        # in a compiled graph, rows are a symbol past one: testing them against `turned` would specialize it
-        one = m == 1 and 1 in self.turned
-        if not (one if torch.compiler.is_compiling() else m in self.turned):
+        if torch.compiler.is_compiling():  # rows past one are a symbol: testing them would specialize the graph
+            turn = m == 1 and 1 in self.turned
+        else:
+            turn = m in self.turned
+        if not turn:
             return nn.functional.linear(x, self.weight, self.bias)
         y = _transposed(x.reshape(m, x.shape[-1]), self.weight)
         if self.bias is not None:
