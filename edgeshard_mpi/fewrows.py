@@ -18,6 +18,14 @@ small job more than it saves. A shard compiled with `torch.compile` takes the tr
 one row only, where torch specializes a graph of its own; its graph for any other count of rows keeps
 `linear`, whose kernel inductor picks. Compiled, smollm2's single stream then decodes at 1.09-1.20x
 llama.cpp's F32 ms/token, against 2.77x with `linear` at one row (BENCHMARKS.md).
+
+A shard whose steps hold several rows (a micro-batch of more than one) may instead hold its weights
+reordered once for oneDNN's kernel (`_pack`). On that EPYC it took smollm2's 211 products of 8 rows
+in 27 ms, where `linear` took 45 and the transposed form 47, and a prefill's many rows faster too;
+at one row it took 30 ms against the transposed form's 21.5. A reordered matrix is a copy, and a
+shard holds one form of each weight, not both: whether to reorder is measured, once per process,
+dtype, thread count and row count, at the micro-batch's rows (`packs`). A tied head, which reads
+the embedding's matrix, keeps it as it is.
 """
 
 from __future__ import annotations
@@ -27,12 +35,14 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "rows_for", "swap_linears", "transposed_rows"]
+__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "packs", "packs_for", "rows_for", "swap_linears",
+           "transposed_rows"]
 
 MAX_ROWS = 16  # more rows than this take `linear` (its gemm is then at the memory's speed, or the compute's)
 SWAP_BYTES = 64 << 20  # a model's weights from which its shards take the faster form
 _PROBE = (8192, 1024)  # out x in: 32 MiB in fp32, at or past most CPUs' last-level cache (smollm2's head: 108 MiB)
 _chosen: dict[tuple, frozenset[int]] = {}
+_packing: dict[tuple, bool] = {}
 
 
 def _transposed(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -51,6 +61,18 @@ def _transposed(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight @ x2.t()).t()[:m].contiguous()
 
 
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (out x in) reordered into the blocked layout oneDNN's kernel reads (an opaque tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def _packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out: int) -> torch.Tensor:
+    """x @ W.T (+ bias) with W as `_pack` left it; any leading dimensions, as `linear`."""
+    if x.numel() == 0:  # no rows: oneDNN is not asked for an empty product
+        return x.new_zeros(*x.shape[:-1], out)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
 def transposed_rows(dtype: torch.dtype) -> frozenset[int]:
     """The row counts (1..MAX_ROWS) whose product runs faster as (W @ x.T).T than as `linear` here, at
     this process's thread count: each form's best of five on a matrix as large as a last-level
@@ -67,6 +89,34 @@ def transposed_rows(dtype: torch.dtype) -> frozenset[int]:
                 faster.add(m)
         _chosen[key] = frozenset(faster)
     return _chosen[key]
+
+
+def packs(dtype: torch.dtype, rows: int) -> bool:
+    """Whether products of `rows` rows run faster with the weights reordered for oneDNN (`_pack`) than
+    in the faster of the plain forms here, at this process's thread count: on the probe matrix, each
+    form's best of five, the reordered one taken only when at least 10% faster."""
+    key = (dtype, torch.get_num_threads(), rows)
+    if key not in _packing:
+        _packing[key] = False
+        if torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16):
+            gen = torch.Generator().manual_seed(0)
+            w = torch.randn(*_PROBE, generator=gen).to(dtype)
+            x = torch.randn(rows, _PROBE[1], generator=gen).to(dtype)
+            plain = min(_best(lambda: f(x, w)) for f in (nn.functional.linear, _transposed))
+            p = _pack(w)
+            _packing[key] = _best(lambda: _packed(x, p, None, _PROBE[0])) < 0.9 * plain
+    return _packing[key]
+
+
+def packs_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False, rows: int = 1) -> bool:
+    """Whether a shard of `spec` whose steps hold up to `rows` rows reorders its weights for oneDNN:
+    only on a CPU, unquantized, eager (a compiled graph's products are inductor's), for a model of at
+    least SWAP_BYTES, at more than one row, and where that measures faster (`packs`)."""
+    if device.type != "cpu" or spec.quantize or compile or rows < 2:
+        return False
+    if spec.bytes_of(0, spec.num_units - 1) < SWAP_BYTES:
+        return False
+    return packs(dtype, rows)
 
 
 def rows_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False) -> frozenset[int]:
@@ -91,21 +141,29 @@ def _best(fn, repeats: int = 5) -> float:
 
 
 class FewRowsLinear(nn.Linear):
-    """`nn.Linear` whose product of a few rows runs in the faster form (`transposed_rows`)."""
+    """`nn.Linear` whose product of a few rows runs in the faster form (`transposed_rows`), or whose
+    weight is held reordered for oneDNN (`packed`, in place of `weight`, which is then None)."""
 
     turned: frozenset[int] = frozenset()
+    packed: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, linear: nn.Linear, turned: frozenset[int]) -> "FewRowsLinear":
-        """A FewRowsLinear holding `linear`'s own parameters (nothing is copied)."""
+    def of(cls, linear: nn.Linear, turned: frozenset[int], pack: bool = False) -> "FewRowsLinear":
+        """A FewRowsLinear holding `linear`'s own parameters (nothing is copied), or with `pack` its
+        weight reordered (`linear`'s then left to be freed) and its own bias."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
         new.turned = turned
+        if pack:
+            new.packed = _pack(linear.weight)
+            new.weight = None
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return _packed(x, self.packed, self.bias, self.out_features)
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if torch.compiler.is_compiling():  # rows past one are a symbol: testing them would specialize the graph
             turn = m == 1 and 1 in self.turned
@@ -119,14 +177,15 @@ class FewRowsLinear(nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def swap_linears(module: nn.Module, turned: frozenset[int]) -> nn.Module:
-    """`module` with each `nn.Linear` in it (itself included) a FewRowsLinear on the same parameters."""
-    if not turned:
+def swap_linears(module: nn.Module, turned: frozenset[int], pack: bool = False) -> nn.Module:
+    """`module` with each `nn.Linear` in it (itself included) a FewRowsLinear on the same parameters,
+    or with `pack` on its weight reordered."""
+    if not turned and not pack:
         return module
     if type(module) is nn.Linear:
-        return FewRowsLinear.of(module, turned)
+        return FewRowsLinear.of(module, turned, pack)
     for name, child in list(module.named_modules()):
         if name and type(child) is nn.Linear:
             parent, _, leaf = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, leaf, FewRowsLinear.of(child, turned))
+            setattr(module.get_submodule(parent) if parent else module, leaf, FewRowsLinear.of(child, turned, pack))
     return module

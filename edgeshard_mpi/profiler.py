@@ -518,7 +518,7 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
 
     def measure(first: int, last: int, long: int = 0) -> tuple:
         """(prefill, decode at the context[, decode at `long` columns]), each (time, spread)."""
-        shard = Shard(spec, first, last, device.torch)
+        shard = Shard(spec, first, last, device.torch, rows=b)  # the products in the run's form
         u = first
 
         def inputs(t):
@@ -542,7 +542,7 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
 
     def one_row(u: int) -> float:
         """Unit u's decode step of one row at the context."""
-        shard = Shard(spec, u, u, device.torch)
+        shard = Shard(spec, u, u, device.torch, rows=b)
         x_c = torch.randint(vocab, (1, c), generator=gen) if u == 0 else \
             torch.randn(1, c, hidden, generator=gen).to(shard.dtype)
         x_d = x_c[:, :1]
@@ -561,7 +561,7 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
         k times one, plus the stage's step once. Timed apart, as the units are, the difference came
         out anywhere from 0 to 1 ms on a 2-core VM, and a one-rank stage of smollm2 pays it 31 times:
         a third of its decode step either way."""
-        both = (Shard(spec, first, first, device.torch), Shard(spec, first, last, device.torch))
+        both = (Shard(spec, first, first, device.torch, rows=b), Shard(spec, first, last, device.torch, rows=b))
         x_c = torch.randn(rows, c, hidden, generator=gen).to(both[0].dtype)
         for shard in both:
             shard.forward(0, x_c, [0] * rows)
@@ -748,12 +748,13 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
 
     import torch
 
-    from .fewrows import rows_for
+    from .fewrows import packs_for, rows_for
     from .shard import TORCH_DTYPES
 
-    # the few-row products' form is measured before the memory baseline: its probe matrix is freed
-    # before any unit loads, and a device's budget is for its units
+    # the products' form is measured before the memory baseline: its probe matrix is freed before
+    # any unit loads, and a device's budget is for its units
     rows_for(own, torch.device(me.torch), TORCH_DTYPES[own.dtype])
+    packs_for(own, torch.device(me.torch), TORCH_DTYPES[own.dtype], rows=shapes["micro_batch_size"])
     try:
         held = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:  # not Linux: the peak since the process began

@@ -594,7 +594,7 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     if index is not None:
         st = plan.stages[index]
         shard = Shard(_own_spec(spec, device), st.first, st.last, device.torch, slowdown=device.slowdown,
-                      memory=device.memory, compile=shared.compile, clock=clocks.get(rank))
+                      memory=device.memory, compile=shared.compile, clock=clocks.get(rank), rows=shared.rows)
         shard.warm_up(shared.rows)  # compiles before the clock starts, never in a step the timeout watches
     load_s = time.perf_counter() - t_load
     comm.barrier()  # every shard loaded: the clock starts together

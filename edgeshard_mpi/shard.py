@@ -32,7 +32,7 @@ import transformers.modeling_utils  # noqa: F401
 
 from .compiling import CompiledStep
 from .families import mask_builder
-from .fewrows import rows_for, swap_linears
+from .fewrows import packs_for, rows_for, swap_linears
 from .kv_cache import add_rows, join_rows, relayout, slot_cache, static_slot_cache
 from .models import ModelError, ModelSpec
 from .quant import SCALE_DTYPE, Int8Embedding, int8_keys, int8_shell, quantize_rows
@@ -78,11 +78,12 @@ class Shard:
     the line gives for the tokens of its forwards: a fixed function of its work, whatever the host's
     load. `memory` (bytes) is the device's budget: a shard whose weights exceed it is refused before
     anything is read. `drift` (1 unless set) stretches every step further: a device that slowed down
-    mid-run, as pipeline's EDGESHARD_SLOW hook makes one for tests of re-planning.
+    mid-run, as pipeline's EDGESHARD_SLOW hook makes one for tests of re-planning. `rows` is the most
+    rows its steps hold (the micro-batch's size): the form of its products is chosen for it (fewrows.py).
     """
 
     def __init__(self, spec: ModelSpec, first: int, last: int, device: str = "cpu", *, slowdown: float = 1.0,
-                 memory: int | None = None, compile: bool = False, clock: StageLine | None = None):
+                 memory: int | None = None, compile: bool = False, clock: StageLine | None = None, rows: int = 1):
         from .families import build_skeleton, family_of, layer_types, unit_modules
 
         n = spec.num_units
@@ -114,11 +115,17 @@ class Shard:
             int8 = int8_keys(skeleton)
             if tied and not self.has_embed:
                 int8.add(embed_key)  # read for the head alone, even when the embedding is not a plain one (Gemma)
-        tensors = self._read_tensors(Path(spec.path), int8)
         # a decode step's few-row products in the form this CPU runs fastest (fewrows.py)
         self.turned = rows_for(spec, self.device, self.dtype, compile)
+        self.packed = packs_for(spec, self.device, self.dtype, compile, rows)
+        alone = set()  # matrices to reorder: each read from a mapping of its own, gone once reordered
+        if self.packed:
+            alone = {f"{name}.weight" for name, m in modules.items() if type(m) is torch.nn.Linear}
+            if tied and not self.has_embed:
+                alone.add(embed_key)
+        tensors = self._read_tensors(Path(spec.path), int8, alone=alone)
 
-        def take(name: str) -> torch.nn.Module:
+        def take(name: str, pack: bool = True) -> torch.nn.Module:
             """Module `name` of the skeleton with its tensors from the checkpoint, on this device."""
             module, prefix = copy.deepcopy(modules[name]), name + "."  # the skeleton is shared: fill a copy
             if spec.quantize:
@@ -126,7 +133,7 @@ class Shard:
             state = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
             module.load_state_dict(state, strict=True, assign=True)
             # buffers (Gemma's embedding scale) follow the weights
-            return swap_linears(module.to(self.device).eval(), self.turned)
+            return swap_linears(module.to(self.device).eval(), self.turned, pack and self.packed)
 
         self.embed = take(embed_name) if self.has_embed else None
         self.layers = [take(f"{layers_name}.{i}") for i in self.layer_ids]
@@ -154,13 +161,17 @@ class Shard:
                     # quantized from the checkpoint, as a shard holding the head alone would
                     again = self._read_tensors(Path(spec.path), {embed_key}, {embed_key})
                     tensors[head_key], tensors[scales] = again[embed_key], again[f"{embed_name}.scales"]
-            self.lm_head = take(head_name)
+            # a head on the embedding's own matrix keeps it as it is: reordered, it would be a second copy
+            self.lm_head = take(head_name, pack=not (tied and self.embed is not None and not spec.quantize))
         self.slots: dict[int, _SlotState] = {}
         self.compiled = CompiledStep(self._units, self.device) if compile else None  # decode steps only
 
-    def _read_tensors(self, path: Path, int8: set[str], wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
+    def _read_tensors(self, path: Path, int8: set[str], wanted: set[str] | None = None,
+                      alone: set[str] = frozenset()) -> dict[str, torch.Tensor]:
         """Read exactly this shard's tensors (or `wanted`), cast to the job dtype, on the shard's device;
-        a key in `int8` ("X.weight") becomes int8 "X.weight" and its per-row scales "X.scales"."""
+        a key in `int8` ("X.weight") becomes int8 "X.weight" and its per-row scales "X.scales". A key
+        in `alone` is read as a converted one is, from a mapping of its own, so that its pages leave
+        with it and not with the shard's last mapped tensor."""
         from safetensors import safe_open
 
         if wanted is None:
@@ -182,7 +193,7 @@ class Shard:
         out = {}
         for fname, keys in by_file.items():
             with safe_open(str(path / fname), framework="pt", device="cpu") as sf:
-                kept = [k for k in keys if k not in int8
+                kept = [k for k in keys if k not in int8 and k not in alone
                         and sf.get_slice(k).get_dtype() == _SAFETENSORS_DTYPES[self.spec.dtype]]
                 for key in kept:  # in the file's dtype: the tensor is the file's mapped pages, paged in as used
                     out[key] = sf.get_tensor(key).to(self.device)
@@ -226,6 +237,9 @@ class Shard:
             if t.data_ptr() not in seen:  # a tied head shares the embedding's storage
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
+        # weights reordered for oneDNN (fewrows.py): opaque tensors, with no storage to share
+        total += sum(lin.packed.numel() * lin.packed.element_size() for m in modules for lin in m.modules()
+                     if getattr(lin, "packed", None) is not None)
         return total
 
     # -- running ----------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
-from edgeshard_mpi.fewrows import MAX_ROWS, FewRowsLinear, swap_linears, transposed_rows
+from edgeshard_mpi.fewrows import MAX_ROWS, FewRowsLinear, packs_for, swap_linears, transposed_rows
 
 EVERY = frozenset(range(1, MAX_ROWS + 1))
 
@@ -25,6 +27,44 @@ def test_either_form_gives_linears_values(bias, dtype, out):
         want, got = plain(x), turned(x)
         assert got.shape == want.shape and got.is_contiguous()
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_reordered_weight_gives_linears_values_and_is_the_only_copy(bias, dtype):
+    torch.manual_seed(0)
+    plain = nn.Linear(96, 200, bias=bias).to(dtype)
+    packed = FewRowsLinear.of(plain, frozenset(), pack=True)
+    assert packed.weight is None and packed.packed.is_mkldnn and packed.bias is plain.bias
+    assert [p for p in packed.parameters()] == ([plain.bias] if bias else [])  # no plain matrix kept
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for shape in [(1, 1, 96), (3, 1, 96), (7, 96), (2, 5, 96), (MAX_ROWS + 1, 1, 96), (4, 0, 96)]:
+        x = torch.randn(*shape).to(dtype)
+        want, got = plain(x), packed(x)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    x = torch.randn(6, 192).to(dtype)[:, ::2]  # a strided view, as a layer may hand on
+    torch.testing.assert_close(packed(x), plain(x), rtol=tol, atol=tol)
+
+
+def test_only_several_rows_of_a_large_eager_cpu_model_reorder(smollm_path, monkeypatch):
+    import edgeshard_mpi.fewrows as fewrows
+    from edgeshard_mpi.models import ModelSpec
+
+    spec = ModelSpec.load(smollm_path, "float32")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(fewrows, "packs", lambda dtype, rows: True)  # as if measured faster at every count
+    assert packs_for(spec, cpu, torch.float32, rows=8)
+    assert not packs_for(spec, cpu, torch.float32, rows=1)  # one row: the transposed form's
+    assert not packs_for(spec, cpu, torch.float32, compile=True, rows=8)  # inductor's own products
+    assert not packs_for(spec, torch.device("cuda"), torch.float32, rows=8)
+    assert not packs_for(dataclasses.replace(spec, quantize="int8"), cpu, torch.float32, rows=8)
+    monkeypatch.setattr(fewrows, "SWAP_BYTES", spec.bytes_of(0, spec.num_units - 1) + 1)
+    assert not packs_for(spec, cpu, torch.float32, rows=8)  # a small model's matrices sit in the caches
 
 
 def test_only_the_chosen_row_counts_take_the_transposed_form(monkeypatch):
@@ -73,20 +113,32 @@ def test_a_large_models_shard_swaps_and_keeps_the_models_logits(smollm_path, mon
     turned = Shard(spec, 0, spec.num_units - 1)
     monkeypatch.setitem(fewrows._chosen, key, frozenset())
     plain = Shard(spec, 0, spec.num_units - 1)
+    shards = [turned, plain]
     linears = lambda s: [m for layer in [s.lm_head, *s.layers] for m in layer.modules() if isinstance(m, nn.Linear)]
     assert turned.turned == EVERY and {type(m) for m in linears(turned)} == {FewRowsLinear}
     assert plain.turned == frozenset() and {type(m) for m in linears(plain)} == {nn.Linear}
     assert turned.lm_head.weight is turned.embed.weight  # the tied head still reads the embedding
+    if torch.backends.mkldnn.is_available():  # and one whose micro-batches of 3 rows reorder their weights
+        monkeypatch.setitem(fewrows._packing, (torch.float32, torch.get_num_threads(), 3), True)
+        packed = Shard(spec, 0, spec.num_units - 1, rows=3)
+        blocks = [m for layer in packed.layers for m in layer.modules() if isinstance(m, nn.Linear)]
+        assert packed.packed and all(m.packed is not None and m.weight is None for m in blocks)
+        assert packed.lm_head.weight is packed.embed.weight  # the tied head: no second copy
+        assert packed.param_bytes == plain.param_bytes  # the reordered copies counted, the plain ones gone
+        shards.append(packed)
     ids = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18]])
-    for s in (turned, plain):
+    for s in shards:
         s.forward(0, ids, [0, 0, 0])
     for step in range(3):  # decode steps of 3 rows, then of one
         x = torch.tensor([[20 + step], [30 + step], [40 + step]])
-        torch.testing.assert_close(turned.forward(0, x), plain.forward(0, x), rtol=1e-4, atol=1e-4)
-    for s in (turned, plain):
+        want = plain.forward(0, x)
+        for s in shards[:1] + shards[2:]:
+            torch.testing.assert_close(s.forward(0, x), want, rtol=1e-4, atol=1e-4)
+    for s in shards:
         s.select(0, [1])
-    torch.testing.assert_close(turned.forward(0, torch.tensor([[50]])), plain.forward(0, torch.tensor([[50]])),
-                               rtol=1e-4, atol=1e-4)
+    want = plain.forward(0, torch.tensor([[50]]))
+    for s in shards[:1] + shards[2:]:
+        torch.testing.assert_close(s.forward(0, torch.tensor([[50]])), want, rtol=1e-4, atol=1e-4)
 
 
 def test_under_compile_one_row_turns_and_other_counts_share_one_graph():
