@@ -20,9 +20,9 @@ one row only, where torch specializes a graph of its own; its graph for any othe
 llama.cpp's F32 ms/token, against 2.77x with `linear` at one row (BENCHMARKS.md).
 
 A shard whose steps hold several rows (a micro-batch of more than one) may instead hold its weights
-reordered once for oneDNN's kernel (`_pack`). On that EPYC it took smollm2's 211 products of 8 rows
-in 27 ms, where `linear` took 45 and the transposed form 47, and a prefill's many rows faster too;
-at one row it took 30 ms against the transposed form's 21.5. A reordered matrix is a copy, and a
+reordered once for oneDNN's kernel (`_pack`). On that EPYC it took the 204 block products of a
+smollm2 step at 8 rows in 27 ms, where `linear` took 45 and the transposed form 47, and a prefill's
+many rows faster too; at one row it took 30 ms against the transposed form's 21.5. A reordered matrix is a copy, and a
 shard holds one form of each weight, not both: whether to reorder is measured, once per process,
 dtype, thread count and row count, at the micro-batch's rows (`packs`). A tied head, which reads
 the embedding's matrix, keeps it as it is.
