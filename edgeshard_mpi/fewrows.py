@@ -35,8 +35,8 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "packs", "packs_for", "rows_for", "swap_linears",
-           "transposed_rows"]
+__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "packs", "packs_for", "reorders", "rows_for",
+           "swap_linears", "transposed_rows"]
 
 MAX_ROWS = 16  # more rows than this take `linear` (its gemm is then at the memory's speed, or the compute's)
 SWAP_BYTES = 64 << 20  # a model's weights from which its shards take the faster form
@@ -91,6 +91,14 @@ def transposed_rows(dtype: torch.dtype) -> frozenset[int]:
     return _chosen[key]
 
 
+def reorders(dtype: torch.dtype) -> bool:
+    """Whether oneDNN here can reorder a weight of `dtype` at all: fp32 wherever torch has oneDNN,
+    bf16 only on a CPU with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, where it raises otherwise."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def packs(dtype: torch.dtype, rows: int) -> bool:
     """Whether products of `rows` rows run faster with the weights reordered for oneDNN (`_pack`) than
     in the faster of the plain forms here, at this process's thread count: on the probe matrix, each
@@ -98,7 +106,7 @@ def packs(dtype: torch.dtype, rows: int) -> bool:
     key = (dtype, torch.get_num_threads(), rows)
     if key not in _packing:
         _packing[key] = False
-        if torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16):
+        if reorders(dtype):
             gen = torch.Generator().manual_seed(0)
             w = torch.randn(*_PROBE, generator=gen).to(dtype)
             x = torch.randn(rows, _PROBE[1], generator=gen).to(dtype)

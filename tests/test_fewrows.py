@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeshard_mpi.fewrows import MAX_ROWS, FewRowsLinear, packs_for, swap_linears, transposed_rows
+from edgeshard_mpi.fewrows import MAX_ROWS, FewRowsLinear, packs_for, reorders, swap_linears, transposed_rows
 
 EVERY = frozenset(range(1, MAX_ROWS + 1))
 
@@ -36,6 +36,8 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_reordered_weight_gives_linears_values_and_is_the_only_copy(bias, dtype):
+    if not reorders(dtype):
+        pytest.skip(f"oneDNN on this CPU does not reorder {dtype} weights (see the test below)")
     torch.manual_seed(0)
     plain = nn.Linear(96, 200, bias=bias).to(dtype)
     packed = FewRowsLinear.of(plain, frozenset(), pack=True)
@@ -49,6 +51,18 @@ def test_a_reordered_weight_gives_linears_values_and_is_the_only_copy(bias, dtyp
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     x = torch.randn(6, 192).to(dtype)[:, ::2]  # a strided view, as a layer may hand on
     torch.testing.assert_close(packed(x), plain(x), rtol=tol, atol=tol)
+
+
+def test_a_dtype_oneDNN_cannot_reorder_here_is_never_reordered(monkeypatch):
+    """bf16 reordering raises on a CPU without AVX-512 (an AVX2-only EPYC): measuring there must say
+    no, not fail the shard. Asked as that CPU would answer, the measurement never reorders."""
+    import edgeshard_mpi.fewrows as fewrows
+
+    monkeypatch.setattr(fewrows, "_packing", {})
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert fewrows.reorders(torch.float32) == torch.backends.mkldnn.is_available()
+    assert not fewrows.reorders(torch.bfloat16)
+    assert not fewrows.packs(torch.bfloat16, 8)  # no probe was reordered: it would raise on that CPU
 
 
 def test_only_several_rows_of_a_large_eager_cpu_model_reorder(smollm_path, monkeypatch):
