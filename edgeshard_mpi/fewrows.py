@@ -26,6 +26,9 @@ many rows faster too; at one row it took 30 ms against the transposed form's 21.
 shard holds one form of each weight, not both: whether to reorder is measured, once per process,
 dtype, thread count and row count, at the micro-batch's rows (`packs`). A tied head, which reads
 the embedding's matrix, keeps it as it is.
+
+A profile records the forms it measured in (`forms`), and a run on that profile takes them (`adopt`)
+rather than measuring again: the run then computes the step its plan and prediction were made from.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "packs", "packs_for", "reorders", "rows_for",
-           "swap_linears", "transposed_rows"]
+__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "adopt", "forms", "packs", "packs_for", "reorders",
+           "rows_for", "swap_linears", "transposed_rows"]
 
 MAX_ROWS = 16  # more rows than this take `linear` (its gemm is then at the memory's speed, or the compute's)
 SWAP_BYTES = 64 << 20  # a model's weights from which its shards take the faster form
@@ -114,6 +117,22 @@ def packs(dtype: torch.dtype, rows: int) -> bool:
             p = _pack(w)
             _packing[key] = _best(lambda: _packed(x, p, None, _PROBE[0])) < 0.9 * plain
     return _packing[key]
+
+
+def adopt(dtype: torch.dtype, rows: int, turned, packed: bool) -> None:
+    """Take these forms (a profile's `products`, as `forms` measured them) in place of measuring them
+    again in this process: a run computes in the forms its profile timed. Measured twice, minutes
+    apart, a choice within the noise of its 10% margin could differ, and a run would then compute
+    another step than the one its plan and prediction were made from."""
+    threads = torch.get_num_threads()
+    _chosen[(dtype, threads)] = frozenset(turned)
+    _packing[(dtype, threads, rows)] = bool(packed)
+
+
+def forms(spec, device: torch.device, dtype: torch.dtype, rows: int) -> dict:
+    """The forms an eager shard of `spec` whose steps hold up to `rows` rows takes here, as a profile
+    records them: the row counts in the transposed form, and whether its weights are reordered."""
+    return {"turned": sorted(rows_for(spec, device, dtype)), "packed": packs_for(spec, device, dtype, rows=rows)}
 
 
 def packs_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False, rows: int = 1) -> bool:

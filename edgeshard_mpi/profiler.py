@@ -309,8 +309,8 @@ _TIMES = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s", "decode_kv
           "decode_one_step_s")
 # a profile's own device fields: its times, each unit's spread (spread_of), the memory the measuring
 # took beyond what the rank held before (a high-water mark: 0 if it stayed below one), and the
-# rank's peak RSS
-_MEASURED = _TIMES + ("prefill_spread", "decode_spread", "peak_bytes", "peak_rss")
+# rank's peak RSS, and the forms its products took (fewrows.forms), which a run on it takes too
+_MEASURED = _TIMES + ("prefill_spread", "decode_spread", "peak_bytes", "peak_rss", "products")
 # per unit, of a device that holds its units in its own dtype or quantization
 _OWN_BYTES = ("param_bytes", "kv_bytes_per_token", "out_bytes_per_token")
 
@@ -748,13 +748,12 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
 
     import torch
 
-    from .fewrows import packs_for, rows_for
+    from .fewrows import forms
     from .shard import TORCH_DTYPES
 
     # the products' form is measured before the memory baseline: its probe matrix is freed before
     # any unit loads, and a device's budget is for its units
-    rows_for(own, torch.device(me.torch), TORCH_DTYPES[own.dtype])
-    packs_for(own, torch.device(me.torch), TORCH_DTYPES[own.dtype], rows=shapes["micro_batch_size"])
+    products = forms(own, torch.device(me.torch), TORCH_DTYPES[own.dtype], shapes["micro_batch_size"])
     try:
         held = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:  # not Linux: the peak since the process began
@@ -762,6 +761,7 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
     measured = _measure_units(own, me, shapes, repeats, turn)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     measured["peak_bytes"], measured["peak_rss"] = max(0, peak - held), peak
+    measured["products"] = products
     links = {}
     for a in range(comm.size):
         for b in range(a + 1, comm.size):

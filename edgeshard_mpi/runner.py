@@ -500,6 +500,27 @@ def _work_clocks(comm: Comm, cluster: Cluster, plan: Plan, local: _Local | None)
     return comm.bcast(lines)
 
 
+def _adopt_forms(comm: Comm, spec: ModelSpec, cluster: Cluster, local: _Local | None) -> None:
+    """Collective: each rank takes the product forms its device was profiled in (fewrows.adopt), from
+    the profile the plan was made with, where there is one and it recorded them; else a shard measures
+    its own."""
+    from .fewrows import adopt
+    from .shard import TORCH_DTYPES
+
+    recorded = {}
+    if comm.rank == 0:
+        prof = local.profile or _saved_profile(local)
+        if prof is not None:
+            by_name = {d["name"]: d.get("products") for d in prof.devices}
+            rows = prof.shapes["micro_batch_size"]
+            recorded = {r: (rows, by_name[d.name]) for r, d in enumerate(cluster.devices) if by_name.get(d.name)}
+    mine = comm.bcast(recorded).get(comm.rank)
+    if mine is not None:
+        rows, products = mine
+        adopt(TORCH_DTYPES[_own_spec(spec, cluster.devices[comm.rank]).dtype], rows, products["turned"],
+              products["packed"])
+
+
 def _watch(prof: Profile, cluster: Cluster, plan: Plan, threshold: float) -> DriftWatch:
     """Rank 0: a DriftWatch over the plan's stages, predicting from `prof`."""
     costs = StepCosts.from_profile(prof, plan)
@@ -590,6 +611,7 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     index = plan.stage_of(rank)
     shard = None
     clocks = _work_clocks(comm, cluster, plan, local)
+    _adopt_forms(comm, spec, cluster, local)
     t_load = time.perf_counter()
     if index is not None:
         st = plan.stages[index]
@@ -629,6 +651,8 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     stats["wall_s"] = time.perf_counter() - start
     stats["cpu_s"] = time.process_time() - cpu_start
     stats["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    if shard is not None:  # the forms its products took: its profile's where that recorded them
+        stats["products"] = {"turned": sorted(shard.turned), "packed": shard.packed}
     if shard is not None and shard.clock is not None:  # steps the clock could not hold to its time
         stats["late_steps"] = shard.late
     if shard is not None and shard.compiled:  # the warm-up's, and any a run needed after it (none, normally)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgeshard_mpi.fewrows import MAX_ROWS, FewRowsLinear, packs_for, reorders, swap_linears, transposed_rows
+from edgeshard_mpi.fewrows import (MAX_ROWS, FewRowsLinear, packs_for, reorders, rows_for, swap_linears,
+                                   transposed_rows)
 
 EVERY = frozenset(range(1, MAX_ROWS + 1))
 
@@ -177,3 +178,44 @@ def test_under_compile_one_row_turns_and_other_counts_share_one_graph():
     one, rest = (" ".join(g) for g in graphs)
     assert "bmm" in one and "linear" not in one, one
     assert "linear" in rest and "bmm" not in rest, rest
+
+
+class _RankZeroOfOne:
+    """The one rank of a world of one: a broadcast hands back what it was given."""
+
+    rank, size = 0, 1
+
+    def bcast(self, obj):
+        return obj
+
+
+def test_a_run_takes_the_product_forms_its_profile_recorded(smollm_path, monkeypatch):
+    """A choice made within its 10% margin may come out otherwise when measured again minutes later:
+    a run on a profile computes in the forms that profile timed, without measuring them."""
+    from types import SimpleNamespace
+
+    import edgeshard_mpi.fewrows as fewrows
+    from edgeshard_mpi.cluster import Cluster
+    from edgeshard_mpi.models import ModelSpec
+    from edgeshard_mpi.runner import _adopt_forms
+
+    spec, cpu, cluster = ModelSpec.load(smollm_path, "float32"), torch.device("cpu"), Cluster.local(1)
+    monkeypatch.setattr(fewrows, "_chosen", {})
+    monkeypatch.setattr(fewrows, "_packing", {})
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(fewrows, "_best", measured)
+    name = cluster.devices[0].name
+    for turned, packed in (([1, 3], True), ([2], False)):
+        prof = SimpleNamespace(devices=[{"name": name, "products": {"turned": turned, "packed": packed}}],
+                               shapes={"micro_batch_size": 8})
+        _adopt_forms(_RankZeroOfOne(), spec, cluster, SimpleNamespace(profile=prof))
+        assert rows_for(spec, cpu, torch.float32) == frozenset(turned)
+        assert packs_for(spec, cpu, torch.float32, rows=8) == packed
+    # a profile from before the forms were recorded: the shard measures its own
+    old = SimpleNamespace(devices=[{"name": name}], shapes={"micro_batch_size": 4})
+    _adopt_forms(_RankZeroOfOne(), spec, cluster, SimpleNamespace(profile=old))
+    with pytest.raises(AssertionError, match="measured again"):
+        packs_for(spec, cpu, torch.float32, rows=4)

@@ -61,6 +61,10 @@ def test_profile_measures_the_emulated_slowdown_and_link(tmp_path, smollm_path):
     assert 14 < mbit < 26, mbit  # link=20Mbit
     assert 0.004 < prof.latency[0][1] < 0.009, prof.latency[0][1]  # latency=5ms (+ 0 on the other side)
     assert prof.shapes["micro_batch_size"] == 1 and prof.model["name"] == "smollm2-135m"
+    # the forms each device's products took, which a run on this profile takes too: at one row
+    # the weights stay as they are (a reordered matrix is for micro-batches of several)
+    for d in (quick, slow, small):
+        assert d["products"]["packed"] is False and set(d["products"]["turned"]) <= set(range(1, 17)), d["products"]
     # every figure carries its scatter over the repeats, and the plan says how sure it is with them
     for d in (quick, slow, small):
         for key in ("decode_spread", "prefill_spread"):
