@@ -68,10 +68,10 @@ class DriftWatch:
         self.last_s = 0.0  # when the last step came back, seconds into the run
         self._asked = -window
 
-    def observe(self, times: Sequence[float], forwards: Sequence[tuple[int, int]], rows: int,
+    def observe(self, times: Sequence[float], forwards: Sequence[tuple[int, int, int]], rows: int,
                 now: float) -> list[Drift]:
         """One step back at the source (at `now`, seconds into the run): each stage's compute `times`,
-        the step's `forwards` ((tokens, columns) each), and the `rows` (tokens) it made. Returns the
+        the step's `forwards` ((tokens, columns, width) each), and the `rows` (tokens) it made. Returns the
         stages that crossed the threshold with it, either way."""
         self.steps += 1
         self.last_s = now

@@ -71,14 +71,15 @@ class Step:
         """How many rows join by their last chunk in this step."""
         return sum(start + n == total for _, start, n, total in self.chunks)
 
-    def forwards(self) -> list[tuple[int, int]]:
-        """(tokens, columns) of each forward a stage runs for this step, in `split`'s order: what a work
-        clock (simulate.StageLine) times the step by. Only the decode attends over the slot's columns;
-        a prefill's are its own (0)."""
+    def forwards(self) -> list[tuple[int, int, int]]:
+        """(tokens, columns, width) of each forward a stage runs for this step, in `split`'s order: what
+        a work clock (simulate.StageLine.seconds) times the step by. Only the decode attends over the
+        slot's columns; a prefill's attention spans its rows' width (columns 0)."""
         joined = len(self.pads) * self.width
         if self.fresh:
-            return [(joined, 0)]
-        return [(self.rows, self.columns)] + ([(joined, 0)] if joined else []) + [(c[2], 0) for c in self.chunks]
+            return [(joined, 0, self.width)]
+        return ([(self.rows, self.columns, 1)] + ([(joined, 0, self.width)] if joined else [])
+                + [(c[2], 0, c[2]) for c in self.chunks])
 
     def split(self) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor]]:
         """(decode input (rows, 1, ...), join input (joining, width, ...), each None when empty, and

@@ -353,7 +353,7 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
                       stages=len(plan.stages), admission=admission, row_budget=row_budget,
                       prefill_chunk=prefill_chunk)
     # slot -> its step in flight, and that step's forwards
-    launched: dict[int, tuple[Launch, list[tuple[int, int]]]] = {}
+    launched: dict[int, tuple[Launch, list[tuple[int, int, int]]]] = {}
     leftover: list[Prompt] = []
 
     def launch(ln: Launch) -> None:
@@ -389,7 +389,7 @@ def source_loop(comm: Comm, shard: Shard, plan: Plan, job: Job, tok, prompts: It
         drift = f", {watch.postfix()}" if watch is not None and watch.drifting else ""
         bar.set_postfix_str(f"{counts['tokens'] / (time.perf_counter() - t_run):.1f} tok/s{errors}{drift}")
 
-    def watched(back: Step, forwards: list[tuple[int, int]]) -> None:
+    def watched(back: Step, forwards: list[tuple[int, int, int]]) -> None:
         for d in watch.observe(back.times, forwards, len(back.tensor), time.perf_counter() - t_run):
             tqdm.write(f"edgeshard: drift: {d.describe()} over its last {d.steps} steps", file=sys.stderr)
         if move is not None and not sched.draining and watch.due() and move(watch, counts["requests"], counts["tokens"]):

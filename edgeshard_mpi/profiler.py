@@ -193,12 +193,15 @@ class Profile:
                    for d in self.devices]
         return [list(row) for row in zip(*columns)]
 
-    def context_costs(self, j: int, first: int, last: int) -> tuple[tuple[int | None, float], ...]:
+    def context_costs(self, j: int, first: int, last: int,
+                      key: str = "decode_kv_s") -> tuple[tuple[int | None, float], ...]:
         """What a decode step of units first..last on device j costs more per row for each KV column
         past the profile's context (less before it), as (sliding window or None, seconds per column)
         by window: the units' KV bytes per token in the device's dtype x its measured seconds per
-        byte read (`decode_kv_s`). Empty for a profile that did not measure it."""
-        per_byte = self.devices[j].get("decode_kv_s") or 0.0
+        byte read (`decode_kv_s`). With key "prefill_kv_s", what a prefill costs more per token for
+        each column of its rows' width past the profile's prompt. Empty for a profile that did not
+        measure it."""
+        per_byte = self.devices[j].get(key) or 0.0
         kv = self.devices[j].get("kv_bytes_per_token") or [u["kv_bytes_per_token"] for u in self.units]
         out: dict[int | None, float] = {}
         for u in range(first, last + 1):
@@ -306,7 +309,7 @@ class Profile:
 
 
 _TIMES = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s", "decode_kv_s", "decode_one_s",
-          "decode_one_step_s")
+          "decode_one_step_s", "prefill_kv_s")
 # a profile's own device fields: its times, each unit's spread (spread_of), the memory the measuring
 # took beyond what the rank held before (a high-water mark: 0 if it stayed below one), and the
 # rank's peak RSS, and the forms its products took (fewrows.forms), which a run on it takes too
@@ -477,7 +480,7 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
     `turn(fn)` runs each measurement when it is this rank's turn (see measure_profile).
 
     Returns {"prefill_s": [per unit], "decode_s": [per unit], "prefill_step_s": s, "decode_step_s": s,
-    "decode_kv_s": s per byte}, each unit's spreads and, at more than one row, "decode_one_s": [per
+    "decode_kv_s": s per byte, "prefill_kv_s": s per token per byte}, each unit's spreads and, at more than one row, "decode_one_s": [per
     unit], each unit's decode step of one row (a step of fewer rows costs its line from there), and
     "decode_one_step_s", the step cost at one row.
     Every unit is timed from a cold start (see _Evictor), so each unit's time holds the cold start of
@@ -487,7 +490,9 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
     blocks' decode step at four times the context gives what a step pays for each byte of KV cache it
     reads (a row's columns grow as it decodes, and row admission lets a slot's axis reach past its
     longest request):
-    (time there - time at the context) / the bytes it read more (Profile.context_costs).
+    (time there - time at the context) / the bytes it read more (Profile.context_costs). Their prefill
+    at four times the prompt gives what a prefill's token pays per KV byte of its row's width: (a
+    token's time there - a token's time at the prompt) / the width's KV bytes more.
 
     A slowed-down device is measured at full speed, by CPU time on one thread, and its times
     multiplied by its slowdown: what its shard stretches them to in a run (on one thread:
@@ -516,8 +521,9 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
     gen = torch.Generator().manual_seed(0)
     prefill, decode, decode_one = [], [], []
 
-    def measure(first: int, last: int, long: int = 0) -> tuple:
-        """(prefill, decode at the context[, decode at `long` columns]), each (time, spread)."""
+    def measure(first: int, last: int, long: int = 0, long_prompt: int = 0) -> tuple:
+        """(prefill, decode at the context[, decode at `long` columns[, prefill of `long_prompt` tokens a
+        row]]), each (time, spread)."""
         shard = Shard(spec, first, last, device.torch, rows=b)  # the products in the run's form
         u = first
 
@@ -538,7 +544,12 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
         if not long:
             return t_prefill, t_decode
         run(inputs(long), [0] * b)
-        return t_prefill, t_decode, _timed(lambda: run(x_d, None), repeats, device.slowdown, evict)
+        t_long = _timed(lambda: run(x_d, None), repeats, device.slowdown, evict)
+        if not long_prompt:
+            return t_prefill, t_decode, t_long
+        x_l = inputs(long_prompt)
+        run(x_l, [0] * b)  # warm-up: a longer prompt's buffers
+        return t_prefill, t_decode, t_long, _timed(lambda: run(x_l, [0] * b), repeats, device.slowdown, evict)
 
     def one_row(u: int) -> float:
         """Unit u's decode step of one row at the context."""
@@ -600,7 +611,13 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
         long = min(4 * c, int(spec.config.get("max_position_embeddings") or 4 * c))
         kv_bytes = sum(u.kv_bytes_per_token * (min(long, u.kv_window or long) - min(c, u.kv_window or c))
                        for u in spec.units[first:last + 1])
-        together = [t for t, _ in turn(lambda: measure(first, last, long if kv_bytes > 0 else 0))]
+        # and their prefill at four times the prompt: what each token pays per column of its row's width
+        long_p = min(4 * p, int(spec.config.get("max_position_embeddings") or 4 * p))
+        width_bytes = sum(u.kv_bytes_per_token * (min(long_p, u.kv_window or long_p) - min(p, u.kv_window or p))
+                          for u in spec.units[first:last + 1])
+        wide = kv_bytes > 0 and width_bytes > 0 and p > 1
+        together = [t for t, _ in turn(lambda: measure(first, last, long if kv_bytes > 0 else 0,
+                                                       long_p if wide else 0))]
         step = (sum(prefill[first:last + 1]) - together[0]) / (last - first)
         out["prefill_step_s"] = max(0.0, step)  # Profile.costs keeps every unit's share >= 0
         # a prefill's blocks are long against the step; a decode's are not: its step in alternation
@@ -609,6 +626,9 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
             out["decode_one_step_s"] = turn(lambda: step_cost(1))
         if kv_bytes > 0:
             out["decode_kv_s"] = max(0.0, (together[2] - together[1]) / (b * kv_bytes))
+        if wide:  # a token's cost at the long prompt over its cost at the profile's
+            per_token = together[3] / (b * long_p) - together[0] / (b * p)
+            out["prefill_kv_s"] = max(0.0, per_token / width_bytes)
     else:
         for _ in range(3 if b > 1 else 2):
             turn(lambda: None)  # the others' turns at their blocks together and at their step costs

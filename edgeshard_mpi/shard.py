@@ -291,10 +291,10 @@ class Shard:
         self.slots.pop(slot, None)
 
     @contextlib.contextmanager
-    def running(self, forwards: Sequence[tuple[int, int]] = ()):
+    def running(self, forwards: Sequence[tuple[int, int, int]] = ()):
         """Where a step's work runs: without autograd, and, on an emulated device (`slowdown` > 1),
         stretched to slowdown x the CPU time it used, or, with a clock, to the clock's time for the
-        step's `forwards` ((tokens, columns) of each: messages.Step.forwards), the rest spent asleep."""
+        step's `forwards` ((tokens, columns, width) of each: messages.Step.forwards), the rest spent asleep."""
         # a compiled graph cannot take inference tensors (their version counters are gone)
         with torch.no_grad() if self.compiled else torch.inference_mode():
             if self.slowdown == 1.0 and self.drift == 1.0:

@@ -18,7 +18,11 @@ rows runs on the line from that step to the profile's decode instead: a decode's
 more than a prefill's tokens (smollm2 at 8 rows: about 5 ms a row against 1.4 ms a token). A decode
 step also reads every row's KV cache, which grows with its slot's columns: past the profile's
 context it costs each row its blocks' KV bytes per column times the device's measured seconds per
-KV byte (Profile.context_costs), and less below it. Figures are those a run reports
+KV byte (Profile.context_costs), and less below it. A prefill's attention grows with its rows'
+width the same way: past the profile's prompt each of its tokens costs its blocks' KV bytes per
+column of width times the device's measured seconds for that (the prefill's line holds attention
+at the profile's prompt length only; smollm2's prefill of 8 rows took 1.15x a token's cost at 512
+tokens a row against 128). Figures are those a run reports
 (pipeline.Summary): tokens/s over the whole job, mean decode ms/token per request (first to last
 token), mean time to first token, and each stage's busy share.
 
@@ -56,8 +60,9 @@ class StepCosts:
     latency[s], bandwidth[s]: the link from stage s to the next (the head's: back to rank 0).
     context: the columns the profile's decode step attended over; kv_s[s]: stage s's decode cost per row
     per column beyond them, as (window, seconds) by its blocks' sliding window (None: full attention);
-    one_s[s]: stage s's decode step of one row (None: not measured). Both empty for a profile that
-    did not measure them.
+    one_s[s]: stage s's decode step of one row (None: not measured); prefill_kv_s[s]: stage s's
+    prefill cost per token per column of its rows' width beyond the profile's prompt, by window as
+    kv_s. Each empty for a profile that did not measure it.
     """
 
     decode_s: tuple[float, ...]
@@ -70,6 +75,7 @@ class StepCosts:
     context: int = 0
     kv_s: tuple[tuple[tuple[int | None, float], ...], ...] = ()
     one_s: tuple[float | None, ...] = ()
+    prefill_kv_s: tuple[tuple[tuple[int | None, float], ...], ...] = ()
 
     @classmethod
     def from_profile(cls, profile, plan: Plan) -> "StepCosts":
@@ -81,10 +87,11 @@ class StepCosts:
         if bad:
             raise PlanError(f"{plan.source}: plan uses rank(s) {bad}, the profile has {m} device(s)")
         decode_costs, prefill_costs = profile.costs("decode"), profile.costs("prefill")
-        decode, prefill, out, lat, bw, kv, one = [], [], [], [], [], [], []
+        decode, prefill, out, lat, bw, kv, one, pkv = [], [], [], [], [], [], [], []
         for s, nxt in zip(plan.stages, list(plan.stages[1:]) + [None]):
             decode.append(decode_costs.stage_compute(s.rank, s.first, s.last))
             kv.append(profile.context_costs(s.rank, s.first, s.last))
+            pkv.append(profile.context_costs(s.rank, s.first, s.last, "prefill_kv_s"))
             one.append(profile.one_row_s(s.rank, s.first, s.last))
             prefill.append(prefill_costs.stage_compute(s.rank, s.first, s.last))
             head = nxt is None
@@ -99,16 +106,17 @@ class StepCosts:
                 bw.append(math.inf if b is None else float(b))
         return cls(tuple(decode), tuple(prefill), int(profile.shapes["prompt_tokens"]), tuple(out),
                    tuple(lat), tuple(bw), int(profile.shapes.get("micro_batch_size", 1)),
-                   int(profile.shapes.get("context", 0)), tuple(kv), tuple(one))
+                   int(profile.shapes.get("context", 0)), tuple(kv), tuple(one), tuple(pkv))
 
     def line(self, s: int) -> "StageLine":
         return StageLine(self.decode_s[s], self.prefill_s[s], self.rows, self.prompt_tokens, self.context,
-                         self.kv_s[s] if self.kv_s else (), self.one_s[s] if self.one_s else None)
+                         self.kv_s[s] if self.kv_s else (), self.one_s[s] if self.one_s else None,
+                         self.prefill_kv_s[s] if self.prefill_kv_s else ())
 
     def compute(self, s: int, width: int, rows: int | None = None, columns: int = 0) -> float:
         """Stage s's forward over `rows` rows (default: the profile's) of `width` new tokens each: 1 for a
         decode step over `columns` KV columns, the prompt for a prefill (StageLine.seconds)."""
-        return self.line(s).seconds(width * (self.rows if rows is None else rows), columns)
+        return self.line(s).seconds(width * (self.rows if rows is None else rows), columns, width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +124,8 @@ class StageLine:
     """One stage's forward time as a function of the tokens it computes: the straight line through
     the profile's decode step (`rows` tokens) and prefill (`rows` x `prompt_tokens`), never below
     nothing; for a decode, the line from one row (`one_s`) to the profile's rows where measured, and
-    each row's reading of its KV columns against the profile's `context` (StepCosts). The
+    each row's reading of its KV columns against the profile's `context`, and for a prefill its
+    tokens' attention over their rows' width against the profile's prompt (StepCosts). The
     simulator costs every forward with it, and a device with `clock=work` takes exactly this long
     (shard.Shard.running), so that the two differ only in what the simulator models besides
     compute."""
@@ -128,10 +137,11 @@ class StageLine:
     context: int = 0
     kv_s: tuple[tuple[int | None, float], ...] = ()
     one_s: float | None = None  # a decode step of one row, where the profile measured it
+    prefill_kv_s: tuple[tuple[int | None, float], ...] = ()
 
-    def seconds(self, tokens: int, columns: int = 0) -> float:
+    def seconds(self, tokens: int, columns: int = 0, width: int = 0) -> float:
         """A forward over `tokens` tokens; `columns`: a decode's (one token a row) KV columns, 0 for a
-        prefill, whose attention the line through the profile's prefill already holds."""
+        prefill, whose rows are `width` tokens each (0: as the profile's prompt)."""
         p = self.prompt_tokens
         if columns and self.one_s is not None and self.rows > 1:  # a decode of `tokens` rows
             t = self.one_s + (self.decode_s - self.one_s) * (tokens - 1) / (self.rows - 1)
@@ -143,6 +153,8 @@ class StageLine:
         if columns:
             c = self.context
             t += tokens * sum(k * (min(columns, w or columns) - min(c, w or c)) for w, k in self.kv_s)
+        elif width:
+            t += tokens * sum(k * (min(width, w or width) - min(p, w or p)) for w, k in self.prefill_kv_s)
         return max(0.0, t)
 
 

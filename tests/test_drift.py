@@ -99,7 +99,7 @@ def test_step_times_travel_with_the_step_and_come_back_in_stage_order():
     from edgeshard_mpi.comm import Message
 
     got = Step.from_wire(Message(1, fields, buffers))
-    assert got.times == [0.25] and got.forwards() == [(2, 40)]
+    assert got.times == [0.25] and got.forwards() == [(2, 40, 1)]
     reply = got.reply(torch.tensor([5, 6]), None, 0.5)
     back = Step.from_wire(Message(2, *reply.to_wire()))
     assert back.times == [0.25, 0.5] and back.tensor.tolist() == [5, 6]

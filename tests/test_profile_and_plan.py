@@ -172,7 +172,7 @@ def test_a_profile_of_several_rows_times_one_row_and_the_kv_it_reads(tiny_path):
     shapes = {"prompt_tokens": 4, "context": 8, "micro_batch_size": 3}
     out = _measure_units(spec, Device(name="d"), shapes, repeats=1)
     assert len(out["decode_one_s"]) == spec.num_units and all(t > 0 for t in out["decode_one_s"])
-    assert out["decode_kv_s"] >= 0.0
+    assert out["decode_kv_s"] >= 0.0 and out["prefill_kv_s"] >= 0.0  # what a column of KV, of width, costs
     assert "decode_one_step_s" in out  # one row's own step cost (its value: the test below)
     one = _measure_units(spec, Device(name="d"), {**shapes, "micro_batch_size": 1}, repeats=1)
     # a decode step of the profile's rows is one of one row

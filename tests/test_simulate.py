@@ -59,6 +59,23 @@ def test_a_decode_costs_each_row_its_kv_columns_against_the_profiles_context():
     assert StageLine(0.010, 0.030, 4, 5).seconds(4, 4096) == pytest.approx(0.010)  # not measured: no term
 
 
+def test_a_prefill_costs_each_token_its_rows_width_against_the_profiles_prompt():
+    # profiled at prompts of 5 tokens; full-attention blocks 1 us a token per column of width, sliding
+    # ones (window 8) 2 us
+    line = StageLine(0.010, 0.030, 4, 5, context=8, prefill_kv_s=((None, 1e-6), (8, 2e-6)))
+    assert line.seconds(20, 0, 5) == pytest.approx(line.seconds(20))  # at the profile's prompt: its line
+    assert line.seconds(2 * 40, 0, 40) == pytest.approx(line.seconds(80) + 80 * (1e-6 * 35 + 2e-6 * 3))
+    assert line.seconds(3 * 2, 0, 2) == pytest.approx(line.seconds(6) - 6 * 3 * (1e-6 + 2e-6))  # shorter: less
+    assert line.seconds(4, 40, 1) == pytest.approx(line.seconds(4, 40))  # a decode: its columns' term alone
+    assert StageLine(0.010, 0.030, 4, 5).seconds(80, 0, 40) == pytest.approx(StageLine(0.010, 0.030, 4, 5).seconds(80))
+    # the simulator costs a fresh step's prefill at its width: one request of 40 prompt tokens
+    base = StepCosts(decode_s=(0.010,), prefill_s=(0.030,), prompt_tokens=5, out_bytes=(8.0,), latency=(0.0,),
+                     bandwidth=(math.inf,))
+    wide = dataclasses.replace(base, prefill_kv_s=(((None, 1e-6),),))
+    plain, long = (simulate(c, [Request(40, 1)], micro_batch_size=1) for c in (base, wide))
+    assert long.seconds == pytest.approx(plain.seconds + 40 * 35 * 1e-6)
+
+
 def test_a_decode_of_fewer_rows_runs_on_the_line_from_one_row_to_the_profiles():
     # profiled at 4 rows: a decode of 4 rows 10 ms, of one row 4 ms; a prefill of 4 x 5 tokens 30 ms
     line = StageLine(0.010, 0.030, 4, 5, context=8, one_s=0.004)
@@ -97,6 +114,9 @@ def test_a_profile_gives_each_stage_its_kv_bytes_times_its_devices_seconds_a_byt
     assert prof.context_costs(0, 0, 3) == (pytest.approx((None, 1e-4)), pytest.approx((8, 1e-4)))
     assert prof.context_costs(1, 1, 1) == (pytest.approx((None, 5e-5)),)  # its own dtype's bytes
     assert prof.context_costs(0, 0, 0) == () == prof.context_costs(2, 0, 3)  # no blocks; not measured
+    assert prof.context_costs(0, 0, 3, "prefill_kv_s") == ()  # a prefill's width: not measured
+    prof.devices[0]["prefill_kv_s"] = 2e-8
+    assert prof.context_costs(0, 0, 3, "prefill_kv_s") == (pytest.approx((None, 2e-6)), pytest.approx((8, 2e-6)))
     # one row: the step cost once, and each unit's time past it; a unit not timed, or a device
     # profiled before one-row steps were, gives none
     assert prof.one_row_s(0, 0, 2) == pytest.approx(0.0005 + 0.0001 + 0.0002 + 0.0003)
