@@ -480,9 +480,9 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
     `turn(fn)` runs each measurement when it is this rank's turn (see measure_profile).
 
     Returns {"prefill_s": [per unit], "decode_s": [per unit], "prefill_step_s": s, "decode_step_s": s,
-    "decode_kv_s": s per byte, "prefill_kv_s": s per token per byte}, each unit's spreads and, at more than one row, "decode_one_s": [per
-    unit], each unit's decode step of one row (a step of fewer rows costs its line from there), and
-    "decode_one_step_s", the step cost at one row.
+    "decode_kv_s": s per byte, "prefill_kv_s": s per token per byte}, each unit's spreads and, at more
+    than one row, "decode_one_s": [per unit], each unit's decode step of one row (a step of fewer rows
+    costs its line from there), and "decode_one_step_s", the step cost at one row.
     Every unit is timed from a cold start (see _Evictor), so each unit's time holds the cold start of
     a step; a stage of several units pays it once. Timing a run of k blocks together against the
     sum of their own times gives it: (sum - together) / (k - 1), for a prefill; for a decode step,
