@@ -9,8 +9,8 @@ one `bmm`, which takes them one a thread (`_transposed`). The two forms give the
 sums, as `linear`'s own products of one row at different row counts do. On the Intel Xeon this
 project measured before, `linear` at one row was near the memory's speed already. So which form a
 row count runs in is measured, once per process, dtype and thread count (`transposed_rows`), on one
-matrix as large as a CPU's last-level cache, and `FewRowsLinear` takes the faster one for each
-count up to MAX_ROWS.
+matrix as large as a CPU's last-level cache, and for the LM head on the head's own shape
+(`head_shape`), and `FewRowsLinear` takes the faster one for each count up to MAX_ROWS.
 
 Only models of at least SWAP_BYTES of weights are swapped (`Shard`): on a smaller one the
 matrices sit in the caches, where the forms differ little, and measuring would cost every rank of a
@@ -38,7 +38,7 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "adopt", "forms", "packs", "packs_for", "reorders",
+__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "adopt", "forms", "head_shape", "packs", "packs_for", "reorders",
            "rows_for", "swap_linears", "transposed_rows"]
 
 MAX_ROWS = 16  # more rows than this take `linear` (its gemm is then at the memory's speed, or the compute's)
@@ -76,22 +76,32 @@ def _packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, ou
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
-def transposed_rows(dtype: torch.dtype) -> frozenset[int]:
+def transposed_rows(dtype: torch.dtype, shape: tuple[int, int] = _PROBE) -> frozenset[int]:
     """The row counts (1..MAX_ROWS) whose product runs faster as (W @ x.T).T than as `linear` here, at
-    this process's thread count: each form's best of five on a matrix as large as a last-level
-    cache, the transposed one taken only when at least 10% faster, so that noise leaves `linear`."""
-    key = (dtype, torch.get_num_threads())
+    this process's thread count, for a matrix W of `shape` (out x in): each form's best of five on such a
+    matrix (by default one as large as a last-level cache), the transposed one taken only when at least
+    10% faster, so that noise leaves `linear`."""
+    key = (dtype, torch.get_num_threads(), tuple(shape))
     if key not in _chosen:
         gen = torch.Generator().manual_seed(0)
-        w = torch.randn(*_PROBE, generator=gen).to(dtype)
+        w = torch.randn(*shape, generator=gen).to(dtype)
         faster = set()
         for m in range(1, MAX_ROWS + 1):
-            x = torch.randn(m, _PROBE[1], generator=gen).to(dtype)
+            x = torch.randn(m, shape[1], generator=gen).to(dtype)
             plain, turned = (_best(lambda: f(x, w)) for f in (nn.functional.linear, _transposed))
             if turned < 0.9 * plain:
                 faster.add(m)
         _chosen[key] = frozenset(faster)
     return _chosen[key]
+
+
+def head_shape(spec) -> tuple[int, int]:
+    """The LM head's matrix (vocabulary x hidden): by far a model's largest, and one whose best form at
+    a few rows the probe does not tell. On the 2-core AMD EPYC at one thread, smollm2's head (49152 x
+    576) took the transposed form in 0.62x and 0.52x `linear`'s time at 2 and 3 rows, where the probe
+    (8192 x 1024) measured 1.04-1.12x and 0.85-0.88x: `linear` kept at 3 rows made a step of 3 rows on
+    the head's stage cost twice one of 4."""
+    return int(spec.config["vocab_size"]), int(spec.config["hidden_size"])
 
 
 def reorders(dtype: torch.dtype) -> bool:
@@ -119,20 +129,26 @@ def packs(dtype: torch.dtype, rows: int) -> bool:
     return _packing[key]
 
 
-def adopt(dtype: torch.dtype, rows: int, turned, packed: bool) -> None:
+def adopt(dtype: torch.dtype, rows: int, turned, packed: bool, head=None, shape=None) -> None:
     """Take these forms (a profile's `products`, as `forms` measured them) in place of measuring them
     again in this process: a run computes in the forms its profile timed. Measured twice, minutes
     apart, a choice within the noise of its 10% margin could differ, and a run would then compute
-    another step than the one its plan and prediction were made from."""
+    another step than the one its plan and prediction were made from. `head`: the head's own row
+    counts, for its matrix of `shape` (head_shape); a profile without them leaves the head's to be
+    measured."""
     threads = torch.get_num_threads()
-    _chosen[(dtype, threads)] = frozenset(turned)
+    _chosen[(dtype, threads, _PROBE)] = frozenset(turned)
+    if head is not None and shape is not None:
+        _chosen[(dtype, threads, tuple(shape))] = frozenset(head)
     _packing[(dtype, threads, rows)] = bool(packed)
 
 
 def forms(spec, device: torch.device, dtype: torch.dtype, rows: int) -> dict:
     """The forms an eager shard of `spec` whose steps hold up to `rows` rows takes here, as a profile
-    records them: the row counts in the transposed form, and whether its weights are reordered."""
-    return {"turned": sorted(rows_for(spec, device, dtype)), "packed": packs_for(spec, device, dtype, rows=rows)}
+    records them: the row counts in the transposed form, the head's own (head_shape), and whether its
+    weights are reordered."""
+    return {"turned": sorted(rows_for(spec, device, dtype)), "head": sorted(rows_for(spec, device, dtype, head=True)),
+            "packed": packs_for(spec, device, dtype, rows=rows)}
 
 
 def packs_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False, rows: int = 1) -> bool:
@@ -146,14 +162,16 @@ def packs_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = Fa
     return packs(dtype, rows)
 
 
-def rows_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False) -> frozenset[int]:
-    """The row counts a shard of `spec` in `dtype` on `device` takes in the transposed form: none on a
+def rows_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False,
+             head: bool = False) -> frozenset[int]:
+    """The row counts a shard of `spec` in `dtype` on `device` takes in the transposed form, in its LM
+    head with `head` (measured on the head's own shape), else in its other matrices: none on a
     GPU, quantized (quant.Int8Linear has its own kernel) or for a model under SWAP_BYTES. A compiled
     shard takes it at one row at most: torch specializes a graph for one row, while its other graph
     serves any count of rows, whose products stay `linear`'s (inductor's own)."""
     if device.type != "cpu" or spec.quantize or spec.bytes_of(0, spec.num_units - 1) < SWAP_BYTES:
         return frozenset()
-    turned = transposed_rows(dtype)
+    turned = transposed_rows(dtype, head_shape(spec) if head else _PROBE)
     return turned & {1} if compile else turned
 
 

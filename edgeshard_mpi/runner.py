@@ -504,7 +504,7 @@ def _adopt_forms(comm: Comm, spec: ModelSpec, cluster: Cluster, local: _Local | 
     """Collective: each rank takes the product forms its device was profiled in (fewrows.adopt), from
     the profile the plan was made with, where there is one and it recorded them; else a shard measures
     its own."""
-    from .fewrows import adopt
+    from .fewrows import adopt, head_shape
     from .shard import TORCH_DTYPES
 
     recorded = {}
@@ -518,7 +518,7 @@ def _adopt_forms(comm: Comm, spec: ModelSpec, cluster: Cluster, local: _Local | 
     if mine is not None:
         rows, products = mine
         adopt(TORCH_DTYPES[_own_spec(spec, cluster.devices[comm.rank]).dtype], rows, products["turned"],
-              products["packed"])
+              products["packed"], products.get("head"), head_shape(spec))
 
 
 def _watch(prof: Profile, cluster: Cluster, plan: Plan, threshold: float) -> DriftWatch:
@@ -652,7 +652,8 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     stats["cpu_s"] = time.process_time() - cpu_start
     stats["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     if shard is not None:  # the forms its products took: its profile's where that recorded them
-        stats["products"] = {"turned": sorted(shard.turned), "packed": shard.packed}
+        stats["products"] = {"turned": sorted(shard.turned), "head": sorted(shard.head_turned),
+                             "packed": shard.packed}
     if shard is not None and shard.clock is not None:  # steps the clock could not hold to its time
         stats["late_steps"] = shard.late
     if shard is not None and shard.compiled:  # the warm-up's, and any a run needed after it (none, normally)

@@ -117,6 +117,7 @@ class Shard:
                 int8.add(embed_key)  # read for the head alone, even when the embedding is not a plain one (Gemma)
         # a decode step's few-row products in the form this CPU runs fastest (fewrows.py)
         self.turned = rows_for(spec, self.device, self.dtype, compile)
+        self.head_turned = rows_for(spec, self.device, self.dtype, compile, head=True) if self.has_head else frozenset()
         self.packed = packs_for(spec, self.device, self.dtype, compile, rows)
         alone = set()  # matrices to reorder: each read from a mapping of its own, gone once reordered
         if self.packed:
@@ -125,15 +126,16 @@ class Shard:
                 alone.add(embed_key)
         tensors = self._read_tensors(Path(spec.path), int8, alone=alone)
 
-        def take(name: str, pack: bool = True) -> torch.nn.Module:
-            """Module `name` of the skeleton with its tensors from the checkpoint, on this device."""
+        def take(name: str, pack: bool = True, turned: frozenset[int] = self.turned) -> torch.nn.Module:
+            """Module `name` of the skeleton with its tensors from the checkpoint, on this device, its
+            matrices taking the transposed form at `turned` rows."""
             module, prefix = copy.deepcopy(modules[name]), name + "."  # the skeleton is shared: fill a copy
             if spec.quantize:
                 module = int8_shell(module, self.dtype)
             state = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
             module.load_state_dict(state, strict=True, assign=True)
             # buffers (Gemma's embedding scale) follow the weights
-            return swap_linears(module.to(self.device).eval(), self.turned, pack and self.packed)
+            return swap_linears(module.to(self.device).eval(), turned, pack and self.packed)
 
         self.embed = take(embed_name) if self.has_embed else None
         self.layers = [take(f"{layers_name}.{i}") for i in self.layer_ids]
@@ -162,7 +164,8 @@ class Shard:
                     again = self._read_tensors(Path(spec.path), {embed_key}, {embed_key})
                     tensors[head_key], tensors[scales] = again[embed_key], again[f"{embed_name}.scales"]
             # a head on the embedding's own matrix keeps it as it is: reordered, it would be a second copy
-            self.lm_head = take(head_name, pack=not (tied and self.embed is not None and not spec.quantize))
+            self.lm_head = take(head_name, pack=not (tied and self.embed is not None and not spec.quantize),
+                                turned=self.head_turned)
         self.slots: dict[int, _SlotState] = {}
         self.compiled = CompiledStep(self._units, self.device) if compile else None  # decode steps only
 

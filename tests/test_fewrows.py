@@ -123,15 +123,22 @@ def test_a_large_models_shard_swaps_and_keeps_the_models_logits(smollm_path, mon
 
     spec = ModelSpec.load(smollm_path, "float32")
     assert spec.bytes_of(0, spec.num_units - 1) >= SWAP_BYTES
-    key = (torch.float32, torch.get_num_threads())
-    monkeypatch.setitem(fewrows._chosen, key, EVERY)
-    turned = Shard(spec, 0, spec.num_units - 1)
-    monkeypatch.setitem(fewrows._chosen, key, frozenset())
-    plain = Shard(spec, 0, spec.num_units - 1)
-    shards = [turned, plain]
+    threads = torch.get_num_threads()
+    blocks, head = (torch.float32, threads, fewrows._PROBE), (torch.float32, threads, fewrows.head_shape(spec))
+
+    def shard(block_rows, head_rows):
+        monkeypatch.setitem(fewrows._chosen, blocks, block_rows)
+        monkeypatch.setitem(fewrows._chosen, head, head_rows)
+        return Shard(spec, 0, spec.num_units - 1)
+
+    turned, plain = shard(EVERY, EVERY), shard(frozenset(), frozenset())
+    mixed = shard(frozenset(), EVERY)  # the head measured on its own matrix: its forms are its own
+    shards = [turned, plain, mixed]
     linears = lambda s: [m for layer in [s.lm_head, *s.layers] for m in layer.modules() if isinstance(m, nn.Linear)]
     assert turned.turned == EVERY and {type(m) for m in linears(turned)} == {FewRowsLinear}
     assert plain.turned == frozenset() and {type(m) for m in linears(plain)} == {nn.Linear}
+    assert type(mixed.lm_head) is FewRowsLinear and mixed.lm_head.turned == EVERY == mixed.head_turned
+    assert {type(m) for m in linears(mixed)[1:]} == {nn.Linear}
     assert turned.lm_head.weight is turned.embed.weight  # the tied head still reads the embedding
     if torch.backends.mkldnn.is_available():  # and one whose micro-batches of 3 rows reorder their weights
         monkeypatch.setitem(fewrows._packing, (torch.float32, torch.get_num_threads(), 3), True)
@@ -208,12 +215,21 @@ def test_a_run_takes_the_product_forms_its_profile_recorded(smollm_path, monkeyp
 
     monkeypatch.setattr(fewrows, "_best", measured)
     name = cluster.devices[0].name
-    for turned, packed in (([1, 3], True), ([2], False)):
-        prof = SimpleNamespace(devices=[{"name": name, "products": {"turned": turned, "packed": packed}}],
-                               shapes={"micro_batch_size": 8})
+    for turned, head, packed in (([1, 3], [1, 2, 3], True), ([2], [], False)):
+        products = {"turned": turned, "head": head, "packed": packed}
+        prof = SimpleNamespace(devices=[{"name": name, "products": products}], shapes={"micro_batch_size": 8})
         _adopt_forms(_RankZeroOfOne(), spec, cluster, SimpleNamespace(profile=prof))
         assert rows_for(spec, cpu, torch.float32) == frozenset(turned)
+        assert rows_for(spec, cpu, torch.float32, head=True) == frozenset(head)
         assert packs_for(spec, cpu, torch.float32, rows=8) == packed
+    # one from before the head's forms were recorded: the head's are measured, the others taken
+    monkeypatch.setattr(fewrows, "_chosen", {})
+    blocks_only = {"turned": [2], "packed": False}
+    prof = SimpleNamespace(devices=[{"name": name, "products": blocks_only}], shapes={"micro_batch_size": 8})
+    _adopt_forms(_RankZeroOfOne(), spec, cluster, SimpleNamespace(profile=prof))
+    assert rows_for(spec, cpu, torch.float32) == frozenset([2])
+    with pytest.raises(AssertionError, match="measured again"):
+        rows_for(spec, cpu, torch.float32, head=True)
     # a profile from before the forms were recorded: the shard measures its own
     old = SimpleNamespace(devices=[{"name": name}], shapes={"micro_batch_size": 4})
     _adopt_forms(_RankZeroOfOne(), spec, cluster, SimpleNamespace(profile=old))
