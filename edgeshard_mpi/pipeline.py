@@ -133,7 +133,8 @@ def _apply(shard: Shard, stats: dict, tracer: Tracer, step: Step) -> tuple[torch
     cast = lambda x: None if x is None else x.to(device=shard.device,
                                                     dtype=shard.dtype if x.is_floating_point() else x.dtype)
     dec, join = cast(dec), cast(join)
-    with shard.running(step.forwards()):  # a device that times its work times it by these
+    forwards = step.forwards()
+    with shard.running(forwards):  # a device that times its work times it by these
         if step.fresh:
             out = shard.run_units(step.slot, join, step.pads, step.capacity)
         else:
@@ -154,7 +155,8 @@ def _apply(shard: Shard, stats: dict, tracer: Tracer, step: Step) -> tuple[torch
     t1 = time.perf_counter()
     stats["compute_s"] += t1 - t0
     stats["steps"] += 1
-    tracer.add("prefill" if step.fresh or step.width or step.chunks else "decode", t0, t1, step.slot, step.step)
+    tracer.add("prefill" if step.fresh or step.width or step.chunks else "decode", t0, t1, step.slot, step.step,
+               forwards)
     return out, t1 - t0
 
 

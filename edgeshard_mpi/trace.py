@@ -36,14 +36,18 @@ class Tracer:
         """Set time zero (every rank calls it right after the same barrier)."""
         self.origin = time.perf_counter()
 
-    def add(self, name: str, t0: float, t1: float, slot: int = -1, step: int = -1) -> None:
-        """Record an event between perf_counter times t0 and t1."""
+    def add(self, name: str, t0: float, t1: float, slot: int = -1, step: int = -1, forwards=None) -> None:
+        """Record an event between perf_counter times t0 and t1; a stage's compute with its step's
+        `forwards` ((tokens, columns, width) each: messages.Step.forwards), which the simulator's line
+        costs it by (benchmarks/step_kinds.py sets the two side by side)."""
         if self.enabled:
-            self.events.append((name, t0 - self.origin, t1 - t0, slot, step))
+            event = (name, t0 - self.origin, t1 - t0, slot, step)
+            self.events.append(event if forwards is None else (*event, [list(f) for f in forwards]))
 
 
 def chrome_trace(tracks: list[dict], meta: dict | None = None) -> dict:
-    """Chrome trace JSON from tracks: {"rank", "label", "events": [(name, start_s, dur_s, slot, step)]}.
+    """Chrome trace JSON from tracks: {"rank", "label", "events": [(name, start_s, dur_s, slot, step)]},
+    an event possibly with its forwards after them (Tracer.add).
 
     One process per rank (Perfetto draws one track each), times in microseconds.
     """
@@ -52,11 +56,11 @@ def chrome_trace(tracks: list[dict], meta: dict | None = None) -> dict:
         r = int(tr["rank"])
         out.append({"name": "process_name", "ph": "M", "pid": r, "tid": 0, "args": {"name": tr["label"]}})
         out.append({"name": "process_sort_index", "ph": "M", "pid": r, "tid": 0, "args": {"sort_index": r}})
-        for name, start, dur, slot, step in tr["events"]:
+        for name, start, dur, slot, step, *forwards in tr["events"]:
             cat = "compute" if name in ("prefill", "decode") else name
+            args = {"slot": slot, "step": step, **({"forwards": forwards[0]} if forwards else {})}
             out.append({"name": name if slot < 0 else f"{name} mb{slot}", "cat": cat, "ph": "X", "pid": r,
-                        "tid": 0, "ts": round(start * 1e6, 3), "dur": round(dur * 1e6, 3),
-                        "args": {"slot": slot, "step": step}})
+                        "tid": 0, "ts": round(start * 1e6, 3), "dur": round(dur * 1e6, 3), "args": args})
     return {"traceEvents": out, "displayTimeUnit": "ms",
             "otherData": {"format": FORMAT, **(meta or {}), "tracks": [
                 {"rank": tr["rank"], "label": tr["label"]} for tr in tracks]}}
@@ -98,8 +102,8 @@ def load_trace(path: str | Path) -> tuple[list[dict], dict]:
     for ev in d["traceEvents"]:
         if ev.get("ph") == "X":
             a = ev.get("args", {})
-            events.setdefault(ev["pid"], []).append((ev["name"].split(" ")[0], ev["ts"] / 1e6, ev["dur"] / 1e6,
-                                                     a.get("slot", -1), a.get("step", -1)))
+            event = (ev["name"].split(" ")[0], ev["ts"] / 1e6, ev["dur"] / 1e6, a.get("slot", -1), a.get("step", -1))
+            events.setdefault(ev["pid"], []).append((*event, a["forwards"]) if "forwards" in a else event)
     tracks = [{"rank": r, "label": labels.get(r, f"rank {r}"), "events": evs} for r, evs in sorted(events.items())]
     return tracks, {k: v for k, v in other.items() if k not in ("format", "tracks")}
 
@@ -122,7 +126,7 @@ def draw_timeline(tracks: list[dict], out: str | Path, title: str = "", start: f
     t_max = 0.0
     for row, tr in enumerate(tracks):
         y = len(tracks) - 1 - row
-        for name, t0, dur, slot, _ in tr["events"]:
+        for name, t0, dur, slot, *_ in tr["events"]:
             if (start is not None and t0 + dur < start) or (end is not None and t0 > end):
                 continue
             t_max = max(t_max, t0 + dur)

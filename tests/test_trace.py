@@ -25,13 +25,24 @@ def test_a_traced_run_has_one_track_per_rank_matching_its_steps(tmp_path, tiny_p
     tracks, meta = load_trace(trace)
     assert [t["rank"] for t in tracks] == [0, 1, 2]
     summary = json.loads(read_attrs(tmp_path / "job.h5")["summary"])
+    work = []
     for tr, stage in zip(tracks, summary["stages"]):
         compute = [e for e in tr["events"] if e[0] in ("prefill", "decode")]
         assert len(compute) == stage["steps"]
         assert sum(e[2] for e in compute) == pytest.approx(stage["compute_s"], rel=1e-3)
         assert len([e for e in compute if e[0] == "prefill"]) == 3  # 5 prompts in micro-batches of 2
+        # each compute event carries its step's forwards, the same on every stage, which the simulator's
+        # line costs it by: a decode step of its 1-2 rows over the slot's columns, a prefill of its width
+        for name, *_, forwards in compute:
+            tokens, columns, width = forwards[0]
+            if name == "decode":
+                assert tokens in (1, 2) and columns > 0 and width == 1, forwards
+            else:
+                assert columns == 0 and tokens >= width >= 1, forwards
+        work.append({(e[3], e[4]): e[5] for e in compute})
         spans = sorted((e[1], e[1] + e[2]) for e in tr["events"])
         assert all(a[1] <= b[0] + 1e-6 for a, b in zip(spans, spans[1:])), "a rank does one thing at a time"
+    assert work[0] == work[1] == work[2]
     # drawn from the trace, and from the results file that names it
     for src, out in ((trace, tmp_path / "a.png"), (tmp_path / "job.h5", tmp_path / "b.png")):
         assert main(["show", "--timeline", str(src), "--out", str(out)]) == 0
