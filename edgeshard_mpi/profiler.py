@@ -113,6 +113,10 @@ class Profile:
             for key in ("prefill_spread", "decode_spread", "decode_one_s"):
                 if key in d and len(d[key]) != n:
                     raise ProfileError(f"{where}: devices[{j}].{key} has {len(d[key])} entries, expected {n}")
+            rows = d.get("decode_rows_s")
+            if rows is not None and len(rows) != self.shapes.get("micro_batch_size"):
+                raise ProfileError(f"{where}: devices[{j}].decode_rows_s has {len(rows)} entries, expected "
+                                   f"micro_batch_size {self.shapes.get('micro_batch_size')}")
         for name, table in (("bandwidth", self.bandwidth), ("latency", self.latency)):
             if len(table) != m or any(len(row) != m for row in table):
                 raise ProfileError(f"{where}: {name} must be {m} x {m}")
@@ -220,6 +224,16 @@ class Profile:
         step = float(d.get("decode_one_step_s", d.get("decode_step_s", 0.0)))
         return step + sum(max(0.0, one[u] - step) for u in range(first, last + 1))
 
+    def row_shape(self, j: int) -> tuple[float, ...] | None:
+        """How device j's decode step runs from one row to the profile's micro-batch b: for 1..b rows,
+        the share of the way from the one-row step's cost to the b-row step's (0 at one row, 1 at b),
+        from its blocks' step timed at each count (`decode_rows_s`); None where not timed (a profile of
+        two rows or fewer, or an older one), and the way is then a straight line."""
+        g = self.devices[j].get("decode_rows_s")
+        if not g or len(g) < 3 or any(t is None for t in g) or g[-1] <= g[0]:
+            return None
+        return tuple(max(0.0, (t - g[0]) / (g[-1] - g[0])) for t in g)
+
     def out_bytes_per_token(self, j: int) -> list[int]:
         """What each unit sends on from device j, per token and row, in that device's dtype."""
         return self.devices[j].get("out_bytes_per_token") or [u["out_bytes_per_token"] for u in self.units]
@@ -309,7 +323,7 @@ class Profile:
 
 
 _TIMES = ("prefill_s", "decode_s", "prefill_step_s", "decode_step_s", "decode_kv_s", "decode_one_s",
-          "decode_one_step_s", "prefill_kv_s")
+          "decode_one_step_s", "prefill_kv_s", "decode_rows_s")
 # a profile's own device fields: its times, each unit's spread (spread_of), the memory the measuring
 # took beyond what the rank held before (a high-water mark: 0 if it stayed below one), and the
 # rank's peak RSS, and the forms its products took (fewrows.forms), which a run on it takes too
@@ -482,7 +496,8 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
     Returns {"prefill_s": [per unit], "decode_s": [per unit], "prefill_step_s": s, "decode_step_s": s,
     "decode_kv_s": s per byte, "prefill_kv_s": s per token per byte}, each unit's spreads and, at more
     than one row, "decode_one_s": [per unit], each unit's decode step of one row (a step of fewer rows
-    costs its line from there), and "decode_one_step_s", the step cost at one row.
+    costs its line from there), and "decode_one_step_s", the step cost at one row; at more than two,
+    "decode_rows_s": [per row count 1..b], the blocks' decode step at each (the line's shape).
     Every unit is timed from a cold start (see _Evictor), so each unit's time holds the cold start of
     a step; a stage of several units pays it once. Timing a run of k blocks together against the
     sum of their own times gives it: (sum - together) / (k - 1), for a prefill; for a decode step,
@@ -590,6 +605,25 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
         k = last - first + 1
         return max(0.0, (k * one - together) / (k - 1))
 
+    def row_curve() -> list[float]:
+        """Blocks first..last's decode step at each row count 1..b, at the context: how a decode's
+        cost runs from one row to the micro-batch (Profile.row_shape). Not a straight line: its
+        products take the form fewrows chose for each count, and at one thread on a 2-core AMD EPYC
+        a step of 2-3 rows cost 1.1-1.4x the line from one row to 4 (3 rows more than 4)."""
+        shard = Shard(spec, first, last, device.torch, rows=b)
+        times = []
+        for r in range(1, b + 1):
+            x_c = torch.randn(r, c, hidden, generator=gen).to(shard.dtype)
+            shard.release(0)
+            shard.forward(0, x_c, [0] * r)
+
+            def run(x=x_c[:, :1]):
+                shard.forward(0, x, None)
+                shard.sync()
+
+            times.append(_timed(run, repeats, device.slowdown, evict)[0])
+        return times
+
     spreads = {"prefill_spread": [], "decode_spread": []}
     for u in range(spec.num_units):
         if not fits[u]:  # recorded as not fitting (None), not loaded; the planner keeps it off this device
@@ -624,14 +658,16 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
         out["decode_step_s"] = turn(lambda: step_cost(b))
         if b > 1:
             out["decode_one_step_s"] = turn(lambda: step_cost(1))
+        if b > 2:
+            out["decode_rows_s"] = turn(row_curve)
         if kv_bytes > 0:
             out["decode_kv_s"] = max(0.0, (together[2] - together[1]) / (b * kv_bytes))
         if wide:  # a token's cost at the long prompt over its cost at the profile's
             per_token = together[3] / (b * long_p) - together[0] / (b * p)
             out["prefill_kv_s"] = max(0.0, per_token / width_bytes)
     else:
-        for _ in range(3 if b > 1 else 2):
-            turn(lambda: None)  # the others' turns at their blocks together and at their step costs
+        for _ in range(2 + (b > 1) + (b > 2)):
+            turn(lambda: None)  # the others' turns at their blocks together, their step costs and row curve
     return out
 
 

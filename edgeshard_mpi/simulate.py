@@ -15,7 +15,9 @@ step is its device's step cost plus its units' decode times, Profile.costs, Cost
 it keeps a step's fixed cost, and a step of fewer rows costs less by their tokens' share of the
 slope. Where the profile also timed a decode step of one row (Profile.one_row_s), a decode of fewer
 rows runs on the line from that step to the profile's decode instead: a decode's rows each cost far
-more than a prefill's tokens (smollm2 at 8 rows: about 5 ms a row against 1.4 ms a token). A decode
+more than a prefill's tokens (smollm2 at 8 rows: about 5 ms a row against 1.4 ms a token). Where the
+profile timed its blocks' decode at every row count up to its micro-batch (Profile.row_shape), that
+way follows their shape, not a straight line: the few-row products' forms differ by row count. A decode
 step also reads every row's KV cache, which grows with its slot's columns: past the profile's
 context it costs each row its blocks' KV bytes per column times the device's measured seconds per
 KV byte (Profile.context_costs), and less below it. A prefill's attention grows with its rows'
@@ -76,6 +78,7 @@ class StepCosts:
     kv_s: tuple[tuple[tuple[int | None, float], ...], ...] = ()
     one_s: tuple[float | None, ...] = ()
     prefill_kv_s: tuple[tuple[tuple[int | None, float], ...], ...] = ()
+    row_shape: tuple[tuple[float, ...] | None, ...] = ()  # per stage: Profile.row_shape of its device
 
     @classmethod
     def from_profile(cls, profile, plan: Plan) -> "StepCosts":
@@ -87,12 +90,13 @@ class StepCosts:
         if bad:
             raise PlanError(f"{plan.source}: plan uses rank(s) {bad}, the profile has {m} device(s)")
         decode_costs, prefill_costs = profile.costs("decode"), profile.costs("prefill")
-        decode, prefill, out, lat, bw, kv, one, pkv = [], [], [], [], [], [], [], []
+        decode, prefill, out, lat, bw, kv, one, pkv, shape = [], [], [], [], [], [], [], [], []
         for s, nxt in zip(plan.stages, list(plan.stages[1:]) + [None]):
             decode.append(decode_costs.stage_compute(s.rank, s.first, s.last))
             kv.append(profile.context_costs(s.rank, s.first, s.last))
             pkv.append(profile.context_costs(s.rank, s.first, s.last, "prefill_kv_s"))
             one.append(profile.one_row_s(s.rank, s.first, s.last))
+            shape.append(profile.row_shape(s.rank))
             prefill.append(prefill_costs.stage_compute(s.rank, s.first, s.last))
             head = nxt is None
             out.append(8.0 if head else float(profile.out_bytes_per_token(s.rank)[s.last]))  # in its dtype
@@ -106,12 +110,13 @@ class StepCosts:
                 bw.append(math.inf if b is None else float(b))
         return cls(tuple(decode), tuple(prefill), int(profile.shapes["prompt_tokens"]), tuple(out),
                    tuple(lat), tuple(bw), int(profile.shapes.get("micro_batch_size", 1)),
-                   int(profile.shapes.get("context", 0)), tuple(kv), tuple(one), tuple(pkv))
+                   int(profile.shapes.get("context", 0)), tuple(kv), tuple(one), tuple(pkv), tuple(shape))
 
     def line(self, s: int) -> "StageLine":
         return StageLine(self.decode_s[s], self.prefill_s[s], self.rows, self.prompt_tokens, self.context,
                          self.kv_s[s] if self.kv_s else (), self.one_s[s] if self.one_s else None,
-                         self.prefill_kv_s[s] if self.prefill_kv_s else ())
+                         self.prefill_kv_s[s] if self.prefill_kv_s else (),
+                         self.row_shape[s] if self.row_shape else None)
 
     def compute(self, s: int, width: int, rows: int | None = None, columns: int = 0) -> float:
         """Stage s's forward over `rows` rows (default: the profile's) of `width` new tokens each: 1 for a
@@ -138,13 +143,16 @@ class StageLine:
     kv_s: tuple[tuple[int | None, float], ...] = ()
     one_s: float | None = None  # a decode step of one row, where the profile measured it
     prefill_kv_s: tuple[tuple[int | None, float], ...] = ()
+    row_shape: tuple[float, ...] | None = None  # 1..rows: the share of the way from one_s to decode_s
 
     def seconds(self, tokens: int, columns: int = 0, width: int = 0) -> float:
         """A forward over `tokens` tokens; `columns`: a decode's (one token a row) KV columns, 0 for a
         prefill, whose rows are `width` tokens each (0: as the profile's prompt)."""
         p = self.prompt_tokens
         if columns and self.one_s is not None and self.rows > 1:  # a decode of `tokens` rows
-            t = self.one_s + (self.decode_s - self.one_s) * (tokens - 1) / (self.rows - 1)
+            shape = self.row_shape
+            share = shape[tokens - 1] if shape and 1 <= tokens <= len(shape) else (tokens - 1) / (self.rows - 1)
+            t = self.one_s + (self.decode_s - self.one_s) * share
         elif p <= 1:
             t = self.prefill_s * tokens / self.rows
         else:

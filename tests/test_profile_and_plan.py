@@ -175,9 +175,11 @@ def test_a_profile_of_several_rows_times_one_row_and_the_kv_it_reads(tiny_path):
     assert len(out["decode_one_s"]) == spec.num_units and all(t > 0 for t in out["decode_one_s"])
     assert out["decode_kv_s"] >= 0.0 and out["prefill_kv_s"] >= 0.0  # what a column of KV, of width, costs
     assert "decode_one_step_s" in out  # one row's own step cost (its value: the test below)
+    assert len(out["decode_rows_s"]) == 3 and all(t > 0 for t in out["decode_rows_s"])  # the blocks at 1..3 rows
     one = _measure_units(spec, Device(name="d"), {**shapes, "micro_batch_size": 1}, repeats=1)
     # a decode step of the profile's rows is one of one row
     assert "decode_one_s" not in one and "decode_one_step_s" not in one and "decode_step_s" in one
+    assert "decode_rows_s" not in one
 
 
 def test_the_decode_step_cost_is_the_steps_own_when_the_host_speeds_change_between_measurements(tiny_path,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgeshard_mpi.planner import Plan, Stage, plan_for, predict
-from edgeshard_mpi.profiler import Profile
+from edgeshard_mpi.profiler import Profile, ProfileError
 from edgeshard_mpi.simulate import Request, StageLine, StepCosts, simulate, uniform_requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +83,33 @@ def test_a_decode_of_fewer_rows_runs_on_the_line_from_one_row_to_the_profiles():
     assert line.seconds(20) == pytest.approx(0.030)  # prefills keep the line through decode and prefill
     assert line.seconds(1) == pytest.approx(0.010 - 3 * 0.00125)
     assert StageLine(0.010, 0.030, 4, 5, context=8).seconds(1, 8) == pytest.approx(line.seconds(1))  # not measured
+
+
+def test_a_decode_of_fewer_rows_follows_the_shape_its_blocks_were_timed_in():
+    # the same stage with its blocks timed at each of 1..4 rows: 2 rows 70% of the way from one row's
+    # cost to 4 rows', 3 rows past 4 rows' own (a form slower at 3 than at 4, as fewrows can leave it)
+    line = StageLine(0.010, 0.030, 4, 5, context=8, one_s=0.004)
+    shaped = dataclasses.replace(line, row_shape=(0.0, 0.7, 1.2, 1.0))
+    assert [shaped.seconds(r, 8) for r in (1, 2, 3, 4)] == pytest.approx([0.004, 0.0082, 0.0112, 0.010])
+    assert shaped.seconds(20) == line.seconds(20) and shaped.seconds(8, 0, 2) == line.seconds(8, 0, 2)  # prefills
+    assert shaped.seconds(6, 8) == pytest.approx(line.seconds(6, 8))  # past the rows timed: the line, as before
+    # from a profile: the blocks' step at each count, as shares of the way; none where not timed,
+    # or where the micro-batch came out no dearer than one row
+    units = [{"name": n, "param_bytes": 1, "kv_bytes_per_token": 0, "out_bytes_per_token": 4}
+             for n in ("embed", "block.0", "head")]
+    times = {"decode_s": [0.001] * 3, "prefill_s": [0.002] * 3, "decode_one_s": [0.0005] * 3}
+    prof = Profile(model={"name": "m", "fingerprint": "f", "num_units": 3}, units=units,
+                   devices=[{"name": "a", **times, "decode_rows_s": [0.002, 0.0035, 0.0044, 0.004]},
+                            {"name": "b", **times, "decode_rows_s": [0.004, 0.0035, 0.0044, 0.004]},
+                            {"name": "old", **times}],
+                   bandwidth=[[None] * 3] * 3, latency=[[0.0] * 3] * 3,
+                   shapes={"prompt_tokens": 4, "context": 16, "micro_batch_size": 4})
+    assert prof.row_shape(0) == pytest.approx((0.0, 0.75, 1.2, 1.0))
+    assert prof.row_shape(1) is None and prof.row_shape(2) is None
+    sc = StepCosts.from_profile(prof, Plan((Stage(0, 0, 1), Stage(1, 2, 2)), 3))
+    assert sc.line(0).row_shape == pytest.approx((0.0, 0.75, 1.2, 1.0)) and sc.line(1).row_shape is None
+    with pytest.raises(ProfileError, match=r"decode_rows_s has 4 entries, expected micro_batch_size 2"):
+        dataclasses.replace(prof, shapes={**prof.shapes, "micro_batch_size": 2})
 
 
 def test_the_simulator_costs_each_decode_step_at_its_slots_columns():
