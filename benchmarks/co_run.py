@@ -12,6 +12,8 @@ device's slowdown) four ways, one after the other:
 - together, stretched: every rank at once, for `--seconds`, each at its own slowdown (the load of a
   pipelined run);
 - together, flat out: every rank at once, no sleep.
+The stretched ways alternate, step by step, between one sleep and the same time slept in slices of
+at most 1 ms (as comm.py's waits sleep), each kept apart ("... in slices").
 Ranks wait for each other as comm.py does (a test, then a sleep of 50 us growing to 1 ms), not in
 MPICH's busy-polling barrier. It prints each way's least and median, and the median over the alone
 one's.
@@ -59,20 +61,26 @@ def main() -> None:
     x = torch.randn(args.rows, 1, hidden)
     evict = _Evictor()
 
-    def step(stretch: float, clear: bool) -> float:
+    def step(stretch: float, clear: bool, sliced: bool = False) -> float:
         if clear:
             evict()
         wall, cpu = time.perf_counter(), time.thread_time()
         shard.forward(0, x)
         t = time.thread_time() - cpu
-        time.sleep(max(0.0, stretch * t - (time.perf_counter() - wall)))
+        end = wall + stretch * t
+        while (left := end - time.perf_counter()) > 0:
+            time.sleep(min(left, 1e-3) if sliced else left)
         return t
 
-    def loop(seconds: float, stretch: float) -> list[float]:
-        times, end = [], time.perf_counter() + seconds
-        while time.perf_counter() < end or len(times) < 5:
-            times.append(step(stretch, False))
-        return times
+    def loop(seconds: float, stretch: float, ways: dict, name: str) -> None:
+        one, sliced = ways.setdefault(name, []), ways.setdefault(f"{name} in slices", [])
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(one) < 5:
+            one.append(step(stretch, False))
+            if stretch > 1:
+                sliced.append(step(stretch, False, True))
+        if not sliced:
+            del ways[f"{name} in slices"]
 
     ways: dict[str, list[float]] = {}
     for r in range(comm.size):
@@ -81,12 +89,12 @@ def main() -> None:
         barrier(comm)
     for r in range(comm.size):
         if r == comm.rank:
-            ways["alone, stretched"] = loop(args.seconds / 2, slow)
+            loop(args.seconds / 2, slow, ways, "alone, stretched")
         barrier(comm)
     barrier(comm)
-    ways["together, stretched"] = loop(args.seconds, slow)
+    loop(args.seconds, slow, ways, "together, stretched")
     barrier(comm)
-    ways["together, flat out"] = loop(args.seconds / 2, 1.0)
+    loop(args.seconds / 2, 1.0, ways, "together, flat out")
     barrier(comm)
     gathered = comm.gather((slow, ways))
     if comm.rank == 0:
