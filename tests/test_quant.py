@@ -2,9 +2,9 @@
 on the same (dequantized) weights.
 
 Tokens cannot equal fp32 `generate`'s: the int8 matmul rounds the activations (to int16 in the
-project's kernel, to bf16 in aten's). The model test holds
-the logits to a stated tolerance of an fp32 run on the dequantized weights, position by position
-along that run's own 64-token continuation, and the greedy tokens to 95% agreement.
+project's kernel, to bf16 in aten's). The model test holds the logits to a stated tolerance of an fp32
+run on the dequantized weights, position by position along that run's own 64-token continuation, and
+the greedy tokens to 95% agreement.
 """
 
 import pytest
