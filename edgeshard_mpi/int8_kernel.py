@@ -1,9 +1,9 @@
 """The CPU's int8 product for a decode step's few rows: `csrc/int8_mm.c`, built once per machine.
 
 A decode step reads every int8 matrix once for a few rows, so its speed is the speed of reading the
-weights. aten's `_weight_int8pack_mm` took smollm2's 211 matrices at one row in 18.6 ms on a 2-core
-AMD EPYC (AVX2), about 7 GB/s; this kernel took them in 9.6 ms, and 1.3-1.6x less than aten's at 2 to
-16 rows (BENCHMARKS.md). It needs AVX2 and a C compiler: it is compiled at first use, with the compiler
+weights. aten's `_weight_int8pack_mm` took smollm2's 211 matrices at one row in 15.7 ms on a 2-core
+AMD EPYC (AVX2), about 9 GB/s; this kernel took them in 8.5 ms, and 1.4-1.6x less than aten's at 2 to
+16 rows (`benchmarks/int8_products.py`, BENCHMARKS.md). It needs AVX2 and a C compiler: it is compiled at first use, with the compiler
 in `$CC` (else `cc`), into the user's cache, under a name that holds a hash of the source and the
 flags, so that a new source builds anew and ranks that start together do not write over each other's
 file. Where it cannot be built or loaded (no compiler, another CPU, `EDGESHARD_INT8_KERNEL=aten`),

@@ -71,3 +71,21 @@ def test_a_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(RuntimeError, match="no C compiler: 'no-such-cc' is not on PATH"):
         int8_kernel._build()
+
+
+@builds
+def test_a_compiled_int8_shard_decodes_as_the_eager_one(tiny_path):
+    # the compiled one-row step (inductor's C++ wrapper) calls the op: greedy tokens as the eager shard's
+    from test_compile import _greedy
+
+    from edgeshard_mpi.models import ModelSpec
+    from edgeshard_mpi.shard import Shard
+
+    spec = ModelSpec.load(tiny_path, "float32", quantize="int8")
+    eager = Shard(spec, 0, spec.num_units - 1)
+    compiled = Shard(spec, 0, spec.num_units - 1, compile=True)
+    compiled.warm_up(1)
+    ids = torch.randint(5, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    want = _greedy(eager, ids, [0], 24, 40)
+    got = _greedy(compiled, ids, [0], 24, 40)
+    assert compiled.compiled.graphs == 1 and torch.equal(got[1], want[1])
