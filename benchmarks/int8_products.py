@@ -5,8 +5,7 @@
 SmolLM2-135M's 211 matrices (30 blocks of q, k, v, o, gate, up, down, and the 49152 x 576 head), random
 int8 values with bf16 per-row scales, in one process, the forms alternating, median of 8 passes:
   aten     torch.ops.aten._weight_int8pack_mm on bf16 activations (what int8 took before the kernel)
-  kernel   int8_kernel.product, as an eager step calls it
-  op       torch.ops.edgeshard.int8_mm, as a compiled graph calls it (the dispatcher's cost on top)
+  kernel   torch.ops.edgeshard.int8_mm (int8_kernel), as eager steps and compiled graphs call it
 """
 
 from __future__ import annotations
@@ -48,20 +47,19 @@ def main() -> None:
         return sorted(ts)[passes // 2] * 1e3
 
     print(f"{len(mats)} int8 matrices, {bytes_ / 1e6:.1f} MB, {args.threads} threads; ms for all of them")
-    print("| rows | aten | kernel | op | aten / kernel | weight bytes / kernel time, GB/s |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| rows | aten | kernel | aten / kernel | weight bytes / kernel time, GB/s |")
+    print("|---:|---:|---:|---:|---:|")
     for rows in map(int, args.rows.split(",")):
         x = {k: torch.randn(rows, k, generator=gen) for k in (576, 1536)}
         xb = {k: v.bfloat16() for k, v in x.items()}
         forms = {"aten": lambda: [torch.ops.aten._weight_int8pack_mm(xb[w.shape[1]], w, s) for w, s in mats],
-                 "kernel": lambda: [int8_kernel.product(x[w.shape[1]], w, s) for w, s in mats],
-                 "op": lambda: [torch.ops.edgeshard.int8_mm(x[w.shape[1]], w, s) for w, s in mats]}
+                 "kernel": lambda: [int8_kernel.int8_mm(x[w.shape[1]], w, s) for w, s in mats]}
         ms = {name: [] for name in forms}
         for _ in range(3):  # alternating, so that a slow minute on the machine falls on every form
             for name, fn in forms.items():
                 ms[name].append(median_ms(fn))
         m = {name: sorted(v)[1] for name, v in ms.items()}
-        print(f"| {rows} | {m['aten']:.1f} | {m['kernel']:.1f} | {m['op']:.1f} | {m['aten'] / m['kernel']:.2f} | "
+        print(f"| {rows} | {m['aten']:.1f} | {m['kernel']:.1f} | {m['aten'] / m['kernel']:.2f} | "
               f"{bytes_ / m['kernel'] / 1e6:.1f} |")
 
 

@@ -6,7 +6,7 @@ The whole model as one Shard in this process (what a one-rank run computes), `--
 threads, a prompt of about 20 tokens, then `--steps` greedy decode steps under torch.profiler. Each aten
 op's own (self) CPU time is put in one bucket: matmuls, attention, norms (RMSNorm's pow/mean/rsqrt),
 other elementwise ops and copies; the mask helpers, rotary tables, KV cache updates and sampling
-(argmax) are timed whole, as ranges, and so are the int8 kernel's products (not aten ops). "Python and
+(argmax) are timed whole, as ranges. "Python and
 dispatch" is the wall time the ops do not account for: module calls, transformers' code, argument
 checks. Without the profiler the same steps are timed once more, to give its own overhead.
 """
@@ -20,17 +20,17 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from edgeshard_mpi import int8_kernel, kv_cache
+from edgeshard_mpi import kv_cache
 from edgeshard_mpi.models import ModelSpec, prepare
 from edgeshard_mpi.shard import Shard
 
 BUCKETS = {  # aten op -> bucket; record_function ranges below claim masks, rotary and sampling whole
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "edgeshard::int8_mm"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
                   "aten::_scaled_dot_product_efficient_attention"),
     "norms": ("aten::pow", "aten::mean", "aten::rsqrt"),
 }
-RANGES = ("masks", "rotary", "KV cache", "sampling", "int8 kernel")
+RANGES = ("masks", "rotary", "KV cache", "sampling")
 
 
 def main() -> None:
@@ -50,8 +50,6 @@ def main() -> None:
         shard.mask_fn[t] = lambda *a, _fn=fn, **k: _in_range("masks", _fn, *a, **k)
     rotary = shard.rotary.forward
     shard.rotary.forward = lambda *a, **k: _in_range("rotary", rotary, *a, **k)
-    product = int8_kernel.product  # the project's int8 products: not aten ops, so timed as a range
-    int8_kernel.product = lambda *a: _in_range("int8 kernel", product, *a)
     for cls in (kv_cache._FullLayer, kv_cache._WindowLayer):
         cls.update = lambda self, *a, _fn=cls.update, **k: _in_range("KV cache", _fn, self, *a, **k)
 
@@ -76,7 +74,7 @@ def main() -> None:
             buckets[ev.name] += ev.cpu_time_total
     claimed = {ev.id for ev in prof.events() if ev.name in RANGES}
     for ev in prof.events():
-        if not ev.name.startswith("aten::") or _under(ev, claimed):
+        if not ev.name.startswith(("aten::", "edgeshard::")) or _under(ev, claimed):
             continue
         name = next((b for b, ops in BUCKETS.items() if ev.name in ops), "other ops")
         buckets[name] += ev.self_cpu_time_total

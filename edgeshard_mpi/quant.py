@@ -67,8 +67,7 @@ class Int8Linear(nn.Module):
         if x.device.type == "cpu":
             x2 = x.reshape(-1, x.shape[-1])
             if x2.shape[0] <= int8_kernel.MAX_ROWS and int8_kernel.available() is None:
-                mm = int8_kernel.int8_mm if torch.compiler.is_compiling() else int8_kernel.product
-                y = mm(x2.float().contiguous(), self.weight, self.scales)
+                y = int8_kernel.int8_mm(x2.float().contiguous(), self.weight, self.scales)
             else:
                 y = torch.ops.aten._weight_int8pack_mm(x2.to(SCALE_DTYPE), self.weight, self.scales)
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)

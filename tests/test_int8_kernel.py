@@ -1,5 +1,5 @@
-"""The CPU's int8 kernel (`int8_kernel`, `csrc/int8_mm.c`): its products against exact ones, the
-compiled graph's op, and aten's kernel where it cannot be built.
+"""The CPU's int8 kernel (`int8_kernel`, `csrc/int8_mm.c` as the op `edgeshard::int8_mm`): its
+products against exact ones, a compiled graph calling it, and aten's kernel where it cannot be built.
 
 The kernel rounds each row of activations to int16 with a scale of its own and sums exactly in int32,
 so its only error is that rounding: |y - exact| <= scale_r * sum_k |w_rk| * step_m / 2, with step_m
@@ -17,7 +17,8 @@ from edgeshard_mpi import int8_kernel
 from edgeshard_mpi.quant import Int8Linear, quantize_rows
 
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))
-builds = pytest.mark.skipif(not (HAS_AVX2 and shutil.which("cc")), reason="needs AVX2 and a C compiler")
+builds = pytest.mark.skipif(not (HAS_AVX2 and shutil.which("cc") and shutil.which("c++")),
+                            reason="needs AVX2 and C and C++ compilers")
 
 
 @builds
@@ -35,7 +36,7 @@ def test_products_are_exact_but_for_the_activations_rounding(m, n, k):
     x[0, 5] = 40.0  # an outlier sets the row's step
     if m > 1:
         x[1] = 0.0  # a row of zeros keeps a usable scale
-    got = int8_kernel.product(x, q, scales)
+    got = int8_kernel.int8_mm(x, q, scales)
     s = scales.double()
     exact = (x.double() @ q.double().T) * s
     step = x.abs().amax(1).double() / 32767
@@ -69,7 +70,7 @@ def test_without_the_kernel_int8_takes_atens(monkeypatch):
 def test_a_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "no-such-cc")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    with pytest.raises(RuntimeError, match="no C compiler: 'no-such-cc' is not on PATH"):
+    with pytest.raises(RuntimeError, match=r"no compiler: \$CC or 'no-such-cc' is not on PATH"):
         int8_kernel._build()
 
 
