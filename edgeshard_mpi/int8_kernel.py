@@ -2,8 +2,8 @@
 the torch op `edgeshard::int8_mm` (`csrc/int8_op.cpp`).
 
 A decode step reads every int8 matrix once for a few rows, so its speed is the speed of reading the
-weights. aten's `_weight_int8pack_mm` took smollm2's 211 matrices at one row in 15.7 ms on a 2-core
-AMD EPYC (AVX2), about 9 GB/s; this kernel took them in 8.5 ms, and 1.4-1.6x less than aten's at 2
+weights. aten's `_weight_int8pack_mm` took smollm2's 211 matrices at one row in 16.9 ms on a 2-core
+AMD EPYC (AVX2), about 8 GB/s; this kernel took them in 8.8 ms, and 1.4-1.7x less than aten's at 2
 to 16 rows (`benchmarks/int8_products.py`, BENCHMARKS.md).
 
 It needs AVX2, a C and a C++ compiler (`$CC`, `$CXX`, else `cc` and `c++`) and torch's headers, which
@@ -11,9 +11,9 @@ a CPU build of torch ships and inductor needs too. It is compiled at first use i
 cache, under a name that holds a hash of the sources, the flags and the torch version, so that a
 changed source or another torch builds anew, and ranks that start together do not write over each
 other's file. Being a C++ op, it is called without Python in between, from eager code and from a
-compiled graph's C++ wrapper alike: as a Python op it cost about 13 us a call, 2-3 ms a step. Where
-it cannot be built or loaded (no compiler, another CPU, `EDGESHARD_INT8_KERNEL=aten`),
-`quant.Int8Linear` keeps aten's kernel; `available()` says why.
+compiled graph's C++ wrapper alike: as a Python op over ctypes it cost about 13 us a call, 1.4 ms
+of a smollm2 step. Where it cannot be built or loaded (no compiler, another CPU,
+`EDGESHARD_INT8_KERNEL=aten`), `quant.Int8Linear` keeps aten's kernel; `available()` says why.
 """
 
 from __future__ import annotations
