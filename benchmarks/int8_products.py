@@ -3,7 +3,8 @@
     python benchmarks/int8_products.py [--rows 1,2,4,8,16] [--threads 2]
 
 SmolLM2-135M's 211 matrices (30 blocks of q, k, v, o, gate, up, down, and the 49152 x 576 head), random
-int8 values with bf16 per-row scales, in one process, the forms alternating, median of 8 passes:
+int8 values with bf16 per-row scales, in one process: the median of 3 rounds, the forms alternating,
+each round the median of 8 passes:
   aten     torch.ops.aten._weight_int8pack_mm on bf16 activations (what int8 took before the kernel)
   kernel   torch.ops.edgeshard.int8_mm (int8_kernel), as eager steps and compiled graphs call it
 """
