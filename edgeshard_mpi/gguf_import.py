@@ -12,7 +12,9 @@ file's own 16-bit float type when nothing in it is quantized; a job then casts t
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import os
 from pathlib import Path
 
 __all__ = ["is_gguf", "gguf_tensor_types", "convert_gguf"]
@@ -48,9 +50,36 @@ def _save_dtype(types: dict[str, int]) -> str:
     return next((_FLOAT_TYPES[t] for t in ("BF16", "F16") if t in types), "float32")
 
 
+@contextlib.contextmanager
+def _one_parse():
+    """transformers parses the file anew for the config, the tokenizer and the weights, and each parse
+    walks the vocabulary field by field in Python (6 s for SmolLM2's 49,152 tokens here): within this
+    block every reader of one file is the first one. gguf's readers only read, so sharing one is safe."""
+    import gguf
+
+    made, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = made(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader  # transformers imports it from gguf at each call
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = made
+
+
 def convert_gguf(src: Path, out: Path, supported: tuple[str, ...], error: type[Exception]) -> None:
     """Write the GGUF file `src` into the empty folder `out`: config, generation config, tokenizer,
     model.safetensors and source.json. A family outside `supported` is refused before any weight is read."""
+    with _one_parse():
+        _convert(src, out, supported, error)
+
+
+def _convert(src: Path, out: Path, supported: tuple[str, ...], error: type[Exception]) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
