@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
 
     # no abbreviated options: `launch` passes its unknown options on to `run`, and must know them whole
     run = sub.add_parser("run", help="run a job (under mpiexec)", allow_abbrev=False)
-    run.add_argument("job", help="job file (TOML)")
+    run.add_argument("job", nargs="+", help="job file (TOML); several run one after another in this launch, "
+                                           "the ranks started once")
     run.add_argument("--hostfile", help="hostfile with device declarations (default: the job's, or HYDRA_HOST_FILE)")
     run.add_argument("--plan", help="plan JSON to use instead of the job's")
     run.add_argument("--objective", choices=list(OBJECTIVES),
@@ -305,7 +306,7 @@ def _mpi_command(args) -> int:
 
     comm = Comm()
     try:
-        from .runner import RunOptions, SetupFailed, bench_job, profile_job, run_job
+        from .runner import RunOptions, SetupFailed, bench_job, between_jobs, profile_job, run_job
 
         if args.command == "bench":
             configs = BENCH_DEFAULT
@@ -341,7 +342,29 @@ def _mpi_command(args) -> int:
                           step_timeout=args.step_timeout or None, compile=args.compile, strict=args.strict,
                           retry_errors=args.retry_errors, drift=args.drift, replan=args.replan,
                           profile_load=args.profile_load, launch_dir=args.launch_dir)
-        summary = run_job(comm, args.job, opts)
+        if len(args.job) > 1:
+            named = [o for o, v in (("--output", args.output), ("--trace", args.trace),
+                                    ("--launch-dir", args.launch_dir)) if v]
+            if named:  # one file for several jobs: each would overwrite the last
+                raise SetupFailed(f"{', '.join(named)} names one file: give one job, not {len(args.job)}",
+                                  quiet=comm.rank != 0)
+        failed = 0
+        for i, job in enumerate(args.job):
+            if i:
+                between_jobs()
+            try:
+                summary = run_job(comm, job, opts)
+            except SetupFailed as e:  # every rank knows, and goes on to the next job
+                if not e.quiet:
+                    where = f" run {job}: " if len(args.job) > 1 else ": "
+                    print(f"edgeshard{where}error: {e}", file=sys.stderr, flush=True)
+                failed += 1
+                continue
+            if summary is not None:
+                _print_summary(summary, job if len(args.job) > 1 else None)
+        if failed and comm.rank == 0 and len(args.job) > 1:
+            print(f"edgeshard run: {failed} of {len(args.job)} jobs could not start", file=sys.stderr, flush=True)
+        return 1 if failed else 0
     except SetupFailed as e:  # every rank knows; all leave normally, nothing to abort
         if not e.quiet:
             print(f"edgeshard: error: {e}", file=sys.stderr, flush=True)
@@ -361,14 +384,11 @@ def _mpi_command(args) -> int:
         time.sleep(0.3)  # let mpiexec forward the message before the abort tears the job down
         comm.abort(1)
         return 1
-    if summary is not None:
-        _print_summary(summary, args)
-    return 0
 
 
-def _print_summary(s, args) -> None:
+def _print_summary(s, job: str | None = None) -> None:
     errors = f" ({s.errors} could not run: errors in the results file)" if s.errors else ""
-    print(f"edgeshard run: {s.requests} requests{errors}, {s.tokens} tokens in {s.seconds:.2f} s: "
+    print(f"edgeshard run{' ' + job if job else ''}: {s.requests} requests{errors}, {s.tokens} tokens in {s.seconds:.2f} s: "
           f"{s.tokens_per_s:.1f} tokens/s, {s.ms_per_token:.1f} ms/token (decode), "
           f"{s.ttft_ms:.0f} ms to first token; {s.rows_per_step:.2f} rows a step ({s.admission} admission"
           + (f", {s.chunked} joined by chunks of {s.prefill_chunk} tokens" if s.chunked else "") + ")")

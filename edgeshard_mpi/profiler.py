@@ -31,9 +31,32 @@ from .models import kv_unit_bytes
 from .planner import Costs
 
 __all__ = ["Profile", "ProfileError", "compare", "profile_shapes", "profiles_dir", "find_profile", "model_fingerprint",
-           "cluster_fingerprint", "device_bytes", "measure_profile"]
+           "cluster_fingerprint", "device_bytes", "measure_profile", "peak_rss", "reset_peak_rss"]
 
 FORMAT = "edgeshard-profile/1"
+
+
+def peak_rss() -> int:
+    """This process's peak resident bytes since it began, or since reset_peak_rss (Linux's VmHWM)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: since the process began
+
+
+def reset_peak_rss() -> None:
+    """Start the peak over from the present resident bytes: each job of a launch reports its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: resets VmHWM
+    except OSError:
+        pass
 
 
 class ProfileError(ValueError):
@@ -800,8 +823,6 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
             comm.barrier()
         return out
 
-    import resource
-
     import torch
 
     from .fewrows import forms
@@ -810,12 +831,13 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
     # the products' form is measured before the memory baseline: its probe matrix is freed before
     # any unit loads, and a device's budget is for its units
     products = forms(own, torch.device(me.torch), TORCH_DTYPES[own.dtype], shapes["micro_batch_size"])
+    reset_peak_rss()  # an earlier job of this launch may have peaked higher
     try:
         held = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:  # not Linux: the peak since the process began
         held = 0
     measured = _measure_units(own, me, shapes, repeats, turn)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = peak_rss()
     measured["peak_bytes"], measured["peak_rss"] = max(0, peak - held), peak
     measured["products"] = products
     links = {}

@@ -20,7 +20,6 @@ import itertools
 import json
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -35,15 +34,15 @@ from .openai_batch import CHAT, COMPLETIONS
 from .models import ModelSpec, prepare
 from .pipeline import Prompt, Summary, source_loop, stage_loop
 from .planner import Plan, PlanError, even_plan, plan_for, predict
-from .profiler import (Profile, cluster_fingerprint, find_profile, measure_profile, model_fingerprint,
-                       profile_shapes, profiles_dir)
+from .profiler import (Profile, cluster_fingerprint, find_profile, measure_profile, model_fingerprint, peak_rss,
+                       profile_shapes, profiles_dir, reset_peak_rss)
 from .results import ResultWriter, done_key
-from .shard import Shard
+from .shard import Shard, release_freed_memory
 from .scheduler import in_flight_for, prefill_chunk_for, slot_columns
 from .simulate import Request, Simulation, StageLine, StepCosts, simulate
 from .trace import Tracer, write_chrome_trace
 
-__all__ = ["RunOptions", "SetupFailed", "run_job", "profile_job", "bench_job"]
+__all__ = ["RunOptions", "SetupFailed", "run_job", "profile_job", "bench_job", "between_jobs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +367,7 @@ def _become_device(comm: Comm, cluster: Cluster, shared: _Shared) -> None:
 def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     """Run a job on every rank; rank 0 returns the Summary, the others None."""
     rank, world = comm.rank, comm.size
+    comm.step_timeout = None  # until the pipeline runs (a launch's earlier job had set it)
     heartbeat = None
     if rank == 0 and opts.launch_dir:  # from here on the launcher watches each rank's process
         heartbeat = Heartbeat(opts.launch_dir)
@@ -432,6 +432,21 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
     finally:
         if rank == 0:
             local.writer.close()  # whatever happened, committed records stay readable
+
+
+def between_jobs() -> None:
+    """Before the next job of one launch: the last job's shards and compiled graphs are let go and its
+    peak memory forgotten, so that each job runs, and reports, as it would in a launch of its own
+    (its memory, its peak RSS, and dynamo's recompile limit)."""
+    import gc
+
+    if "torch._dynamo" in sys.modules:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+    gc.collect()
+    release_freed_memory()
+    reset_peak_rss()
 
 
 def _record_epoch(heartbeat: Heartbeat, writer: ResultWriter, cluster: Cluster, plan: Plan) -> None:
@@ -650,7 +665,7 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     # CPU time while running or waiting: an idle rank's share shows whether waits spin
     stats["wall_s"] = time.perf_counter() - start
     stats["cpu_s"] = time.process_time() - cpu_start
-    stats["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    stats["peak_rss"] = peak_rss()
     if shard is not None:  # the forms its products took: its profile's where that recorded them
         stats["products"] = {"turned": sorted(shard.turned), "head": sorted(shard.head_turned),
                              "packed": shard.packed}

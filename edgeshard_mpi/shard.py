@@ -39,13 +39,13 @@ from .models import ModelError, ModelSpec
 from .quant import SCALE_DTYPE, Int8Embedding, int8_keys, int8_shell, quantize_rows
 from .simulate import StageLine
 
-__all__ = ["Shard", "TORCH_DTYPES"]
+__all__ = ["Shard", "TORCH_DTYPES", "release_freed_memory"]
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc): the float blocks a quantizing read frees would
     otherwise stay resident beside the int8 shard, one block's worth a matrix."""
     if _LIBC is not None:
@@ -229,7 +229,7 @@ class Shard:
                 part = sf.get_slice(key)[i:i + rows]
             q[i:i + rows], scales[i:i + rows] = quantize_rows(part)
             del part
-            _release_freed_memory()
+            release_freed_memory()
         return q.to(self.device), scales.to(self.device)
 
     @property

@@ -42,6 +42,42 @@ def run_mpi(args: list[str], n: int, *, timeout: float = 180, env: dict | None =
         pytest.fail(f"mpiexec did not finish in {timeout} s: {' '.join(cmd)}\n{e.stderr}")
 
 
+class Launch:
+    """Several jobs run by one `mpiexec ... run JOB JOB ...`: the ranks start once (their imports take
+    seconds a rank) rather than once a job. Each job reports under its own path, so a test reads only
+    its own job's summary line, error and results file."""
+
+    def __init__(self, jobs: dict, n: int, args: list[str] = (), **run_kwargs):
+        self.jobs = {k: Path(j) for k, j in jobs.items()}
+        self.proc = run_mpi(["run", *map(str, self.jobs.values()), "--no-progress", *args], n, **run_kwargs)
+
+    def _line(self, key, text: str, tag: str) -> str | None:
+        head = f"edgeshard run {self.jobs[key]}: {tag}"
+        return next((line for line in text.splitlines() if line.startswith(head)), None)
+
+    def summary(self, key) -> str:
+        """The job's summary line; fails the test, with the launch's stderr, if the job did not run."""
+        line = self._line(key, self.proc.stdout, "")
+        assert line is not None and self._line(key, self.proc.stderr, "error") is None, self.proc.stderr
+        return line
+
+    def error(self, key) -> str:
+        """The job's error line: it could not start, and the launch went on to the next job."""
+        line = self._line(key, self.proc.stderr, "error: ")
+        assert line is not None, f"{self.jobs[key]} started\n{self.proc.stdout}\n{self.proc.stderr}"
+        assert self.proc.returncode == 1, self.proc.stderr
+        return line
+
+    def results(self, key) -> list:
+        """The job's records in prompt order (ids p0, p1, ...), after checking that it ran."""
+        from edgeshard_mpi.results import read_results
+
+        self.summary(key)
+        job = self.jobs[key]
+        by_id = {r.id: r for r in read_results(job.parent / f"{job.stem}.h5")}
+        return [by_id[f"p{i}"] for i in range(len(by_id))]
+
+
 def write_job(dir: Path, model: str | Path, prompts: list, *, name: str = "job", extra: str = "",
               generation: str = "max_new_tokens = 12", plan: str = "", suffix: str = ".jsonl") -> Path:
     """A job file plus its prompt file in `dir`; prompts are dicts (JSONL) or raw lines (str)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_mpi, write_job
+from conftest import Launch, run_mpi, write_job
 
 OK = [{"id": "a", "prompt": "Hello there"}, {"id": "b", "prompt": "General Kenobi"}]
 
@@ -20,16 +20,99 @@ def _fails(proc, *needles):
     return lines[0]
 
 
-def test_missing_model_folder(tmp_path):
-    job = write_job(tmp_path, tmp_path / "no-such-model", OK)
-    _fails(run_mpi(["run", str(job)], 2, timeout=60), "no-such-model", "model folder not found")
+def _tiny_copy(folder, tiny_path):
+    import shutil
+
+    dst = folder / "model"
+    shutil.copytree(tiny_path, dst)
+    return dst
 
 
-def test_malformed_hostfile_line(tmp_path, tiny_path):
-    hosts = tmp_path / "bad.hosts"
-    hosts.write_text("# device: name=a memory=1GiB\nlocalhost:1\n# device: name=b memory=lots\nlocalhost:1\n")
-    job = write_job(tmp_path, "tiny-random", OK)
-    _fails(run_mpi(["run", str(job), "--hostfile", str(hosts)], 2, timeout=60), "bad.hosts:3", "memory")
+def _hostfile(folder, name: str, text: str):
+    (folder / name).write_text(text)
+    return f'hostfile = "{name}"'
+
+
+def _missing_tensor(folder, tiny_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny_copy(folder, tiny_path)
+    tensors = load_file(model / "model.safetensors")
+    del tensors["model.layers.3.mlp.up_proj.weight"]
+    save_file(tensors, model / "model.safetensors")
+    return model
+
+
+def _unsupported_config(folder, tiny_path):
+    import json
+
+    model = _tiny_copy(folder, tiny_path)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    return model
+
+
+_LONG = " ".join(["word"] * 400)  # tiny-random's context is 256 tokens
+# name -> (run options, job) for jobs that cannot start. Those with the same options share one
+# 2-rank launch with a good job ("ok"): each must be refused on a line of its own, and the launch go on.
+BAD_JOBS = {
+    "missing-model": ((), lambda d, tiny: write_job(d, d / "no-such-model", OK)),
+    "bad-hostfile": ((), lambda d, tiny: write_job(d, "tiny-random", OK, extra=_hostfile(
+        d, "bad.hosts", "# device: name=a memory=1GiB\nlocalhost:1\n# device: name=b memory=lots\nlocalhost:1\n"))),
+    "plan-misses": ((), lambda d, tiny: write_job(d, "tiny-random", OK, plan="[plan]\nstages = [{rank = 0, first = 0, "
+                                                  "last = 3}, {rank = 1, first = 5, last = 7}]\n")),
+    "plan-repeats": ((), lambda d, tiny: write_job(d, "tiny-random", OK, plan="[plan]\nstages = [{rank = 0, first = 0, "
+                                                   "last = 4}, {rank = 1, first = 4, last = 7}]\n")),
+    "small-memory": ((), lambda d, tiny: write_job(d, "tiny-random", OK, extra=_hostfile(
+        d, "small.hosts", "# device: name=big memory=1GiB\nlocalhost:1\n# device: name=tiny-board memory=1MiB\n"
+                          "localhost:1\n"))),
+    "missing-tensor": ((), lambda d, tiny: write_job(d, _missing_tensor(d, tiny), OK)),
+    "unsupported-config": ((), lambda d, tiny: write_job(d, _unsupported_config(d, tiny), OK)),
+    "kept-results": ((), lambda d, tiny: ((d / "job.h5").write_text("precious"), write_job(d, "tiny-random", OK))[1]),
+    # a request that cannot run is an error record by default (tests/test_request_errors.py); --strict stops
+    "not-json": (("--strict",), lambda d, tiny: write_job(d, "tiny-random", [OK[0], '{"id": "b", "prompt": "unterm'])),
+    "empty-prompt": (("--strict",), lambda d, tiny: write_job(d, "tiny-random", [OK[0], {"id": "b", "prompt": "  "}])),
+    "long-prompt": (("--strict",), lambda d, tiny: write_job(d, "tiny-random", [OK[0], {"id": "long", "prompt": _LONG}])),
+}
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory, tiny_path):
+    """name -> (the Launch that ran it, its folder); each set of options is launched at the first ask."""
+    root = tmp_path_factory.mktemp("refused")
+    folders, launches = {}, {}
+    for name in BAD_JOBS:
+        folders[name] = root / name
+        folders[name].mkdir()
+
+    def get(name):
+        args = BAD_JOBS[name][0]
+        if args not in launches:
+            ok = root / f"ok{len(launches)}"
+            ok.mkdir()
+            jobs = {"ok": write_job(ok, "tiny-random", OK)}
+            jobs.update({k: make(folders[k], tiny_path) for k, (a, make) in BAD_JOBS.items() if a == args})
+            launches[args] = Launch(jobs, 2, list(args), timeout=240)
+        return launches[args], folders[name]
+    return get
+
+
+def _refused(refused, name, *needles):
+    launch, folder = refused(name)
+    line = launch.error(name)
+    for needle in needles:
+        assert needle in line, line
+    assert "Traceback" not in launch.proc.stderr, launch.proc.stderr
+    assert "requests" in launch.summary("ok")  # the good job of the same launch ran
+    return folder
+
+
+def test_missing_model_folder(refused):
+    _refused(refused, "missing-model", "no-such-model", "model folder not found")
+
+
+def test_malformed_hostfile_line(refused):
+    _refused(refused, "bad-hostfile", "bad.hosts:3", "memory")
 
 
 def test_more_ranks_than_slots(tmp_path, tiny_path):
@@ -39,37 +122,34 @@ def test_more_ranks_than_slots(tmp_path, tiny_path):
     _fails(run_mpi(["run", str(job), "--hostfile", str(hosts)], 3, timeout=60), "two.hosts", "2 slot(s)", "3 ranks")
 
 
-# a request that cannot run is an error record by default (tests/test_request_errors.py); --strict stops
-def test_prompt_line_not_json(tmp_path, tiny_path):
-    job = write_job(tmp_path, "tiny-random", [OK[0], '{"id": "b", "prompt": "unterminated'])
-    _fails(run_mpi(["run", str(job), "--strict"], 2, timeout=60), "job-prompts.jsonl:2", "not valid JSON")
+def test_prompt_line_not_json(refused):
+    _refused(refused, "not-json", "job-prompts.jsonl:2", "not valid JSON")
 
 
-def test_empty_prompt(tmp_path, tiny_path):
-    job = write_job(tmp_path, "tiny-random", [OK[0], {"id": "b", "prompt": "   "}])
-    _fails(run_mpi(["run", str(job), "--strict"], 2, timeout=60), "job-prompts.jsonl:2", "'prompt' is empty")
+def test_empty_prompt(refused):
+    _refused(refused, "empty-prompt", "job-prompts.jsonl:2", "'prompt' is empty")
 
 
-def test_prompt_longer_than_context(tmp_path, tiny_path):
-    long = " ".join(["word"] * 400)  # tiny-random's context is 256 tokens
-    job = write_job(tmp_path, "tiny-random", [OK[0], {"id": "long", "prompt": long}])
-    _fails(run_mpi(["run", str(job), "--strict"], 2, timeout=60), "job-prompts.jsonl:2", "context of 256")
+def test_prompt_longer_than_context(refused):
+    _refused(refused, "long-prompt", "job-prompts.jsonl:2", "context of 256")
 
 
-@pytest.mark.parametrize("stages,needle", [
-    ("{rank = 0, first = 0, last = 3}, {rank = 1, first = 5, last = 7}", "misses unit(s) 4"),
-    ("{rank = 0, first = 0, last = 4}, {rank = 1, first = 4, last = 7}", "unit 4 is in stage 0 and stage 1"),
-])
-def test_plan_that_misses_or_repeats_units(tmp_path, tiny_path, stages, needle):
-    job = write_job(tmp_path, "tiny-random", OK, plan=f"[plan]\nstages = [{stages}]\n")
-    _fails(run_mpi(["run", str(job)], 2, timeout=60), "[plan]", needle)
+@pytest.mark.parametrize("name,needle", [("plan-misses", "misses unit(s) 4"),
+                                         ("plan-repeats", "unit 4 is in stage 0 and stage 1")])
+def test_plan_that_misses_or_repeats_units(refused, name, needle):
+    _refused(refused, name, "[plan]", needle)
 
 
-def test_results_file_is_never_overwritten_silently(tmp_path, tiny_path):
-    job = write_job(tmp_path, "tiny-random", OK)
-    (tmp_path / "job.h5").write_text("precious")
-    _fails(run_mpi(["run", str(job)], 1, timeout=60), "job.h5", "--overwrite")
-    assert (tmp_path / "job.h5").read_text() == "precious"
+def test_results_file_is_never_overwritten_silently(refused):
+    folder = _refused(refused, "kept-results", "job.h5", "--overwrite")
+    assert (folder / "job.h5").read_text() == "precious"
+
+
+def test_output_of_several_jobs_is_refused(tmp_path, tiny_path):
+    jobs = [write_job(tmp_path, "tiny-random", OK, name=n) for n in ("a", "b")]
+    _fails(run_mpi(["run", *map(str, jobs), "--output", str(tmp_path / "x.h5")], 2, timeout=60),
+           "--output names one file", "give one job, not 2")
+    assert not list(tmp_path.glob("*.h5"))
 
 
 def test_exception_on_rank_2_of_3_ends_the_job(tmp_path, tiny_path):
@@ -79,41 +159,21 @@ def test_exception_on_rank_2_of_3_ends_the_job(tmp_path, tiny_path):
     assert "step 1" in line
 
 
-def test_shard_larger_than_its_device_memory(tmp_path, tiny_path):
-    hosts = tmp_path / "small.hosts"
-    hosts.write_text("# device: name=big memory=1GiB\nlocalhost:1\n# device: name=tiny-board memory=1MiB\nlocalhost:1\n")
-    job = write_job(tmp_path, "tiny-random", OK)
-    _fails(run_mpi(["run", str(job), "--hostfile", str(hosts)], 2, timeout=60), "tiny-board", "1.00 MiB", "need")
+def test_shard_larger_than_its_device_memory(refused):
+    _refused(refused, "small-memory", "tiny-board", "1.00 MiB", "need")
 
 
-def _tiny_copy(tmp_path, tiny_path):
-    import shutil
-
-    dst = tmp_path / "model"
-    shutil.copytree(tiny_path, dst)
-    return dst
-
-
-def test_model_with_a_missing_tensor(tmp_path, tiny_path):
-    from safetensors.torch import load_file, save_file
-
-    model = _tiny_copy(tmp_path, tiny_path)
-    tensors = load_file(model / "model.safetensors")
-    del tensors["model.layers.3.mlp.up_proj.weight"]
-    save_file(tensors, model / "model.safetensors")
-    job = write_job(tmp_path, model, OK)
-    _fails(run_mpi(["run", str(job)], 2, timeout=60), f"{model}: unit block.3 is missing tensor(s) "
-                                                      "model.layers.3.mlp.up_proj.weight")
+def test_model_with_a_missing_tensor(refused):
+    folder = _refused(refused, "missing-tensor")
+    model = folder / "model"
+    assert f"{model}: unit block.3 is missing tensor(s) model.layers.3.mlp.up_proj.weight" in refused(
+        "missing-tensor")[0].error("missing-tensor")
 
 
-def test_model_with_an_unsupported_config(tmp_path, tiny_path):
-    import json
-
-    model = _tiny_copy(tmp_path, tiny_path)
-    config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
-    job = write_job(tmp_path, model, OK)
-    _fails(run_mpi(["run", str(job)], 2, timeout=60), f"{model / 'config.json'}: model_type 'gpt2' is not supported")
+def test_model_with_an_unsupported_config(refused):
+    folder = _refused(refused, "unsupported-config")
+    assert f"{folder / 'model' / 'config.json'}: model_type 'gpt2' is not supported" in refused(
+        "unsupported-config")[0].error("unsupported-config")
 
 
 def test_a_profile_of_another_cluster_is_refused_naming_both_hashes(tmp_path, tiny_path):
