@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import reference_tokens, run_mpi, write_job
+from conftest import Launch, reference_tokens, run_mpi, write_job
 from edgeshard_mpi.models import ModelError, ModelSpec, prepare
 from edgeshard_mpi.results import read_attrs, read_results
 from family_models import FAMILY_CONFIGS, WINDOW, random_model, save_family, write_gguf
@@ -39,10 +39,13 @@ def family_dir(tmp_path_factory):
     return get
 
 
+def _job(folder, model, plan="", name="job"):
+    return write_job(folder, model, [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)], name=name,
+                     extra="micro_batch_size = 3", plan=plan, generation=f"max_new_tokens = {NEW_TOKENS}")
+
+
 def _run(tmp_path, model, n, plan="", name="job"):
-    job = write_job(tmp_path, model, [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)], name=name,
-                    extra="micro_batch_size = 3", plan=plan, generation=f"max_new_tokens = {NEW_TOKENS}")
-    proc = run_mpi(["run", str(job), "--no-progress"], n)
+    proc = run_mpi(["run", str(_job(tmp_path, model, plan, name)), "--no-progress"], n)
     assert proc.returncode == 0, proc.stderr
     by_id = {r.id: r.token_ids for r in read_results(tmp_path / f"{name}.h5")}
     return [by_id[f"p{i}"] for i in range(len(PROMPTS))], tmp_path / f"{name}.h5"
@@ -54,17 +57,33 @@ def _run(tmp_path, model, n, plan="", name="job"):
 ONE_RANK = {"qwen2", "gemma2", "gemma3_text"}
 
 
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory, family_dir):
+    """(family, ranks) -> (Launch, key): every family's cut over 3 ranks in one launch, and the
+    ONE_RANK families whole in another; each launch starts at the first ask."""
+    root = tmp_path_factory.mktemp("family-runs")
+    jobs = {(f, 3): _job(root, family_dir(f), CUT, name=f"{f}-three") for f in FAMILY_CONFIGS}
+    jobs.update({(f, 1): _job(root, family_dir(f), name=f"{f}-one") for f in sorted(ONE_RANK)})
+    launches = {}
+
+    def get(family, n):
+        if n not in launches:
+            launches[n] = Launch({k: j for k, j in jobs.items() if k[1] == n}, n, timeout=600)
+        return launches[n], (family, n)
+    return get
+
+
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
-def test_family_equals_generate_cut_over_3_ranks(tmp_path, family_dir, family):
+def test_family_equals_generate_cut_over_3_ranks(family_dir, family_runs, family):
     path = family_dir(family)
     want = reference_tokens(path, PROMPTS, NEW_TOKENS, 3)
     assert all(want)  # every request generated something to compare
     if family in ONE_RANK:
-        one, _ = _run(tmp_path, path, 1, name="one")
-        assert one == want
-    three, h5 = _run(tmp_path, path, 3, plan=CUT, name="three")
-    assert three == want
-    stages = json.loads(read_attrs(h5)["summary"])["stages"]
+        launch, key = family_runs(family, 1)
+        assert [r.token_ids for r in launch.results(key)] == want
+    launch, key = family_runs(family, 3)
+    assert [r.token_ids for r in launch.results(key)] == want
+    stages = json.loads(read_attrs(launch.jobs[key].with_suffix(".h5"))["summary"])["stages"]
     assert [(s["rank"], s["units"]) for s in stages] == [(0, "embed..block.1"), (2, "block.2..block.4"),
                                                          (1, "block.5..head")]
 
