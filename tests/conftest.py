@@ -52,7 +52,10 @@ class Launch:
         self.proc = run_mpi(["run", *map(str, self.jobs.values()), "--no-progress", *args], n, **run_kwargs)
 
     def _line(self, key, text: str, tag: str) -> str | None:
-        head = f"edgeshard run {self.jobs[key]}: {tag}"
+        if len(self.jobs) > 1:
+            head = f"edgeshard run {self.jobs[key]}: {tag}"
+        else:  # one job: its lines say no job
+            head = "edgeshard: error: " if tag else "edgeshard run: "
         return next((line for line in text.splitlines() if line.startswith(head)), None)
 
     def summary(self, key) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, reference_tokens, run_mpi, write_job
+from conftest import ROOT, Launch, reference_tokens, run_mpi, write_job
 from edgeshard_mpi.models import ModelError, ModelSpec
 from edgeshard_mpi.profiler import Profile
 from edgeshard_mpi.results import read_attrs, read_results
@@ -83,28 +83,27 @@ def test_profile_measures_the_emulated_slowdown_and_link(tmp_path, smollm_path):
 
 
 def test_planned_runs_on_hetero4_equal_generate_and_share_one_profile(tmp_path, tiny_path):
-    # the first job measures the cluster and saves the profile; the second (another objective, the
-    # same model, cluster and shapes) plans from the saved one, and prints the simulator's figures
-    # for its plan and requests beside the measured ones
+    # two jobs in one launch: the first measures the cluster and saves the profile; the second (another
+    # objective, the same model, cluster and shapes) plans from the saved one, and prints the
+    # simulator's figures for its plan and requests beside the measured ones
     env = {"EDGESHARD_PROFILES": str(tmp_path / "profiles")}
     want = reference_tokens(tiny_path, PROMPTS, 12, 1)
+    jobs = {objective: write_job(tmp_path, "tiny-random", [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)],
+                                 name=objective, extra=f'hostfile = "{ROOT / "hostfiles" / "hetero4.hosts"}"',
+                                 plan=f'[plan]\nobjective = "{objective}"\n')
+            for objective in ("throughput", "latency")}
+    launch = Launch(jobs, 4, env=env, timeout=300)
+    assert launch.proc.stderr.count("profile saved") == 1, launch.proc.stderr  # measured once
     profiles = []
-    for objective in ("throughput", "latency"):
-        job = write_job(tmp_path, "tiny-random", [{"id": str(i), "prompt": p} for i, p in enumerate(PROMPTS)],
-                        name=objective, extra=f'hostfile = "{ROOT / "hostfiles" / "hetero4.hosts"}"',
-                        plan=f'[plan]\nobjective = "{objective}"\n')
-        proc = run_mpi(["run", str(job), "--no-progress"], 4, env=env, timeout=240)
-        assert proc.returncode == 0, proc.stderr
-        assert ("profile saved" in proc.stderr) == (objective == "throughput")  # measured once
+    for objective in jobs:
+        assert [r.token_ids for r in launch.results(objective)] == want
         attrs = read_attrs(tmp_path / f"{objective}.h5")
         assert json.loads(attrs["plan"])["objective"] == objective
         profiles.append(attrs["profile"])
-        by_id = {r.id: r.token_ids for r in read_results(tmp_path / f"{objective}.h5")}
-        assert [by_id[str(i)] for i in range(len(PROMPTS))] == want
     assert profiles[1] == profiles[0]
-    assert "predicted (simulated on the profile" in proc.stdout
+    assert "predicted (simulated on the profile" in launch.proc.stdout
     predicted = json.loads(attrs["summary"])["predicted"]
-    assert predicted["requests"] == len(PROMPTS) and predicted["tokens"] == sum(map(len, by_id.values()))
+    assert predicted["requests"] == len(PROMPTS) and predicted["tokens"] == sum(map(len, want))
 
 
 def test_a_work_clock_takes_what_its_profile_says(tmp_path, tiny_path):
