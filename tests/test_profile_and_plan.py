@@ -212,3 +212,16 @@ def test_the_decode_step_cost_is_the_steps_own_when_the_host_speeds_change_betwe
     assert out["decode_s"][1] == pytest.approx(STEP + BLOCK)  # a unit alone, before the host slowed
     assert out["decode_step_s"] == pytest.approx(1.3 * STEP)
     assert out["decode_one_step_s"] == pytest.approx(1.3 * STEP)
+
+
+def test_the_peak_rss_starts_over_for_each_job():
+    # a launch of several jobs reports each job's own peak (runner.between_jobs), not the launch's
+    import numpy as np
+
+    from edgeshard_mpi.profiler import peak_rss, reset_peak_rss
+
+    block = np.ones(32_000_000)  # 256 MB, resident once written
+    high = peak_rss()
+    del block
+    reset_peak_rss()
+    assert peak_rss() < high - 200e6, (peak_rss(), high)
