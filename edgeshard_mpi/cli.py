@@ -388,7 +388,8 @@ def _mpi_command(args) -> int:
 
 def _print_summary(s, job: str | None = None) -> None:
     errors = f" ({s.errors} could not run: errors in the results file)" if s.errors else ""
-    print(f"edgeshard run{' ' + job if job else ''}: {s.requests} requests{errors}, {s.tokens} tokens in {s.seconds:.2f} s: "
+    head = f"edgeshard run {job}" if job else "edgeshard run"  # a launch of several jobs names each
+    print(f"{head}: {s.requests} requests{errors}, {s.tokens} tokens in {s.seconds:.2f} s: "
           f"{s.tokens_per_s:.1f} tokens/s, {s.ms_per_token:.1f} ms/token (decode), "
           f"{s.ttft_ms:.0f} ms to first token; {s.rows_per_step:.2f} rows a step ({s.admission} admission"
           + (f", {s.chunked} joined by chunks of {s.prefill_chunk} tokens" if s.chunked else "") + ")")
