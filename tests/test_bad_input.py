@@ -72,7 +72,7 @@ BAD_JOBS = {
     # a request that cannot run is an error record by default (tests/test_request_errors.py); --strict stops
     "not-json": (("--strict",), lambda d, tiny: write_job(d, "tiny-random", [OK[0], '{"id": "b", "prompt": "unterm'])),
     "empty-prompt": (("--strict",), lambda d, tiny: write_job(d, "tiny-random", [OK[0], {"id": "b", "prompt": "  "}])),
-    "long-prompt": (("--strict",), lambda d, tiny: write_job(d, "tiny-random", [OK[0], {"id": "long", "prompt": _LONG}])),
+    "long-prompt": (("--strict",), lambda d, tiny: write_job(d, "tiny-random", [OK[0], {"id": "l", "prompt": _LONG}])),
 }
 
 

@@ -26,7 +26,8 @@ TINY_PARTITIONS = {
     4: [None, [(0, 0, 0), (1, 1, 1), (2, 2, 6), (3, 7, 7)]],
 }
 CASES = [(n, p) for n, parts in TINY_PARTITIONS.items() for p in parts]
-SMOL_PARTITIONS = [(1, None), (2, [(0, 0, 0), (1, 1, 31)]), (3, None), (4, [(0, 0, 9), (1, 10, 20), (2, 21, 30), (3, 31, 31)])]
+SMOL_PARTITIONS = [(1, None), (2, [(0, 0, 0), (1, 1, 31)]), (3, None),
+                   (4, [(0, 0, 9), (1, 10, 20), (2, 21, 30), (3, 31, 31)])]
 SEEDED = [(1, None, 1), (3, [(0, 0, 0), (1, 1, 6), (2, 7, 7)], 1), (2, None, 2)]  # ranks, stages, micro-batch
 SAMPLING = "max_new_tokens = 16\ntemperature = 0.9\ntop_k = 50\ntop_p = 0.95\nseed = 1234"
 
@@ -135,8 +136,9 @@ def test_show_json_lists_every_request(launched):
     launch = launched("tiny-2-0")
     records = launch.results("tiny-2-0")
     import subprocess, sys
-    out = subprocess.run([sys.executable, "-m", "edgeshard_mpi", "show", str(launch.jobs["tiny-2-0"].with_suffix(".h5")),
-                          "--json"], capture_output=True, text=True, check=True).stdout
+    h5 = launch.jobs["tiny-2-0"].with_suffix(".h5")
+    out = subprocess.run([sys.executable, "-m", "edgeshard_mpi", "show", str(h5), "--json"],
+                         capture_output=True, text=True, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines()]
     assert sorted(r["id"] for r in rows) == sorted(r.id for r in records)
     assert all({"id", "prompt", "text", "token_ids", "finish_reason"} <= set(r) for r in rows)
