@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command != "launch":  # launch passes what it does not know on to `run`
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "launch":
-        parser.parse_args(["run", args.job, *rest])  # what goes on to `run` must be its options: checked now
+        passed = parser.parse_args(["run", args.job, *rest])  # what goes on to `run` must be its options: checked now
+        if len(passed.job) > 1:
+            parser.error(f"launch: one job, not {len(passed.job)} (to run several in one launch: mpiexec ... run A B)")
         if args.max_restarts is None:
             try:
                 args.max_restarts = _count(os.environ.get("MAX_RESTARTS", "3"))

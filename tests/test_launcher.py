@@ -232,7 +232,8 @@ def test_launch_refuses_bad_options_before_starting_anything(tmp_path, monkeypat
     job.write_text('model = "tiny-random"\nprompts = "p.jsonl"\n')
     for argv, said in ((["--max-restarts", "-1"], "is not a whole number >= 0"),
                        (["--overw"], "unrecognized arguments: --overw"),  # `run` takes no abbreviations
-                       (["--schedule", "fastest"], "invalid choice: 'fastest'")):
+                       (["--schedule", "fastest"], "invalid choice: 'fastest'"),
+                       ([str(job)], "launch: one job, not 2")):
         with pytest.raises(SystemExit) as e:
             main(["launch", str(job), "-f", "hosts", *argv])
         assert e.value.code == 2 and said in capsys.readouterr().err
