@@ -71,14 +71,33 @@ class Launch:
         assert self.proc.returncode == 1, self.proc.stderr
         return line
 
+    def h5(self, key) -> Path:
+        """The job's results file (write_job names it after the job file)."""
+        return self.jobs[key].with_suffix(".h5")
+
     def results(self, key) -> list:
         """The job's records in prompt order (ids p0, p1, ...), after checking that it ran."""
         from edgeshard_mpi.results import read_results
 
         self.summary(key)
-        job = self.jobs[key]
-        by_id = {r.id: r for r in read_results(job.parent / f"{job.stem}.h5")}
+        by_id = {r.id: r for r in read_results(self.h5(key))}
         return [by_id[f"p{i}"] for i in range(len(by_id))]
+
+
+class Launches:
+    """A module's jobs by key, each with the rank count and run options it needs: the jobs alike share
+    one Launch, started when a test first asks for one of them."""
+
+    def __init__(self, jobs: dict, needs, **run_kwargs):
+        self.jobs, self.needs, self.run_kwargs, self.launched = jobs, needs, run_kwargs, {}
+
+    def __call__(self, key) -> Launch:
+        """The Launch that ran job `key` (key -> needs(key) = (ranks, options))."""
+        n, args = need = self.needs(key)
+        if need not in self.launched:
+            alike = {k: j for k, j in self.jobs.items() if self.needs(k) == need}
+            self.launched[need] = Launch(alike, n, list(args), **self.run_kwargs)
+        return self.launched[need]
 
 
 def write_job(dir: Path, model: str | Path, prompts: list, *, name: str = "job", extra: str = "",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import Launch, run_mpi, write_job
+from conftest import Launches, run_mpi, write_job
 
 OK = [{"id": "a", "prompt": "Hello there"}, {"id": "b", "prompt": "General Kenobi"}]
 
@@ -78,33 +78,29 @@ BAD_JOBS = {
 
 @pytest.fixture(scope="module")
 def refused(tmp_path_factory, tiny_path):
-    """name -> (the Launch that ran it, its folder); each set of options is launched at the first ask."""
+    """name -> the Launch that ran that job: one launch for each set of options, each with a good job
+    (key ("ok", options)) beside the refused ones."""
     root = tmp_path_factory.mktemp("refused")
-    folders, launches = {}, {}
-    for name in BAD_JOBS:
-        folders[name] = root / name
-        folders[name].mkdir()
-
-    def get(name):
-        args = BAD_JOBS[name][0]
-        if args not in launches:
-            ok = root / f"ok{len(launches)}"
-            ok.mkdir()
-            jobs = {"ok": write_job(ok, "tiny-random", OK)}
-            jobs.update({k: make(folders[k], tiny_path) for k, (a, make) in BAD_JOBS.items() if a == args})
-            launches[args] = Launch(jobs, 2, list(args), timeout=240)
-        return launches[args], folders[name]
-    return get
+    jobs = {}
+    for name, (args, make) in BAD_JOBS.items():
+        (root / name).mkdir()
+        jobs[name] = make(root / name, tiny_path)
+    for args in {args for args, _ in BAD_JOBS.values()}:
+        ok = root / f"ok{'-'.join(args)}"
+        ok.mkdir()
+        jobs[("ok", args)] = write_job(ok, "tiny-random", OK)
+    return Launches(jobs, lambda key: (2, key[1] if key[0] == "ok" else BAD_JOBS[key][0]), timeout=240)
 
 
-def _refused(refused, name, *needles):
-    launch, folder = refused(name)
+def _refused(refused, name, *needles) -> str:
+    """The job's error line, holding every needle; the good job of the same launch ran."""
+    launch = refused(name)
     line = launch.error(name)
     for needle in needles:
         assert needle in line, line
     assert "Traceback" not in launch.proc.stderr, launch.proc.stderr
-    assert "requests" in launch.summary("ok")  # the good job of the same launch ran
-    return folder
+    assert "requests" in launch.summary(("ok", BAD_JOBS[name][0]))
+    return line
 
 
 def test_missing_model_folder(refused):
@@ -141,8 +137,8 @@ def test_plan_that_misses_or_repeats_units(refused, name, needle):
 
 
 def test_results_file_is_never_overwritten_silently(refused):
-    folder = _refused(refused, "kept-results", "job.h5", "--overwrite")
-    assert (folder / "job.h5").read_text() == "precious"
+    _refused(refused, "kept-results", "job.h5", "--overwrite")
+    assert refused("kept-results").h5("kept-results").read_text() == "precious"
 
 
 def test_output_of_several_jobs_is_refused(tmp_path, tiny_path):
@@ -164,16 +160,13 @@ def test_shard_larger_than_its_device_memory(refused):
 
 
 def test_model_with_a_missing_tensor(refused):
-    folder = _refused(refused, "missing-tensor")
-    model = folder / "model"
-    assert f"{model}: unit block.3 is missing tensor(s) model.layers.3.mlp.up_proj.weight" in refused(
-        "missing-tensor")[0].error("missing-tensor")
+    model = refused("missing-tensor").jobs["missing-tensor"].parent / "model"
+    _refused(refused, "missing-tensor", f"{model}: unit block.3 is missing tensor(s) model.layers.3.mlp.up_proj.weight")
 
 
 def test_model_with_an_unsupported_config(refused):
-    folder = _refused(refused, "unsupported-config")
-    assert f"{folder / 'model' / 'config.json'}: model_type 'gpt2' is not supported" in refused(
-        "unsupported-config")[0].error("unsupported-config")
+    config = refused("unsupported-config").jobs["unsupported-config"].parent / "model" / "config.json"
+    _refused(refused, "unsupported-config", f"{config}: model_type 'gpt2' is not supported")
 
 
 def test_a_profile_of_another_cluster_is_refused_naming_both_hashes(tmp_path, tiny_path):

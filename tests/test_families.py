@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import Launch, reference_tokens, run_mpi, write_job
+from conftest import Launches, reference_tokens, run_mpi, write_job
 from edgeshard_mpi.models import ModelError, ModelSpec, prepare
 from edgeshard_mpi.results import read_attrs, read_results
 from family_models import FAMILY_CONFIGS, WINDOW, random_model, save_family, write_gguf
@@ -59,18 +59,12 @@ ONE_RANK = {"qwen2", "gemma2", "gemma3_text"}
 
 @pytest.fixture(scope="module")
 def family_runs(tmp_path_factory, family_dir):
-    """(family, ranks) -> (Launch, key): every family's cut over 3 ranks in one launch, and the
-    ONE_RANK families whole in another; each launch starts at the first ask."""
+    """(family, ranks) -> its Launch: every family's cut over 3 ranks in one launch, and the ONE_RANK
+    families whole in another."""
     root = tmp_path_factory.mktemp("family-runs")
     jobs = {(f, 3): _job(root, family_dir(f), CUT, name=f"{f}-three") for f in FAMILY_CONFIGS}
     jobs.update({(f, 1): _job(root, family_dir(f), name=f"{f}-one") for f in sorted(ONE_RANK)})
-    launches = {}
-
-    def get(family, n):
-        if n not in launches:
-            launches[n] = Launch({k: j for k, j in jobs.items() if k[1] == n}, n, timeout=600)
-        return launches[n], (family, n)
-    return get
+    return Launches(jobs, lambda key: (key[1], ()), timeout=600)
 
 
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
@@ -79,11 +73,10 @@ def test_family_equals_generate_cut_over_3_ranks(family_dir, family_runs, family
     want = reference_tokens(path, PROMPTS, NEW_TOKENS, 3)
     assert all(want)  # every request generated something to compare
     if family in ONE_RANK:
-        launch, key = family_runs(family, 1)
-        assert [r.token_ids for r in launch.results(key)] == want
-    launch, key = family_runs(family, 3)
-    assert [r.token_ids for r in launch.results(key)] == want
-    stages = json.loads(read_attrs(launch.jobs[key].with_suffix(".h5"))["summary"])["stages"]
+        assert [r.token_ids for r in family_runs((family, 1)).results((family, 1))] == want
+    launch = family_runs((family, 3))
+    assert [r.token_ids for r in launch.results((family, 3))] == want
+    stages = json.loads(read_attrs(launch.h5((family, 3)))["summary"])["stages"]
     assert [(s["rank"], s["units"]) for s in stages] == [(0, "embed..block.1"), (2, "block.2..block.4"),
                                                          (1, "block.5..head")]
 

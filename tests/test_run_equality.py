@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import Launch, reference_tokens, run_mpi, write_job
+from conftest import Launches, reference_tokens, run_mpi, write_job
 from edgeshard_mpi.results import read_attrs, read_results
 
 PROMPTS = [
@@ -51,7 +51,7 @@ def _plan(stages: list[tuple[int, int, int]]) -> str:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, tiny_path, smollm_path):
-    """name -> the Launch that ran that job; each rank count's jobs are launched at the first ask."""
+    """name -> the Launch that ran that job: one launch for each rank count's jobs."""
     root = tmp_path_factory.mktemp("equality")
     jobs = {}
     for name, spec in JOBS.items():
@@ -61,15 +61,7 @@ def launched(tmp_path_factory, tiny_path, smollm_path):
                                extra=f"micro_batch_size = {spec.get('mbs', 1)}\n{spec.get('extra', '')}",
                                plan=_plan(spec["stages"]) if spec.get("stages") else "",
                                generation=spec.get("generation", "max_new_tokens = 12"))
-    launches = {}
-
-    def get(name: str) -> Launch:
-        n = JOBS[name]["n"]
-        if n not in launches:
-            launches[n] = Launch({k: j for k, j in jobs.items() if JOBS[k]["n"] == n}, n, timeout=600)
-        return launches[n]
-
-    return get
+    return Launches(jobs, lambda name: (JOBS[name]["n"], ()), timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +91,7 @@ def test_idle_rank_is_left_out_and_does_not_spin(launched, tiny_reference):
     launch = launched("idle")
     records = launch.results("idle")
     assert [r.token_ids for r in records] == tiny_reference[1] * 4
-    summary = json.loads(read_attrs(launch.jobs["idle"].with_suffix(".h5"))["summary"])
+    summary = json.loads(read_attrs(launch.h5("idle"))["summary"])
     idle = next(st for st in summary["ranks"] if st["rank"] == 2)
     assert idle["steps"] == 0
     # a spinning wait would use a whole core (cpu_s ~ wall_s); polling with sleeps stays far below
@@ -136,8 +128,7 @@ def test_show_json_lists_every_request(launched):
     launch = launched("tiny-2-0")
     records = launch.results("tiny-2-0")
     import subprocess, sys
-    h5 = launch.jobs["tiny-2-0"].with_suffix(".h5")
-    out = subprocess.run([sys.executable, "-m", "edgeshard_mpi", "show", str(h5), "--json"],
+    out = subprocess.run([sys.executable, "-m", "edgeshard_mpi", "show", str(launch.h5("tiny-2-0")), "--json"],
                          capture_output=True, text=True, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines()]
     assert sorted(r["id"] for r in rows) == sorted(r.id for r in records)

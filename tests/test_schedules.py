@@ -12,7 +12,7 @@ import tracemalloc
 
 import pytest
 
-from conftest import ROOT, Launch, reference_tokens, run_mpi, write_job
+from conftest import ROOT, Launches, reference_tokens, run_mpi, write_job
 from edgeshard_mpi.jobs import read_prompts
 from edgeshard_mpi.results import read_results
 
@@ -47,20 +47,15 @@ CASES = [(3, "no-bubbles", 2, 3), (3, "bubbles", 2, 3), (2, "sequential", 3, Non
 
 @pytest.fixture(scope="module")
 def schedule_runs(tmp_path_factory, tiny_path):
-    """case -> the Launch that ran it: the cases of one rank count share a launch, started at the first ask."""
-    root, jobs, launches = tmp_path_factory.mktemp("schedules"), {}, {}
+    """case -> the Launch that ran it: the cases of one rank count share a launch."""
+    root, jobs = tmp_path_factory.mktemp("schedules"), {}
     for i, (n, schedule, mbs, in_flight) in enumerate(CASES):
         extra = {"schedule": f'"{schedule}"', "micro_batch_size": mbs}
         if in_flight:
             extra["micro_batches"] = in_flight
         (root / str(i)).mkdir()
         jobs[CASES[i]] = _job(root / str(i), **extra)
-
-    def get(case):
-        if case[0] not in launches:
-            launches[case[0]] = Launch({c: j for c, j in jobs.items() if c[0] == case[0]}, case[0], timeout=300)
-        return launches[case[0]]
-    return get
+    return Launches(jobs, lambda case: (case[0], ()), timeout=300)
 
 
 @pytest.mark.parametrize("n,schedule,mbs,in_flight", CASES, ids=[f"{c[0]}r-{c[1]}-mbs{c[2]}-k{c[3]}" for c in CASES])
@@ -68,10 +63,9 @@ def test_every_schedule_gives_generates_tokens(schedule_runs, reference, n, sche
     case = (n, schedule, mbs, in_flight)
     launch = schedule_runs(case)
     launch.summary(case)
-    job = launch.jobs[case]
-    got = _tokens(job.with_suffix(".h5"))
+    got = _tokens(launch.h5(case))
     assert got == {f"p{i}": reference[p] for i, p in enumerate(PROMPTS)}
-    assert not job.with_name("job.h5.journal").exists()  # a run that ends normally drops its journal
+    assert not launch.h5(case).with_suffix(".h5.journal").exists()  # a run that ends normally drops its journal
 
 
 def test_resume_after_sigkill_finishes_with_the_same_tokens(tmp_path, reference):
