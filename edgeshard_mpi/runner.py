@@ -351,16 +351,43 @@ def _make_plan(local: _Local, cluster: Cluster, world: int, objective: str | Non
     return plan
 
 
-def _become_device(comm: Comm, cluster: Cluster, shared: _Shared) -> None:
+def _become_device(comm: Comm, cluster: Cluster, shared: _Shared, table: bool = False) -> None:
     """This rank takes on its device: its links' emulation, and its thread count (decided on rank 0
     from every rank's host, cluster.default_threads), which torch alone would set to 1 under mpiexec.
-    Every rank's dtype and quantization are kept for the rank table."""
+    Every rank's dtype and quantization are kept for the rank table (printed with `table`); rank 0
+    names the ranks whose bf16 products run without bf16 instructions."""
     import torch
 
     comm.emulate_links(cluster.devices)
     comm.threads = [d.threads for d in cluster.devices]
     comm.precision = [", ".join(x for x in d.precision(shared.dtype, shared.quantize) if x) for d in cluster.devices]
     torch.set_num_threads(cluster.devices[comm.rank].threads or 1)
+    if comm.rank == 0 and table:  # mpiexec reports a rank that died by its pid and host: this maps them to devices
+        print(f"edgeshard: ranks: {comm.rank_table()}", file=sys.stderr, flush=True)
+    me = cluster.devices[comm.rank]
+    widened = comm.gather(_bf16_widened(me.torch, *me.precision(shared.dtype, shared.quantize)))
+    if comm.rank == 0 and any(widened):
+        names = ", ".join(f"{d.name} ({isa})" for d, isa in zip(cluster.devices, widened) if isa)
+        print(f"edgeshard: note: bfloat16 on a CPU without bf16 instructions: {names}. Past a few rows a "
+              "product there takes longer in bfloat16 than in float32: for micro-batches of more than a few "
+              "rows, float32 (the job's dtype, or dtype= on the device's hostfile line) is faster there",
+              file=sys.stderr, flush=True)
+
+
+def _bf16_widened(where: str, dtype: str, quantize: str | None) -> str | None:
+    """This CPU's instruction set when the rank computes plain bf16 products without bf16 instructions
+    (AVX512-BF16 or AMX), else None. On such a CPU (an AVX2 AMD EPYC, BENCHMARKS.md) a bf16 decode
+    step took 0.91x fp32's time at one row, where the halved bytes count, and 2.41x at 16 rows. int8
+    products take fp32 rows, so a quantized rank is not told."""
+    import platform
+
+    import torch
+
+    if dtype != "bfloat16" or quantize or where != "cpu" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return None
+    return torch.backends.cpu.get_cpu_capability()
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -375,9 +402,8 @@ def run_job(comm: Comm, job_path: str, opts: RunOptions) -> Summary | None:
                          for r, ((h, pid), b) in enumerate(zip(comm.where, comm.boots))])
     shared, local = _decide(comm, lambda: _read(job_path, opts, comm.hosts, mode="run"))
     cluster = Cluster.from_dict(shared.cluster)
-    _become_device(comm, cluster, shared)
-    if rank == 0:  # mpiexec reports a rank that died by its pid and host: this maps them to devices
-        print(f"edgeshard: ranks: {comm.rank_table()}", file=sys.stderr, flush=True)
+    _become_device(comm, cluster, shared, table=True)
+    if rank == 0:
         local.heartbeat = heartbeat
     spec = local.spec if rank == 0 else shared.spec()
     if shared.measure is not None:

@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
+import torch
 
 from conftest import run_mpi, write_job
 from edgeshard_mpi.cluster import Device
@@ -140,6 +142,14 @@ def test_a_run_over_devices_in_their_own_dtypes(tmp_path, tiny_path):
     assert proc.returncode == 0, proc.stderr
     table = next(line for line in proc.stderr.splitlines() if line.startswith("edgeshard: ranks:"))
     assert "0 src (pid" in table and ", bfloat16), 1 mid (pid" in table and table.endswith(", float32, int8)"), table
+    # a CPU without bf16 instructions is named for the bf16 device only (not for int8, whose products take fp32)
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("edgeshard: note: bfloat16")]
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if native or platform.machine() != "x86_64":
+        assert notes == [], notes
+    else:
+        isa = torch.backends.cpu.get_cpu_capability()
+        assert len(notes) == 1 and f"instructions: src ({isa}). Past a few rows" in notes[0], proc.stderr
 
     attrs = read_attrs(tmp_path / "job.h5")
     plan = json.loads(attrs["plan"])
