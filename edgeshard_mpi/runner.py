@@ -365,16 +365,16 @@ def _become_device(comm: Comm, cluster: Cluster, shared: _Shared, table: bool = 
     if comm.rank == 0 and table:  # mpiexec reports a rank that died by its pid and host: this maps them to devices
         print(f"edgeshard: ranks: {comm.rank_table()}", file=sys.stderr, flush=True)
     me = cluster.devices[comm.rank]
-    widened = comm.gather(_bf16_widened(me.torch, *me.precision(shared.dtype, shared.quantize)))
-    if comm.rank == 0 and any(widened):
-        names = ", ".join(f"{d.name} ({isa})" for d, isa in zip(cluster.devices, widened) if isa)
+    slow_bf16 = comm.gather(_bf16_without_instructions(me.torch, *me.precision(shared.dtype, shared.quantize)))
+    if comm.rank == 0 and any(slow_bf16):
+        names = ", ".join(f"{d.name} ({isa})" for d, isa in zip(cluster.devices, slow_bf16) if isa)
         print(f"edgeshard: note: bfloat16 on a CPU without bf16 instructions: {names}. Past a few rows a "
               "product there takes longer in bfloat16 than in float32: for micro-batches of more than a few "
               "rows, float32 (the job's dtype, or dtype= on the device's hostfile line) is faster there",
               file=sys.stderr, flush=True)
 
 
-def _bf16_widened(where: str, dtype: str, quantize: str | None) -> str | None:
+def _bf16_without_instructions(where: str, dtype: str, quantize: str | None) -> str | None:
     """This CPU's instruction set when the rank computes plain bf16 products without bf16 instructions
     (AVX512-BF16 or AMX), else None. On such a CPU (an AVX2 AMD EPYC, BENCHMARKS.md) a bf16 decode
     step took 0.91x fp32's time at one row, where the halved bytes count, and 2.41x at 16 rows. int8
