@@ -6,7 +6,7 @@ SmolLM2-135M's 211 matrices (30 blocks of q, k, v, o, gate, up, down, and the 49
 int8 values with bf16 per-row scales, in one process: the median of 3 rounds, the forms alternating,
 each round the median of 8 passes:
   aten     torch.ops.aten._weight_int8pack_mm on bf16 activations (what int8 took before the kernel)
-  kernel   torch.ops.edgeshard.int8_mm (int8_kernel), as eager steps and compiled graphs call it
+  kernel   torch.ops.edgeshard.int8_mm (cpu_kernels), as eager steps and compiled graphs call it
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from edgeshard_mpi import int8_kernel  # noqa: E402
+from edgeshard_mpi import cpu_kernels  # noqa: E402
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30 + [(49152, 576)]
 
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    why = int8_kernel.available()
+    why = cpu_kernels.available()
     if why is not None:
         sys.exit(f"int8_products: {why}")
     gen = torch.Generator().manual_seed(0)
@@ -54,7 +54,7 @@ def main() -> None:
         x = {k: torch.randn(rows, k, generator=gen) for k in (576, 1536)}
         xb = {k: v.bfloat16() for k, v in x.items()}
         forms = {"aten": lambda: [torch.ops.aten._weight_int8pack_mm(xb[w.shape[1]], w, s) for w, s in mats],
-                 "kernel": lambda: [int8_kernel.int8_mm(x[w.shape[1]], w, s) for w, s in mats]}
+                 "kernel": lambda: [cpu_kernels.int8_mm(x[w.shape[1]], w, s) for w, s in mats]}
         ms = {name: [] for name in forms}
         for _ in range(3):  # alternating, so that a slow minute on the machine falls on every form
             for name, fn in forms.items():

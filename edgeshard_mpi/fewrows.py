@@ -27,6 +27,13 @@ shard holds one form of each weight, not both: whether to reorder is measured, o
 dtype, thread count and row count, at the micro-batch's rows (`packs`). A tied head, which reads
 the embedding's matrix, keeps it as it is.
 
+On a CPU without bf16 instructions (AVX512-BF16, AMX), torch's bf16 product past a row or two takes
+a slow path, 4x fp32's time at 16 rows. There a bf16 shard's matrices take the widened form (`widens`),
+which computes in fp32 on the bf16 weights, as torch's bf16 product sums in fp32 before it rounds: a
+few rows in `cpu_kernels.bf16_mm`, which widens each weight in a register and so reads bf16's bytes,
+half of fp32's, and more rows (a prefill) in fp32's own gemm on a widened copy of the matrix. Where
+the kernel cannot be built, the products stay torch's.
+
 A profile records the forms it measured in (`forms`), and a run on that profile takes them (`adopt`)
 rather than measuring again: the run then computes the step its plan and prediction were made from.
 """
@@ -38,10 +45,15 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "adopt", "forms", "head_shape", "packs", "packs_for", "reorders",
-           "rows_for", "swap_linears", "transposed_rows"]
+from . import cpu_kernels
+
+__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "adopt", "bf16_instructions", "forms", "head_shape", "packs",
+           "packs_for", "reorders", "rows_for", "swap_linears", "transposed_rows", "widens"]
 
 MAX_ROWS = 16  # more rows than this take `linear` (its gemm is then at the memory's speed, or the compute's)
+# the widened form's rows up to which its kernel is faster than fp32's gemm on a widened copy of the
+# matrix: about 64 for a layer's matrix (1536 x 576), 200 for a head's (49152 x 576) on an AVX2 EPYC
+WIDE_ROWS = 64
 SWAP_BYTES = 64 << 20  # a model's weights from which its shards take the faster form
 _PROBE = (8192, 1024)  # out x in: 32 MiB in fp32, at or past most CPUs' last-level cache (smollm2's head: 108 MiB)
 _chosen: dict[tuple, frozenset[int]] = {}
@@ -151,11 +163,24 @@ def forms(spec, device: torch.device, dtype: torch.dtype, rows: int) -> dict:
             "packed": packs_for(spec, device, dtype, rows=rows)}
 
 
+def bf16_instructions() -> bool:
+    """Whether this CPU computes bf16 products with instructions of their own (AVX512-BF16 or AMX)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def widens(device: torch.device, dtype: torch.dtype, quantize: str | None = None) -> bool:
+    """Whether a shard's matrices here take the widened form: bf16 weights, unquantized, on a CPU
+    without bf16 instructions, where this project's kernel is built (`cpu_kernels.available`)."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or quantize or bf16_instructions():
+        return False
+    return cpu_kernels.available() is None
+
+
 def packs_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False, rows: int = 1) -> bool:
     """Whether a shard of `spec` whose steps hold up to `rows` rows reorders its weights for oneDNN:
     only on a CPU, unquantized, eager (a compiled graph's products are inductor's), for a model of at
     least SWAP_BYTES, at more than one row, and where that measures faster (`packs`)."""
-    if device.type != "cpu" or spec.quantize or compile or rows < 2:
+    if device.type != "cpu" or spec.quantize or compile or rows < 2 or widens(device, dtype, spec.quantize):
         return False
     if spec.bytes_of(0, spec.num_units - 1) < SWAP_BYTES:
         return False
@@ -166,10 +191,13 @@ def rows_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = Fal
              head: bool = False) -> frozenset[int]:
     """The row counts a shard of `spec` in `dtype` on `device` takes in the transposed form, in its LM
     head with `head` (measured on the head's own shape), else in its other matrices: none on a
-    GPU, quantized (quant.Int8Linear has its own kernel) or for a model under SWAP_BYTES. A compiled
+    GPU, quantized (quant.Int8Linear has its own kernel), widened (`widens`) or for a model under
+    SWAP_BYTES. A compiled
     shard takes it at one row at most: torch specializes a graph for one row, while its other graph
     serves any count of rows, whose products stay `linear`'s (inductor's own)."""
     if device.type != "cpu" or spec.quantize or spec.bytes_of(0, spec.num_units - 1) < SWAP_BYTES:
+        return frozenset()
+    if widens(device, dtype, spec.quantize):
         return frozenset()
     turned = transposed_rows(dtype, head_shape(spec) if head else _PROBE)
     return turned & {1} if compile else turned
@@ -187,20 +215,23 @@ def _best(fn, repeats: int = 5) -> float:
 
 class FewRowsLinear(nn.Linear):
     """`nn.Linear` whose product of a few rows runs in the faster form (`transposed_rows`), or whose
-    weight is held reordered for oneDNN (`packed`, in place of `weight`, which is then None)."""
+    weight is held reordered for oneDNN (`packed`, in place of `weight`, which is then None), or whose
+    bf16 products are computed in fp32 (`widened`)."""
 
     turned: frozenset[int] = frozenset()
     packed: torch.Tensor | None = None
+    widened: bool = False
 
     @classmethod
-    def of(cls, linear: nn.Linear, turned: frozenset[int], pack: bool = False) -> "FewRowsLinear":
+    def of(cls, linear: nn.Linear, turned: frozenset[int], pack: bool = False,
+           widen: bool = False) -> "FewRowsLinear":
         """A FewRowsLinear holding `linear`'s own parameters (nothing is copied), or with `pack` its
-        weight reordered (`linear`'s then left to be freed) and its own bias."""
+        weight reordered (`linear`'s then left to be freed) and its own bias; `widen`: see `widens`."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
-        new.turned = turned
+        new.turned, new.widened = turned, widen
         if pack:
             new.packed = _pack(linear.weight)
             new.weight = None
@@ -209,6 +240,8 @@ class FewRowsLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return _packed(x, self.packed, self.bias, self.out_features)
+        if self.widened:
+            return self._widened(x)
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if torch.compiler.is_compiling():  # rows past one are a symbol: testing them would specialize the graph
             turn = m == 1 and 1 in self.turned
@@ -222,15 +255,28 @@ class FewRowsLinear(nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def swap_linears(module: nn.Module, turned: frozenset[int], pack: bool = False) -> nn.Module:
+    def _widened(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T (+ bias) summed in fp32 on the bf16 weight, rounded once to x's dtype. In a compiled
+        graph always the kernel: there the rows are a symbol, and testing them would split the graph."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= WIDE_ROWS or torch.compiler.is_compiling():
+            y = cpu_kernels.bf16_mm(x2, self.weight, self.bias)
+        else:  # a prefill's many rows: fp32's gemm on a widened copy
+            bias = None if self.bias is None else self.bias.float()
+            y = nn.functional.linear(x2.float(), self.weight.float(), bias).to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def swap_linears(module: nn.Module, turned: frozenset[int], pack: bool = False, widen: bool = False) -> nn.Module:
     """`module` with each `nn.Linear` in it (itself included) a FewRowsLinear on the same parameters,
-    or with `pack` on its weight reordered."""
-    if not turned and not pack:
+    or with `pack` on its weight reordered, or with `widen` computing in fp32 (`widens`)."""
+    if not turned and not pack and not widen:
         return module
     if type(module) is nn.Linear:
-        return FewRowsLinear.of(module, turned, pack)
+        return FewRowsLinear.of(module, turned, pack, widen)
     for name, child in list(module.named_modules()):
         if name and type(child) is nn.Linear:
             parent, _, leaf = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, leaf, FewRowsLinear.of(child, turned, pack))
+            setattr(module.get_submodule(parent) if parent else module, leaf,
+                    FewRowsLinear.of(child, turned, pack, widen))
     return module

@@ -4,7 +4,7 @@ As gpt-fast's `WeightOnlyInt8QuantHandler`: the matrices of every `nn.Linear` (p
 head) and a plain `nn.Embedding` are stored as int8 with one scale per row; norms, biases and a
 family's own embedding subclass (Gemma's scaled one) stay in the job's dtype. A decode step reads a
 quarter of fp32's bytes. On a CPU a decode step's few rows take this project's AVX2 kernel
-(`int8_kernel`: int8 weights against int16 activations, about twice aten's speed at one row, see
+(`cpu_kernels`: int8 weights against int16 activations, about twice aten's speed at one row, see
 BENCHMARKS.md), and a prefill's many rows, or a CPU without it, `aten._weight_int8pack_mm` (bf16
 activations); elsewhere, gpt-fast's `linear(x, w.to(x.dtype)) * scales`.
 """
@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import int8_kernel
+from . import cpu_kernels
 
 __all__ = ["SCALE_BYTES", "Int8Embedding", "Int8Linear", "int8_bytes", "int8_keys", "int8_shell", "quantizable",
            "quantize_rows"]
 
-SCALE_DTYPE = torch.bfloat16  # what _weight_int8pack_mm takes on a CPU, and int8_kernel too
+SCALE_DTYPE = torch.bfloat16  # what _weight_int8pack_mm takes on a CPU, and cpu_kernels.int8_mm too
 SCALE_BYTES = 2
 
 
@@ -66,8 +66,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             x2 = x.reshape(-1, x.shape[-1])
-            if x2.shape[0] <= int8_kernel.MAX_ROWS and int8_kernel.available() is None:
-                y = int8_kernel.int8_mm(x2.float().contiguous(), self.weight, self.scales)
+            if x2.shape[0] <= cpu_kernels.MAX_ROWS and cpu_kernels.available() is None:
+                y = cpu_kernels.int8_mm(x2.float().contiguous(), self.weight, self.scales)
             else:
                 y = torch.ops.aten._weight_int8pack_mm(x2.to(SCALE_DTYPE), self.weight, self.scales)
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)

@@ -355,7 +355,7 @@ def _become_device(comm: Comm, cluster: Cluster, shared: _Shared, table: bool = 
     """This rank takes on its device: its links' emulation, and its thread count (decided on rank 0
     from every rank's host, cluster.default_threads), which torch alone would set to 1 under mpiexec.
     Every rank's dtype and quantization are kept for the rank table (printed with `table`); rank 0
-    names the ranks whose bf16 products run without bf16 instructions."""
+    names the ranks whose bf16 products take torch's slow path there (`_bf16_without_instructions`)."""
     import torch
 
     comm.emulate_links(cluster.devices)
@@ -368,26 +368,31 @@ def _become_device(comm: Comm, cluster: Cluster, shared: _Shared, table: bool = 
     slow_bf16 = comm.gather(_bf16_without_instructions(me.torch, *me.precision(shared.dtype, shared.quantize)))
     if comm.rank == 0 and any(slow_bf16):
         names = ", ".join(f"{d.name} ({isa})" for d, isa in zip(cluster.devices, slow_bf16) if isa)
-        print(f"edgeshard: note: bfloat16 on a CPU without bf16 instructions: {names}. Past a few rows a "
-              "product there takes longer in bfloat16 than in float32: for micro-batches of more than a few "
-              "rows, float32 (the job's dtype, or dtype= on the device's hostfile line) is faster there",
+        print(f"edgeshard: note: bfloat16 in torch's products on a CPU without bf16 instructions: {names}. "
+              "Past a few rows a product there takes longer in bfloat16 than in float32: for micro-batches "
+              "of more than a few rows, float32 (the job's dtype, or dtype= on the device's hostfile line) is "
+              "faster there",
               file=sys.stderr, flush=True)
 
 
 def _bf16_without_instructions(where: str, dtype: str, quantize: str | None) -> str | None:
-    """This CPU's instruction set when the rank computes plain bf16 products without bf16 instructions
-    (AVX512-BF16 or AMX), else None. On such a CPU (an AVX2 AMD EPYC, BENCHMARKS.md) a bf16 decode
-    step took 0.91x fp32's time at one row, where the halved bytes count, and 2.41x at 16 rows. int8
-    products take fp32 rows, so a quantized rank is not told."""
+    """This CPU's instruction set and why, when the rank computes plain bf16 products in torch's own
+    way without bf16 instructions (AVX512-BF16 or AMX), else None. Such a CPU computes them in fp32 on
+    the bf16 weights (fewrows.widens), at fp32's speed or better, unless this project's kernel could
+    not be built there: then a bf16 decode step took 2.41x fp32's time at 16 rows on an AVX2 AMD EPYC
+    (BENCHMARKS.md). int8 products take fp32 rows, so a quantized rank is not told."""
     import platform
 
     import torch
 
+    from . import cpu_kernels
+    from .fewrows import bf16_instructions, widens
+
     if dtype != "bfloat16" or quantize or where != "cpu" or platform.machine() not in ("x86_64", "AMD64"):
         return None
-    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+    if bf16_instructions() or widens(torch.device("cpu"), torch.bfloat16):
         return None
-    return torch.backends.cpu.get_cpu_capability()
+    return f"{torch.backends.cpu.get_cpu_capability()}: {cpu_kernels.available()}"
 
 
 # -- the run -------------------------------------------------------------------------------------------

@@ -30,10 +30,10 @@ import transformers.generation.utils  # noqa: F401
 import transformers.masking_utils  # noqa: F401
 import transformers.modeling_utils  # noqa: F401
 
-from . import int8_kernel
+from . import cpu_kernels
 from .compiling import CompiledStep
 from .families import mask_builder
-from .fewrows import packs_for, rows_for, swap_linears
+from .fewrows import packs_for, rows_for, swap_linears, widens
 from .kv_cache import add_rows, join_rows, relayout, slot_cache, static_slot_cache
 from .models import ModelError, ModelSpec
 from .quant import SCALE_DTYPE, Int8Embedding, int8_keys, int8_shell, quantize_rows
@@ -117,11 +117,12 @@ class Shard:
             if tied and not self.has_embed:
                 int8.add(embed_key)  # read for the head alone, even when the embedding is not a plain one (Gemma)
             if self.device.type == "cpu":
-                int8_kernel.available()  # built or found now, not first inside a compiled step's tracing
+                cpu_kernels.available()  # built or found now, not first inside a compiled step's tracing
         # a decode step's few-row products in the form this CPU runs fastest (fewrows.py)
         self.turned = rows_for(spec, self.device, self.dtype, compile)
         self.head_turned = rows_for(spec, self.device, self.dtype, compile, head=True) if self.has_head else frozenset()
         self.packed = packs_for(spec, self.device, self.dtype, compile, rows)
+        self.widened = widens(self.device, self.dtype, spec.quantize)  # bf16 in fp32 arithmetic on this CPU
         alone = set()  # matrices to reorder: each read from a mapping of its own, gone once reordered
         if self.packed:
             alone = {f"{name}.weight" for name, m in modules.items() if type(m) is torch.nn.Linear}
@@ -138,7 +139,7 @@ class Shard:
             state = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
             module.load_state_dict(state, strict=True, assign=True)
             # buffers (Gemma's embedding scale) follow the weights
-            return swap_linears(module.to(self.device).eval(), turned, pack and self.packed)
+            return swap_linears(module.to(self.device).eval(), turned, pack and self.packed, self.widened)
 
         self.embed = take(embed_name) if self.has_embed else None
         self.layers = [take(f"{layers_name}.{i}") for i in self.layer_ids]

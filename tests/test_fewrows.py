@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import platform
 
 import pytest
 import torch
 from torch import nn
 
-from edgeshard_mpi.fewrows import (MAX_ROWS, FewRowsLinear, packs_for, reorders, rows_for, swap_linears,
-                                   transposed_rows)
+from edgeshard_mpi import cpu_kernels
+from edgeshard_mpi.fewrows import (MAX_ROWS, WIDE_ROWS, FewRowsLinear, packs_for, reorders, rows_for, swap_linears,
+                                   transposed_rows, widens)
 
 EVERY = frozenset(range(1, MAX_ROWS + 1))
 
@@ -52,6 +54,78 @@ def test_a_reordered_weight_gives_linears_values_and_is_the_only_copy(bias, dtyp
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     x = torch.randn(6, 192).to(dtype)[:, ::2]  # a strided view, as a layer may hand on
     torch.testing.assert_close(packed(x), plain(x), rtol=tol, atol=tol)
+
+
+needs_kernels = pytest.mark.skipif(cpu_kernels.available() is not None, reason="the CPU kernels are not built here")
+
+
+@needs_kernels
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_widened_form_gives_linears_values_in_fp32_sums(bias):
+    """bf16 weights, products summed in fp32 and rounded once: the kernel's few rows and the widened
+    copy's many rows both give the fp32 product of the same bf16 values, rounded to bf16 (but for a
+    rounding that an fp32 sum in another order may tip by one bf16 step)."""
+    torch.manual_seed(0)
+    plain = nn.Linear(96, 201, bias=bias).bfloat16()
+    wide = FewRowsLinear.of(plain, frozenset(), widen=True)
+    assert wide.weight is plain.weight and wide.bias is plain.bias  # nothing copied
+    for shape in [(1, 1, 96), (3, 1, 96), (7, 96), (2, 5, 96), (MAX_ROWS + 1, 1, 96), (WIDE_ROWS + 3, 96),
+                  (4, 0, 96)]:
+        x = torch.randn(*shape).bfloat16()
+        exact = nn.functional.linear(x.float(), plain.weight.float(), None if plain.bias is None else plain.bias.float())
+        got = wide(x)
+        assert got.shape == exact.shape and got.dtype == torch.bfloat16 and got.is_contiguous()
+        torch.testing.assert_close(got.float(), exact.bfloat16().float(), rtol=2**-7, atol=1e-6)
+        assert (got != exact.bfloat16()).sum() <= 0.01 * got.numel()  # nearly all rounded as the exact sum is
+
+
+def test_bf16_widens_only_on_a_cpu_without_bf16_instructions_and_with_the_kernels(monkeypatch):
+    import edgeshard_mpi.fewrows as fewrows
+    from edgeshard_mpi.runner import _bf16_without_instructions
+
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    monkeypatch.setattr(fewrows, "bf16_instructions", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: None)
+    assert widens(cpu, bf16)
+    assert not widens(cpu, torch.float32) and not widens(cpu, torch.float16)
+    assert not widens(cpu, bf16, "int8") and not widens(torch.device("cuda"), bf16)
+    assert _bf16_without_instructions("cpu", "bfloat16", None) is None  # widened: nothing to warn of
+    monkeypatch.setattr(cpu_kernels, "available", lambda: "no compiler")
+    assert not widens(cpu, bf16)
+    if platform.machine() in ("x86_64", "AMD64"):  # torch's own bf16 products: a rank says so at the start
+        isa = torch.backends.cpu.get_cpu_capability()
+        assert _bf16_without_instructions("cpu", "bfloat16", None) == f"{isa}: no compiler"
+    assert _bf16_without_instructions("cpu", "bfloat16", "int8") is None
+    assert _bf16_without_instructions("cpu", "float32", None) is None
+    monkeypatch.setattr(cpu_kernels, "available", lambda: None)
+    monkeypatch.setattr(fewrows, "bf16_instructions", lambda: True)
+    assert not widens(cpu, bf16)
+
+
+@needs_kernels
+def test_a_widened_bf16_shard_keeps_the_models_logits(tiny_path, monkeypatch):
+    """A shard whose every matrix takes the widened form against one on torch's bf16 products: both
+    sum in fp32 and round to bf16, so their logits differ only where a rounding tipped the other way."""
+    import edgeshard_mpi.fewrows as fewrows
+    from edgeshard_mpi.models import ModelSpec
+    from edgeshard_mpi.shard import Shard
+
+    spec = ModelSpec.load(tiny_path, "bfloat16")
+    monkeypatch.setattr(fewrows, "bf16_instructions", lambda: False)
+    wide = Shard(spec, 0, spec.num_units - 1)
+    monkeypatch.setattr(fewrows, "bf16_instructions", lambda: True)
+    plain = Shard(spec, 0, spec.num_units - 1)
+    linears = lambda s: [m for layer in [s.lm_head, *s.layers] for m in layer.modules() if isinstance(m, nn.Linear)]
+    assert wide.widened and all(type(m) is FewRowsLinear and m.widened for m in linears(wide))
+    assert not plain.widened and {type(m) for m in linears(plain)} == {nn.Linear}
+    ids = torch.randint(5, 1000, (3, 9), generator=torch.Generator().manual_seed(0))
+    fp32 = Shard(ModelSpec.load(tiny_path, "float32"), 0, spec.num_units - 1)
+    steps = [(ids, [0, 2, 0])] + [(torch.tensor([[20 + i], [30 + i], [40 + i]]), None) for i in range(4)]
+    for x, pads in steps:
+        a, b, c = (s.forward(0, x, pads, 16) if pads else s.forward(0, x) for s in (wide, plain, fp32))
+        # each as near the fp32 shard's logits as the other: bf16's rounding, not the form, sets the error
+        assert (a.float() - c).abs().max() <= 2 * (b.float() - c).abs().max() + 1e-2
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
 
 
 def test_a_dtype_oneDNN_cannot_reorder_here_is_never_reordered(monkeypatch):

@@ -4,7 +4,7 @@
    reading w. Each row of x is quantized to int16 with one scale of its own (15 bits: finer than the
    bf16 that aten's _weight_int8pack_mm takes), and w's bytes, sign-extended to int16, meet it in
    _mm256_madd_epi16, 16 products to the instruction, summed exactly in int32. Built for AVX2 at first
-   use (int8_kernel.py); rows of w are split among the threads, a contiguous run each, which a
+   use (cpu_kernels.py); rows of w are split among the threads, a contiguous run each, which a
    thread reads in order, prefetching ahead, since rows of a few hundred bytes are too short for the
    hardware prefetcher to follow on its own. */
 #include <immintrin.h>

@@ -1,21 +1,24 @@
-"""The CPU's int8 product for a decode step's few rows: `csrc/int8_mm.c`, built once per machine as
-the torch op `edgeshard::int8_mm` (`csrc/int8_op.cpp`).
+"""This project's CPU products for a decode step's few rows, built once per machine as the torch ops
+`edgeshard::int8_mm` (`csrc/int8_mm.c`) and `edgeshard::bf16_mm` (`csrc/bf16_mm.c`), registered by
+`csrc/ops.cpp`.
 
-A decode step reads every int8 matrix once for a few rows, so its speed is the speed of reading the
-weights. aten's `_weight_int8pack_mm` took smollm2's 211 matrices at one row in 16.9 ms on a 2-core
-AMD EPYC (AVX2), about 8 GB/s; this kernel took them in 8.8 ms, and 1.4-1.7x less than aten's at 2
-to 16 rows (`benchmarks/int8_products.py`, BENCHMARKS.md).
+A decode step reads every matrix once for a few rows, so its speed is the speed of reading the
+weights. For int8 weights aten's `_weight_int8pack_mm` reads them well below the memory's speed on
+an AVX2 CPU; `int8_mm` about twice as fast (`benchmarks/int8_products.py`, BENCHMARKS.md). For bf16
+weights on a CPU without bf16 instructions, aten's product past a row or two takes a slow path;
+`bf16_mm` widens each weight to fp32 in a register and computes as fp32 does, on half fp32's bytes
+(fewrows.py's widened form).
 
 It needs AVX2, a C and a C++ compiler (`$CC`, `$CXX`, else `cc` and `c++`) and torch's headers, which
 a CPU build of torch ships and inductor needs too. It is compiled at first use into the user's
 cache, under a name that holds a hash of the sources, the flags and the torch version, so that a
 changed source or another torch builds anew, and ranks that start together do not write over each
-other's file. Being a C++ op, it is called without Python in between, from eager code and from a
-compiled graph's C++ wrapper alike: as a Python op over ctypes it cost about 13 us a call, 1.4 ms
-of a smollm2 step. Where it cannot be built or loaded (no compiler, another CPU,
-`EDGESHARD_INT8_KERNEL=aten`), `quant.Int8Linear` keeps aten's kernel; `available()` says why.
+other's file. Being C++ ops, they are called without Python in between, from eager code and from a
+compiled graph's C++ wrapper alike: as a Python op over ctypes the int8 product cost about 13 us a
+call, 1.4 ms of a smollm2 step. Where they cannot be built or loaded (no compiler, another CPU,
+`EDGESHARD_CPU_KERNELS=aten`), `quant.Int8Linear` keeps aten's kernel and bf16 products aten's;
+`available()` says why.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -28,11 +31,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MAX_ROWS", "available", "int8_mm"]
+__all__ = ["MAX_ROWS", "available", "bf16_mm", "int8_mm"]
 
 MAX_ROWS = 16  # more rows (a prefill) take aten's kernel: past a few rows this one is bound by its arithmetic
 CSRC = Path(__file__).with_name("csrc")
-C_FLAGS = ["-O3", "-mavx2", "-fopenmp", "-fPIC"]
+C_SOURCES = ("int8_mm.c", "bf16_mm.c")
+C_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC"]
 CXX_FLAGS = ["-O2", "-std=c++20", "-fPIC", "-shared", "-fopenmp"]
 _loaded = False
 _why_not: str | None = None
@@ -57,21 +61,23 @@ def _run(cmd: list[str]) -> None:
 
 
 def _build() -> Path:
-    """The op's library, compiled if this machine has no copy of these sources for this torch yet."""
+    """The ops' library, compiled if this machine has no copy of these sources for this torch yet."""
     cc, cxx = _compiler("CC", "cc"), _compiler("CXX", "c++")
     torch_dir = Path(torch.__file__).parent
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     cxx_flags = [*CXX_FLAGS, abi, f"-I{torch_dir / 'include'}"]
     links = [f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"]
-    key = b"".join((CSRC / f).read_bytes() for f in ("int8_mm.c", "int8_op.cpp"))
+    key = b"".join((CSRC / f).read_bytes() for f in (*C_SOURCES, "ops.cpp"))
     key += " ".join([cc, cxx, torch.__version__, *C_FLAGS, *cxx_flags]).encode()
-    lib = _cache_dir() / f"int8_mm-{hashlib.sha256(key).hexdigest()[:16]}.so"
+    lib = _cache_dir() / f"kernels-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-            obj, out = Path(tmp) / "int8_mm.o", Path(tmp) / "int8_mm.so"
-            _run([cc, *C_FLAGS, "-c", str(CSRC / "int8_mm.c"), "-o", str(obj)])
-            _run([cxx, *cxx_flags, str(CSRC / "int8_op.cpp"), str(obj), *links, "-o", str(out)])
+            objs = [str(Path(tmp) / f"{Path(c).stem}.o") for c in C_SOURCES]
+            for c, obj in zip(C_SOURCES, objs):
+                _run([cc, *C_FLAGS, "-c", str(CSRC / c), "-o", obj])
+            out = Path(tmp) / "kernels.so"
+            _run([cxx, *cxx_flags, str(CSRC / "ops.cpp"), *objs, *links, "-o", str(out)])
             os.replace(out, lib)  # atomic: a rank building beside this one finds a whole file or none
     return lib
 
@@ -80,18 +86,20 @@ def available() -> str | None:
     """None when the op is loaded and ready, else why this process uses aten's kernel."""
     global _loaded, _why_not
     if not _loaded and _why_not is None:
-        if os.environ.get("EDGESHARD_INT8_KERNEL", "") == "aten":
-            _why_not = "EDGESHARD_INT8_KERNEL=aten"
+        if os.environ.get("EDGESHARD_CPU_KERNELS", "") == "aten":
+            _why_not = "EDGESHARD_CPU_KERNELS=aten"
         elif not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
             _why_not = f"this CPU has no AVX2 ({torch.backends.cpu.get_cpu_capability()})"
         else:
             try:
                 torch.ops.load_library(str(_build()))
                 torch.library.register_fake("edgeshard::int8_mm", _fake)
+                torch.library.register_fake("edgeshard::bf16_mm", _fake_bf16)
                 _loaded = True
             except (OSError, RuntimeError) as e:
-                _why_not = f"the int8 kernel could not be built: {e}"
-                warnings.warn(f"{_why_not}; int8 products take aten's _weight_int8pack_mm", stacklevel=2)
+                _why_not = f"the CPU kernels could not be built: {e}"
+                warnings.warn(f"{_why_not}; int8 products take aten's _weight_int8pack_mm, bf16 ones aten's",
+                              stacklevel=2)
     return _why_not
 
 
@@ -99,7 +107,17 @@ def _fake(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
+def _fake_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """(x @ weight.T) * scales in fp32, for fp32 rows x (m x k), an int8 weight (n x k) and bf16 per-row
     scales (n), all contiguous on the CPU; `available()` must have returned None."""
     return torch.ops.edgeshard.int8_mm(x, weight, scales)
+
+
+def bf16_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) for rows x (m x k) and a contiguous bf16 weight (n x k) on the CPU, summed in
+    fp32 and returned in x's dtype; `available()` must have returned None."""
+    return torch.ops.edgeshard.bf16_mm(x, weight, bias)

@@ -1,5 +1,6 @@
-"""The CPU's int8 kernel (`int8_kernel`, `csrc/int8_mm.c` as the op `edgeshard::int8_mm`): its
-products against exact ones, a compiled graph calling it, and aten's kernel where it cannot be built.
+"""The CPU kernels (`cpu_kernels`: `csrc/int8_mm.c` and `csrc/bf16_mm.c` as the ops `edgeshard::int8_mm`
+and `edgeshard::bf16_mm`): their products against exact ones, a compiled graph calling them, and
+aten's products where they cannot be built.
 
 The kernel rounds each row of activations to int16 with a scale of its own and sums exactly in int32,
 so its only error is that rounding: |y - exact| <= scale_r * sum_k |w_rk| * step_m / 2, with step_m
@@ -13,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from edgeshard_mpi import int8_kernel
+from edgeshard_mpi import cpu_kernels
 from edgeshard_mpi.quant import Int8Linear, quantize_rows
 
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))
@@ -23,7 +24,7 @@ builds = pytest.mark.skipif(not (HAS_AVX2 and shutil.which("cc") and shutil.whic
 
 @builds
 def test_the_kernel_builds_where_it_can():
-    assert int8_kernel.available() is None
+    assert cpu_kernels.available() is None
 
 
 @builds
@@ -36,7 +37,7 @@ def test_products_are_exact_but_for_the_activations_rounding(m, n, k):
     x[0, 5] = 40.0  # an outlier sets the row's step
     if m > 1:
         x[1] = 0.0  # a row of zeros keeps a usable scale
-    got = int8_kernel.int8_mm(x, q, scales)
+    got = cpu_kernels.int8_mm(x, q, scales)
     s = scales.double()
     exact = (x.double() @ q.double().T) * s
     step = x.abs().amax(1).double() / 32767
@@ -57,12 +58,43 @@ def test_a_compiled_graph_calls_the_kernel_as_one_op_and_matches_eager():
         assert torch.equal(torch.compile(lin, fullgraph=True)(x), lin(x))  # fullgraph: no break at the op
 
 
+@builds
+@pytest.mark.parametrize("m,n,k", [(1, 67, 96), (2, 130, 100), (3, 64, 4144), (7, 5, 33), (9, 41, 8), (16, 200, 576),
+                                   (40, 24, 97)])
+def test_bf16_products_are_fp32_sums_rounded_once(m, n, k):
+    """The bf16 kernel widens bf16 weights to fp32 exactly and sums in fp32: within fp32's summation
+    error of the exact product, and bf16 rows give that fp32 result rounded once to bf16. The shapes
+    take the 8-, 4-, 2- and 1-row paths and column tails that are not a multiple of 8."""
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = (torch.randn(n, k, generator=gen) * torch.logspace(-2, 1, n)[:, None]).bfloat16()
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen).bfloat16()
+    got = cpu_kernels.bf16_mm(x.float(), w, bias)
+    exact = x.double() @ w.double().T + bias.double()
+    bound = 2 * k * 2.0**-24 * (x.double().abs() @ w.double().abs().T + bias.double().abs()) + 1e-30
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert torch.all((got.double() - exact).abs() <= bound)
+    assert torch.equal(cpu_kernels.bf16_mm(x, w, bias), got.bfloat16())  # bf16 in, bf16 out: rounded once
+    assert torch.equal(cpu_kernels.bf16_mm(x, w), cpu_kernels.bf16_mm(x.float(), w).bfloat16())
+
+
+@builds
+def test_a_compiled_graph_calls_the_bf16_kernel_as_one_op_and_matches_eager():
+    from edgeshard_mpi.fewrows import FewRowsLinear
+
+    plain = torch.nn.Linear(96, 40, bias=True).bfloat16()
+    lin = FewRowsLinear.of(plain, frozenset(), widen=True)
+    x = torch.randn(1, 3, 96).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(torch.compile(lin, fullgraph=True)(x), lin(x))  # fullgraph: no break at the op
+
+
 def test_without_the_kernel_int8_takes_atens(monkeypatch):
     lin = Int8Linear(64, 24, bias=False, dtype=torch.float32)
     q, scales = quantize_rows(torch.randn(24, 64, generator=torch.Generator().manual_seed(3)))
     lin.load_state_dict({"weight": q, "scales": scales})
     x = torch.randn(2, 64)
-    monkeypatch.setattr(int8_kernel, "available", lambda: "not here")
+    monkeypatch.setattr(cpu_kernels, "available", lambda: "not here")
     aten = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, scales).float()
     assert torch.equal(lin(x), aten)
 
@@ -71,7 +103,7 @@ def test_a_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "no-such-cc")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(RuntimeError, match=r"no compiler: \$CC or 'no-such-cc' is not on PATH"):
-        int8_kernel._build()
+        cpu_kernels._build()
 
 
 @builds
