@@ -104,8 +104,9 @@ def test_bf16_widens_only_on_a_cpu_without_bf16_instructions_and_with_the_kernel
 
 @needs_kernels
 def test_a_widened_bf16_shard_keeps_the_models_logits(tiny_path, monkeypatch):
-    """A shard whose every matrix takes the widened form against one on torch's bf16 products: both
-    sum in fp32 and round to bf16, so their logits differ only where a rounding tipped the other way."""
+    """A shard whose every matrix and attention takes the widened form against one on torch's bf16
+    products: both sum in fp32 and round to bf16, so their logits differ only where a rounding tipped
+    the other way."""
     import edgeshard_mpi.fewrows as fewrows
     from edgeshard_mpi.models import ModelSpec
     from edgeshard_mpi.shard import Shard
@@ -118,6 +119,10 @@ def test_a_widened_bf16_shard_keeps_the_models_logits(tiny_path, monkeypatch):
     linears = lambda s: [m for layer in [s.lm_head, *s.layers] for m in layer.modules() if isinstance(m, nn.Linear)]
     assert wide.widened and all(type(m) is FewRowsLinear and m.widened for m in linears(wide))
     assert not plain.widened and {type(m) for m in linears(plain)} == {nn.Linear}
+    # attention in fp32 on the widened shard's own layers; the masks, built from the shared config, stay sdpa's
+    assert {layer.self_attn.config._attn_implementation for layer in wide.layers} == {fewrows.SDPA_FP32}
+    assert {layer.self_attn.config._attn_implementation for layer in plain.layers} == {"sdpa"}
+    assert wide.config._attn_implementation == "sdpa"
     ids = torch.randint(5, 1000, (3, 9), generator=torch.Generator().manual_seed(0))
     fp32 = Shard(ModelSpec.load(tiny_path, "float32"), 0, spec.num_units - 1)
     steps = [(ids, [0, 2, 0])] + [(torch.tensor([[20 + i], [30 + i], [40 + i]]), None) for i in range(4)]
