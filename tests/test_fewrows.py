@@ -61,10 +61,15 @@ needs_kernels = pytest.mark.skipif(cpu_kernels.available() is not None, reason="
 
 @needs_kernels
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_widened_form_gives_linears_values_in_fp32_sums(bias):
+@pytest.mark.parametrize("block", [None, 50])  # rows of the matrix widened at once for many rows: all, or 50
+def test_the_widened_form_gives_linears_values_in_fp32_sums(bias, block, monkeypatch):
     """bf16 weights, products summed in fp32 and rounded once: the kernel's few rows and the widened
-    copy's many rows both give the fp32 product of the same bf16 values, rounded to bf16 (but for a
+    copies' many rows both give the fp32 product of the same bf16 values, rounded to bf16 (but for a
     rounding that an fp32 sum in another order may tip by one bf16 step)."""
+    import edgeshard_mpi.fewrows as fewrows
+
+    if block:
+        monkeypatch.setattr(fewrows, "WIDE_BYTES", block * 96 * 4)
     torch.manual_seed(0)
     plain = nn.Linear(96, 201, bias=bias).bfloat16()
     wide = FewRowsLinear.of(plain, frozenset(), widen=True)
