@@ -19,6 +19,7 @@ call, 1.4 ms of a smollm2 step. Where they cannot be built or loaded (no compile
 `EDGESHARD_CPU_KERNELS=aten`), `quant.Int8Linear` keeps aten's kernel and bf16 products aten's;
 `available()` says why.
 """
+
 from __future__ import annotations
 
 import hashlib

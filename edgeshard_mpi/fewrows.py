@@ -43,6 +43,7 @@ rather than measuring again: the run then computes the step its plan and predict
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -278,15 +279,14 @@ class FewRowsLinear(nn.Linear):
 SDPA_FP32 = "edgeshard_sdpa_fp32"  # the attention of a widened module, by name, as transformers looks it up
 
 
-def _sdpa_in_fp32(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def _sdpa_in_fp32(sdpa, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention on fp32 copies of its tensors, the output cast back to the query's dtype."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    """transformers' sdpa attention (`sdpa`, bound once at registration) on fp32 copies of its tensors,
+    the output cast back to the query's dtype."""
     wide = lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
     if "position_bias" in kwargs:
         kwargs["position_bias"] = wide(kwargs["position_bias"])
-    out, weights = sdpa_attention_forward(module, wide(query), wide(key), wide(value), wide(attention_mask), **kwargs)
+    out, weights = sdpa(module, wide(query), wide(key), wide(value), wide(attention_mask), **kwargs)
     return out.to(query.dtype), weights
 
 
@@ -294,11 +294,12 @@ def _widen_attention(module: nn.Module) -> None:
     """Attention in `module` that takes transformers' sdpa takes it in fp32 (`_sdpa_in_fp32`). The
     name is set on the module's own config (a shard's modules are copies, each with its own), and its
     masks stay sdpa's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if SDPA_FP32 not in ALL_ATTENTION_FUNCTIONS:
-        ALL_ATTENTION_FUNCTIONS.register(SDPA_FP32, _sdpa_in_fp32)
+        ALL_ATTENTION_FUNCTIONS.register(SDPA_FP32, functools.partial(_sdpa_in_fp32, sdpa_attention_forward))
         ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_FP32, sdpa_mask)
     for m in module.modules():
         config = getattr(m, "config", None)
