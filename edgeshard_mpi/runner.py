@@ -549,8 +549,10 @@ def _work_clocks(comm: Comm, cluster: Cluster, plan: Plan, local: _Local | None)
 def _adopt_forms(comm: Comm, spec: ModelSpec, cluster: Cluster, local: _Local | None) -> None:
     """Collective: each rank takes the product forms its device was profiled in (fewrows.adopt), from
     the profile the plan was made with, where there is one and it recorded them; else a shard measures
-    its own."""
-    from .fewrows import adopt, head_shape
+    its own. Rank 0 names the devices kept from the widened bf16 form by a profile timed without it."""
+    import torch
+
+    from .fewrows import adopt, can_widen, head_shape
     from .shard import TORCH_DTYPES
 
     recorded = {}
@@ -561,10 +563,21 @@ def _adopt_forms(comm: Comm, spec: ModelSpec, cluster: Cluster, local: _Local | 
             rows = prof.shapes["micro_batch_size"]
             recorded = {r: (rows, by_name[d.name]) for r, d in enumerate(cluster.devices) if by_name.get(d.name)}
     mine = comm.bcast(recorded).get(comm.rank)
+    narrow = False
     if mine is not None:
         rows, products = mine
-        adopt(TORCH_DTYPES[_own_spec(spec, cluster.devices[comm.rank]).dtype], rows, products["turned"],
-              products["packed"], products.get("head"), head_shape(spec))
+        me, own = cluster.devices[comm.rank], _own_spec(spec, cluster.devices[comm.rank])
+        dtype = TORCH_DTYPES[own.dtype]
+        narrow = products.get("widened") is False and can_widen(torch.device(me.torch), dtype, own.quantize)
+        adopt(dtype, rows, products["turned"], products["packed"], products.get("head"), head_shape(spec),
+              products.get("widened"))
+    narrow = comm.gather(narrow)
+    if comm.rank == 0 and any(narrow):
+        names = ", ".join(d.name for d, n in zip(cluster.devices, narrow) if n)
+        print(f"edgeshard: note: the profile timed bfloat16 in torch's products on {names}, where this "
+              "project's kernel now computes them in float32 arithmetic, faster: this run computes as its "
+              "plan was timed; profile again (edgeshard profile) to plan on the faster form",
+              file=sys.stderr, flush=True)
 
 
 def _watch(prof: Profile, cluster: Cluster, plan: Plan, threshold: float) -> DriftWatch:
@@ -699,7 +712,7 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     stats["peak_rss"] = peak_rss()
     if shard is not None:  # the forms its products took: its profile's where that recorded them
         stats["products"] = {"turned": sorted(shard.turned), "head": sorted(shard.head_turned),
-                             "packed": shard.packed}
+                             "packed": shard.packed, "widened": shard.widened}
     if shard is not None and shard.clock is not None:  # steps the clock could not hold to its time
         stats["late_steps"] = shard.late
     if shard is not None and shard.compiled:  # the warm-up's, and any a run needed after it (none, normally)

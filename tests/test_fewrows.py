@@ -272,12 +272,15 @@ def test_under_compile_one_row_turns_and_other_counts_share_one_graph():
 
 
 class _RankZeroOfOne:
-    """The one rank of a world of one: a broadcast hands back what it was given."""
+    """The one rank of a world of one: a broadcast hands back what it was given, a gather a list of it."""
 
     rank, size = 0, 1
 
     def bcast(self, obj):
         return obj
+
+    def gather(self, obj):
+        return [obj]
 
 
 def test_a_run_takes_the_product_forms_its_profile_recorded(smollm_path, monkeypatch):
@@ -319,3 +322,40 @@ def test_a_run_takes_the_product_forms_its_profile_recorded(smollm_path, monkeyp
     _adopt_forms(_RankZeroOfOne(), spec, cluster, SimpleNamespace(profile=old))
     with pytest.raises(AssertionError, match="measured again"):
         packs_for(spec, cpu, torch.float32, rows=4)
+
+
+def test_a_bf16_run_widens_only_where_its_profile_timed_the_widened_form(tiny_path, monkeypatch, capsys):
+    """A profile records whether its bf16 products were widened; one timed on torch's own (the kernel
+    not built then) keeps a run where the kernel is built now from widening, so that the run computes
+    the step its plan was timed on, and rank 0 says how to plan on the faster form."""
+    from types import SimpleNamespace
+
+    import edgeshard_mpi.fewrows as fewrows
+    from edgeshard_mpi.cluster import Cluster
+    from edgeshard_mpi.models import ModelSpec
+    from edgeshard_mpi.runner import _adopt_forms
+    from edgeshard_mpi.shard import Shard
+
+    spec, cluster = ModelSpec.load(tiny_path, "bfloat16"), Cluster.local(1)
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    for name in ("_chosen", "_packing", "_widening"):
+        monkeypatch.setattr(fewrows, name, {})
+    monkeypatch.setattr(fewrows, "bf16_instructions", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: None)
+    assert fewrows.forms(spec, cpu, bf16, 4)["widened"]
+    assert not fewrows.forms(ModelSpec.load(tiny_path, "float32"), cpu, torch.float32, 4)["widened"]
+
+    def run_on(widened):
+        products = {"turned": [], "head": [], "packed": False, "widened": widened}
+        prof = SimpleNamespace(devices=[{"name": cluster.devices[0].name, "products": products}],
+                               shapes={"micro_batch_size": 4})
+        _adopt_forms(_RankZeroOfOne(), spec, cluster, SimpleNamespace(profile=prof))
+        return Shard(spec, 0, spec.num_units - 1).widened, capsys.readouterr().err
+
+    widened, err = run_on(False)
+    assert not widened and not widens(cpu, bf16) and fewrows.can_widen(cpu, bf16)
+    assert f"torch's products on {cluster.devices[0].name}" in err and "edgeshard profile" in err
+    assert run_on(True) == (True, "")
+    assert run_on(None) == (True, "")  # a profile from before it was recorded: this process decides
+    monkeypatch.setattr(cpu_kernels, "available", lambda: "no compiler")
+    assert run_on(True) == (False, "")  # cannot widen here, whatever the profile timed: nothing to keep from
