@@ -522,13 +522,11 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
     costs its line from there), and "decode_one_step_s", the step cost at one row; at more than two,
     "decode_rows_s": [per row count 1..b], the blocks' decode step at each (the line's shape).
     Every unit is timed from a cold start (see _Evictor), so each unit's time holds the cold start of
-    a step; a stage of several units pays it once. Timing a run of k blocks together against the
-    sum of their own times gives it: (sum - together) / (k - 1), for a prefill; for a decode step,
-    whose blocks are short against it, k blocks against one in alternation (step_cost). The same
-    blocks' decode step at four times the context gives what a step pays for each byte of KV cache it
-    reads (a row's columns grow as it decodes, and row admission lets a slot's axis reach past its
-    longest request):
-    (time there - time at the context) / the bytes it read more (Profile.context_costs). Their prefill
+    a step; a stage of several units pays it once. k blocks against one, timed in alternation, give
+    it, for a prefill and for a decode step (step_cost). The same blocks' decode step at four times
+    the context gives what a step pays for each byte of KV cache it reads (a row's columns grow as it
+    decodes, and row admission lets a slot's axis reach past its longest request): (time there -
+    time at the context) / the bytes it read more (Profile.context_costs). Their prefill
     at four times the prompt gives what a prefill's token pays per KV byte of its row's width: (a
     token's time there - a token's time at the prompt) / the width's KV bytes more.
 
@@ -603,24 +601,29 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
         run(x_c, [0])
         return _timed(lambda: run(x_d, None), repeats, device.slowdown, evict)[0]
 
-    def step_cost(rows: int) -> float:
-        """What a decode step of `rows` rows costs a stage once, however many units it holds: blocks
-        first..last together against block `first` alone, timed in alternation so that the host's
-        drift falls on both alike. A model's decoder blocks have the same shapes, so k of them cost
-        k times one, plus the stage's step once. Timed apart, as the units are, the difference came
-        out anywhere from 0 to 1 ms on a 2-core VM, and a one-rank stage of smollm2 pays it 31 times:
-        a third of its decode step either way."""
+    def step_cost(rows: int, width: int = 1) -> float:
+        """What a step of `rows` rows costs a stage once, however many units it holds: a decode at the
+        context, or with `width` > 1 a prefill of that many tokens a row. Blocks first..last together
+        against block `first` alone, timed in alternation so that the host's drift falls on both
+        alike. A model's decoder blocks have the same shapes, so k of them cost k times one, plus the
+        stage's step once. Timed apart, as the units are, the difference came out anywhere from 0 to
+        1 ms on a 2-core VM, and a one-rank stage of smollm2 pays it 31 times: a third of its decode
+        step either way, and all of a short prompt's prefill (a profile's prefill line then fell below
+        its decode)."""
         both = (Shard(spec, first, first, device.torch, rows=b), Shard(spec, first, last, device.torch, rows=b))
         x_c = torch.randn(rows, c, hidden, generator=gen).to(both[0].dtype)
         for shard in both:
             shard.forward(0, x_c, [0] * rows)
         times: tuple[list, list] = ([], [])
+        x, pads = (x_c[:, :1], None) if width == 1 else (torch.randn(rows, width, hidden, generator=gen).to(
+            both[0].dtype), [0] * rows)
 
         def run(shard):
-            shard.forward(0, x_c[:, :1], None)
+            shard.forward(0, x, pads)  # a prefill (pads) starts the slot's rows over, as each repeat of measure's
             shard.sync()
 
-        for _ in range(STEP_ROUNDS * repeats):
+        # a prefill's blocks are long against its step, and its spread small beside them: fewer rounds
+        for _ in range(STEP_ROUNDS * repeats if width == 1 else repeats):
             for shard, t in zip(both, times):
                 t.append(_timed(lambda: run(shard), 1, device.slowdown, evict)[0])
         pick = min if device.slowdown != 1.0 else statistics.median  # as _timed's repeats
@@ -675,10 +678,9 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
         wide = kv_bytes > 0 and width_bytes > 0 and p > 1
         together = [t for t, _ in turn(lambda: measure(first, last, long if kv_bytes > 0 else 0,
                                                        long_p if wide else 0))]
-        step = (sum(prefill[first:last + 1]) - together[0]) / (last - first)
-        out["prefill_step_s"] = max(0.0, step)  # Profile.costs keeps every unit's share >= 0
-        # a prefill's blocks are long against the step; a decode's are not: its step in alternation
         out["decode_step_s"] = turn(lambda: step_cost(b))
+        # a prompt of one token is a decode's width: its step is the decode's
+        out["prefill_step_s"] = turn(lambda: step_cost(b, p)) if p > 1 else out["decode_step_s"]
         if b > 1:
             out["decode_one_step_s"] = turn(lambda: step_cost(1))
         if b > 2:
@@ -689,7 +691,7 @@ def _measure_units(spec, device, shapes: dict, repeats: int, turn=lambda fn: fn(
             per_token = together[3] / (b * long_p) - together[0] / (b * p)
             out["prefill_kv_s"] = max(0.0, per_token / width_bytes)
     else:
-        for _ in range(2 + (b > 1) + (b > 2)):
+        for _ in range(2 + (p > 1) + (b > 1) + (b > 2)):
             turn(lambda: None)  # the others' turns at their blocks together, their step costs and row curve
     return out
 

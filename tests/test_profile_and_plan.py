@@ -182,12 +182,12 @@ def test_a_profile_of_several_rows_times_one_row_and_the_kv_it_reads(tiny_path):
     assert "decode_rows_s" not in one
 
 
-def test_the_decode_step_cost_is_the_steps_own_when_the_host_speeds_change_between_measurements(tiny_path,
-                                                                                                 monkeypatch):
+def test_the_step_costs_are_the_steps_own_when_the_host_speeds_change_between_measurements(tiny_path, monkeypatch):
     # a host whose speed changes between the units' turns and the step cost's (as this VM's does, by tens
     # of percent within a minute): every forward takes STEP + BLOCK x its units, x 1.3 from the first
     # forward of several blocks on. Timed apart, (sum alone - together) / 3 would be (2.7 STEP - 1.2
-    # BLOCK) / 3, below zero; in alternation it is the step's own cost at the speed of its moment.
+    # BLOCK) / 3, below zero; in alternation it is the step's own cost at the speed of its moment, for a
+    # decode and for a prefill alike.
     import types
 
     import edgeshard_mpi.profiler as profiler
@@ -213,6 +213,8 @@ def test_the_decode_step_cost_is_the_steps_own_when_the_host_speeds_change_betwe
     assert out["decode_s"][1] == pytest.approx(STEP + BLOCK)  # a unit alone, before the host slowed
     assert out["decode_step_s"] == pytest.approx(1.3 * STEP)
     assert out["decode_one_step_s"] == pytest.approx(1.3 * STEP)
+    assert out["prefill_s"][1] == pytest.approx(STEP + BLOCK)
+    assert out["prefill_step_s"] == pytest.approx(1.3 * STEP)
 
 
 def test_the_peak_rss_starts_over_for_each_job():
