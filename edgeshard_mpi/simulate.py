@@ -155,8 +155,9 @@ class StageLine:
             t = self.one_s + (self.decode_s - self.one_s) * share
         elif p <= 1:
             t = self.prefill_s * tokens / self.rows
-        else:
-            per_token = (self.prefill_s - self.decode_s) / (self.rows * (p - 1))
+        else:  # a token more never costs less: a prefill measured below its decode (noise, a short
+            # prompt) would otherwise price longer prompts below nothing
+            per_token = max(0.0, self.prefill_s - self.decode_s) / (self.rows * (p - 1))
             t = self.decode_s + per_token * (tokens - self.rows)
         if columns:
             c = self.context

@@ -49,6 +49,13 @@ def test_a_step_of_fewer_rows_costs_less_by_their_tokens():
     assert c.compute(0, 1, 0) >= 0.0
 
 
+def test_a_prefill_measured_below_its_decode_never_makes_longer_prompts_cheaper():
+    # a short prompt's prefill within the noise of the decode, below it: each token more costs nothing,
+    # not less than nothing (a longer prompt once came out at 0 s, and its time to first token at 0 ms)
+    line = StageLine(0.056, 0.010, 2, 2)
+    assert line.seconds(2 * 2) == pytest.approx(0.056) == line.seconds(2 * 200)
+
+
 def test_a_decode_costs_each_row_its_kv_columns_against_the_profiles_context():
     # profiled at 256 columns; full-attention blocks 10 us a row per column, sliding ones (window 64) 20 us
     line = StageLine(0.010, 0.030, 4, 5, context=256, kv_s=((None, 1e-5), (64, 2e-5)))
