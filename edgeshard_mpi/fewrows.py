@@ -51,8 +51,9 @@ from torch import nn
 
 from . import cpu_kernels
 
-__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "adopt", "bf16_instructions", "can_widen", "forms", "head_shape",
-           "packs", "packs_for", "reorders", "rows_for", "swap_linears", "transposed_rows", "widens"]
+__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "adopt", "adopt_widened", "bf16_instructions", "can_widen",
+           "forms", "head_shape", "packs", "packs_for", "reorders", "rows_for", "swap_linears", "transposed_rows",
+           "widens"]
 
 MAX_ROWS = 16  # more rows than this take `linear` (its gemm is then at the memory's speed, or the compute's)
 # the widened form's rows up to which its kernel is faster than fp32's gemm on a widened copy of the
@@ -63,7 +64,7 @@ SWAP_BYTES = 64 << 20  # a model's weights from which its shards take the faster
 _PROBE = (8192, 1024)  # out x in: 32 MiB in fp32, at or past most CPUs' last-level cache (smollm2's head: 108 MiB)
 _chosen: dict[tuple, frozenset[int]] = {}
 _packing: dict[tuple, bool] = {}
-_widening: dict[torch.dtype, bool] = {}  # the widened form a profile timed, by dtype (adopt)
+_widening: dict[torch.dtype, bool] = {}  # the widened form a profile timed, by dtype (adopt_widened)
 
 
 def _transposed(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -147,21 +148,27 @@ def packs(dtype: torch.dtype, rows: int) -> bool:
     return _packing[key]
 
 
-def adopt(dtype: torch.dtype, rows: int, turned, packed: bool, head=None, shape=None, widened=None) -> None:
+def adopt(dtype: torch.dtype, rows: int, turned, packed: bool, head=None, shape=None) -> None:
     """Take these forms (a profile's `products`, as `forms` measured them) in place of measuring them
     again in this process: a run computes in the forms its profile timed. Measured twice, minutes
     apart, a choice within the noise of its 10% margin could differ, and a run would then compute
     another step than the one its plan and prediction were made from. `head`: the head's own row
     counts, for its matrix of `shape` (head_shape); a profile without them leaves the head's to be
-    measured. `widened`: whether its bf16 products took the widened form (`widens`); a profile timed
-    without it (the kernel not built then) keeps a run here from taking it. None (a profile from
-    before it was recorded) leaves it to this process."""
+    measured. Whether its bf16 products were widened: `adopt_widened`."""
     threads = torch.get_num_threads()
     _chosen[(dtype, threads, _PROBE)] = frozenset(turned)
     if head is not None and shape is not None:
         _chosen[(dtype, threads, tuple(shape))] = frozenset(head)
     _packing[(dtype, threads, rows)] = bool(packed)
-    if widened is not None:
+
+
+def adopt_widened(dtype: torch.dtype, widened: bool | None) -> None:
+    """Take the widened form (`widens`) as a run's profile timed it: a profile timed without it (the
+    kernel not built then) keeps the run from taking it. None (no profile, or one from before it was
+    recorded) leaves it to this process, whatever a launch's earlier job adopted."""
+    if widened is None:
+        _widening.pop(dtype, None)
+    else:
         _widening[dtype] = bool(widened)
 
 
@@ -181,7 +188,7 @@ def bf16_instructions() -> bool:
 def widens(device: torch.device, dtype: torch.dtype, quantize: str | None = None) -> bool:
     """Whether a shard's matrices here take the widened form: bf16 weights, unquantized, on a CPU
     without bf16 instructions, where this project's kernel is built (`cpu_kernels.available`), unless
-    the profile a run took its forms from was timed without it (`adopt`)."""
+    the profile a run took its forms from was timed without it (`adopt_widened`)."""
     return can_widen(device, dtype, quantize) and _widening.get(dtype, True)
 
 

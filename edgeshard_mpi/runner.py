@@ -552,7 +552,7 @@ def _adopt_forms(comm: Comm, spec: ModelSpec, cluster: Cluster, local: _Local | 
     its own. Rank 0 names the devices kept from the widened bf16 form by a profile timed without it."""
     import torch
 
-    from .fewrows import adopt, can_widen, head_shape
+    from .fewrows import adopt, adopt_widened, can_widen, head_shape
     from .shard import TORCH_DTYPES
 
     recorded = {}
@@ -563,15 +563,16 @@ def _adopt_forms(comm: Comm, spec: ModelSpec, cluster: Cluster, local: _Local | 
             rows = prof.shapes["micro_batch_size"]
             recorded = {r: (rows, by_name[d.name]) for r, d in enumerate(cluster.devices) if by_name.get(d.name)}
     mine = comm.bcast(recorded).get(comm.rank)
-    narrow = False
+    me = cluster.devices[comm.rank]
+    own = _own_spec(spec, me)
+    dtype = TORCH_DTYPES[own.dtype]
+    widened = None
     if mine is not None:
         rows, products = mine
-        me, own = cluster.devices[comm.rank], _own_spec(spec, cluster.devices[comm.rank])
-        dtype = TORCH_DTYPES[own.dtype]
-        narrow = products.get("widened") is False and can_widen(torch.device(me.torch), dtype, own.quantize)
-        adopt(dtype, rows, products["turned"], products["packed"], products.get("head"), head_shape(spec),
-              products.get("widened"))
-    narrow = comm.gather(narrow)
+        adopt(dtype, rows, products["turned"], products["packed"], products.get("head"), head_shape(spec))
+        widened = products.get("widened")
+    adopt_widened(dtype, widened)
+    narrow = comm.gather(widened is False and can_widen(torch.device(me.torch), dtype, own.quantize))
     if comm.rank == 0 and any(narrow):
         names = ", ".join(d.name for d, n in zip(cluster.devices, narrow) if n)
         print(f"edgeshard: note: the profile timed bfloat16 in torch's products on {names}, where this "

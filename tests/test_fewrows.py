@@ -357,5 +357,8 @@ def test_a_bf16_run_widens_only_where_its_profile_timed_the_widened_form(tiny_pa
     assert f"torch's products on {cluster.devices[0].name}" in err and "edgeshard profile" in err
     assert run_on(True) == (True, "")
     assert run_on(None) == (True, "")  # a profile from before it was recorded: this process decides
+    run_on(False)
+    _adopt_forms(_RankZeroOfOne(), spec, cluster, SimpleNamespace(profile=None, shapes=None))  # no profile
+    assert widens(cpu, bf16)  # a launch's next job, on no profile, is not held to the last one's
     monkeypatch.setattr(cpu_kernels, "available", lambda: "no compiler")
     assert run_on(True) == (False, "")  # cannot widen here, whatever the profile timed: nothing to keep from
