@@ -1,13 +1,15 @@
 """This project's CPU products for a decode step's few rows, built once per machine as the torch ops
-`edgeshard::int8_mm` (`csrc/int8_mm.c`) and `edgeshard::bf16_mm` (`csrc/bf16_mm.c`), registered by
-`csrc/ops.cpp`.
+`edgeshard::int8_mm` (`csrc/int8_mm.c`), `edgeshard::bf16_mm` and `edgeshard::bf16_panels_mm`
+(`csrc/bf16_mm.c`), registered by `csrc/ops.cpp`.
 
 A decode step reads every matrix once for a few rows, so its speed is the speed of reading the
 weights. For int8 weights aten's `_weight_int8pack_mm` reads them well below the memory's speed on
 an AVX2 CPU; `int8_mm` about twice as fast (`benchmarks/int8_products.py`, BENCHMARKS.md). For bf16
 weights on a CPU without bf16 instructions, aten's product past a row or two takes a slow path;
 `bf16_mm` widens each weight to fp32 in a register and computes as fp32 does, on half fp32's bytes
-(fewrows.py's widened form).
+(fewrows.py's widened form). `bf16_panels_mm` does the same on the weight held as panels
+(`to_panels`): runs of 24 rows stored column by column, so that each weight loaded meets up to 4 rows
+of x with no sum across lanes. It is the faster at every row count (`benchmarks/bf16_panels.py`).
 
 It needs AVX2, a C and a C++ compiler (`$CC`, `$CXX`, else `cc` and `c++`) and torch's headers, which
 a CPU build of torch ships and inductor needs too. It is compiled at first use into the user's
@@ -32,8 +34,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MAX_ROWS", "available", "bf16_mm", "int8_mm"]
+__all__ = ["MAX_ROWS", "PANEL", "available", "bf16_mm", "bf16_panels_mm", "from_panels", "int8_mm", "to_panels"]
 
+PANEL = 24  # a weight's rows in a panel (csrc/bf16_mm.c: 3 AVX2 vectors a step of k)
 MAX_ROWS = 16  # more rows (a prefill) take aten's kernel: past a few rows this one is bound by its arithmetic
 CSRC = Path(__file__).with_name("csrc")
 C_SOURCES = ("int8_mm.c", "bf16_mm.c")
@@ -96,6 +99,7 @@ def available() -> str | None:
                 torch.ops.load_library(str(_build()))
                 torch.library.register_fake("edgeshard::int8_mm", _fake)
                 torch.library.register_fake("edgeshard::bf16_mm", _fake_bf16)
+                torch.library.register_fake("edgeshard::bf16_panels_mm", _fake_panels)
                 _loaded = True
             except (OSError, RuntimeError) as e:
                 _why_not = f"the CPU kernels could not be built: {e}"
@@ -112,6 +116,10 @@ def _fake_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+def _fake_panels(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)
+
+
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """(x @ weight.T) * scales in fp32, for fp32 rows x (m x k), an int8 weight (n x k) and bf16 per-row
     scales (n), all contiguous on the CPU; `available()` must have returned None."""
@@ -122,3 +130,28 @@ def bf16_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     """x @ weight.T (+ bias) for rows x (m x k) and a contiguous bf16 weight (n x k) on the CPU, summed in
     fp32 and returned in x's dtype; `available()` must have returned None."""
     return torch.ops.edgeshard.bf16_mm(x, weight, bias)
+
+
+def bf16_panels_mm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """`bf16_mm` for a weight of `n` rows held as `to_panels` leaves it: faster at every row count."""
+    return torch.ops.edgeshard.bf16_panels_mm(x, panels, bias, n)
+
+
+def to_panels(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight (n x k) as panels ([ceil(n / PANEL)][k][PANEL]): each run of PANEL rows stored
+    column by column, the last run padded with zero rows; the same bytes, but for the padding."""
+    n, k = weight.shape
+    runs = -(-n // PANEL)
+    padded = weight.detach().new_zeros(runs * PANEL, k)
+    padded[:n] = weight.detach()
+    return padded.view(runs, PANEL, k).transpose(1, 2).contiguous()
+
+
+def from_panels(panels: torch.Tensor, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows start..stop of the weight `to_panels` made into `panels` (start a multiple of PANEL), as an
+    (stop - start) x k matrix in `dtype`, in one copy."""
+    first, last = start // PANEL, -(-stop // PANEL)
+    part = panels[first:last]
+    out = torch.empty(part.shape[0], PANEL, part.shape[1], dtype=dtype)
+    out.copy_(part.transpose(1, 2))
+    return out.view(-1, part.shape[1])[:stop - start]

@@ -30,9 +30,11 @@ the embedding's matrix, keeps it as it is.
 On a CPU without bf16 instructions (AVX512-BF16, AMX), torch's bf16 product past a row or two takes
 a slow path, 4x fp32's time at 16 rows. There a bf16 shard's matrices take the widened form (`widens`),
 which computes in fp32 on the bf16 weights, as torch's bf16 product sums in fp32 before it rounds: a
-few rows in `cpu_kernels.bf16_mm`, which widens each weight in a register and so reads bf16's bytes,
+few rows in the project's kernel, which widens each weight in a register and so reads bf16's bytes,
 half of fp32's, and more rows (a prefill) in fp32's own gemm on widened copies of the matrix, a
-block of rows at a time. Its attention (transformers' sdpa) runs on fp32 copies of the queries, keys
+block of rows at a time. The shard holds such a matrix as the kernel's panels
+(`cpu_kernels.to_panels`), on which a smollm2 decode step at 16 rows took 0.83x the time it took on
+the rows (`cpu_kernels.bf16_mm`); only a head on the embedding's own matrix keeps its rows. Its attention (transformers' sdpa) runs on fp32 copies of the queries, keys
 and values, cast back after: torch's bf16 attention there, on its causal path (rows without padding,
 so without a mask), took 1.1 ms a layer at 16 rows against 0.3 ms in fp32; with a mask it took as
 long as fp32. Where the kernel cannot be built, the products stay torch's.
@@ -239,23 +241,29 @@ def _best(fn, repeats: int = 5) -> float:
 class FewRowsLinear(nn.Linear):
     """`nn.Linear` whose product of a few rows runs in the faster form (`transposed_rows`), or whose
     weight is held reordered for oneDNN (`packed`, in place of `weight`, which is then None), or whose
-    bf16 products are computed in fp32 (`widened`)."""
+    bf16 products are computed in fp32 (`widened`), on a weight then held as the kernel's panels where
+    it is reordered (`panels`, in place of `weight`)."""
 
     turned: frozenset[int] = frozenset()
     packed: torch.Tensor | None = None
+    panels: torch.Tensor | None = None
     widened: bool = False
 
     @classmethod
     def of(cls, linear: nn.Linear, turned: frozenset[int], pack: bool = False,
            widen: bool = False) -> "FewRowsLinear":
         """A FewRowsLinear holding `linear`'s own parameters (nothing is copied), or with `pack` its
-        weight reordered (`linear`'s then left to be freed) and its own bias; `widen`: see `widens`."""
+        weight reordered (`linear`'s then left to be freed) and its own bias: for oneDNN, or widened
+        (`widens`) as the kernel's panels."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
         new.turned, new.widened = turned, widen
-        if pack:
+        if pack and widen:
+            new.panels = cpu_kernels.to_panels(linear.weight)
+            new.weight = None
+        elif pack:
             new.packed = _pack(linear.weight)
             new.weight = None
         return new
@@ -281,16 +289,22 @@ class FewRowsLinear(nn.Linear):
     def _widened(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T (+ bias) summed in fp32 on the bf16 weight, rounded once to x's dtype. In a compiled
         graph always the kernel: there the rows are a symbol, and testing them would split the graph."""
-        x2 = x.reshape(-1, x.shape[-1])
+        x2, panels = x.reshape(-1, x.shape[-1]), self.panels
         if x2.shape[0] <= WIDE_ROWS or torch.compiler.is_compiling():
-            y = cpu_kernels.bf16_mm(x2, self.weight, self.bias)
+            if panels is not None:
+                y = cpu_kernels.bf16_panels_mm(x2, panels, self.bias, self.out_features)
+            else:
+                y = cpu_kernels.bf16_mm(x2, self.weight, self.bias)
         else:  # a prefill's many rows: fp32's gemm on widened copies of WIDE_BYTES of the matrix at a time,
             # so that a large head's copy stays small (a 256k x 4096 one would be 4 GiB in fp32)
             x32, y = x2.float(), x2.new_empty(x2.shape[0], self.out_features)
             step = max(1, WIDE_BYTES // (4 * self.in_features))
+            step = step if panels is None else max(1, step // cpu_kernels.PANEL) * cpu_kernels.PANEL  # whole panels
             for i in range(0, self.out_features, step):
-                bias = None if self.bias is None else self.bias[i:i + step].float()
-                y[:, i:i + step] = nn.functional.linear(x32, self.weight[i:i + step].float(), bias)  # rounded once
+                end = min(i + step, self.out_features)
+                w = self.weight[i:end].float() if panels is None else cpu_kernels.from_panels(panels, i, end)
+                bias = None if self.bias is None else self.bias[i:end].float()
+                y[:, i:end] = nn.functional.linear(x32, w, bias)  # rounded once
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

@@ -124,7 +124,7 @@ class Shard:
         self.packed = packs_for(spec, self.device, self.dtype, compile, rows)
         self.widened = widens(self.device, self.dtype, spec.quantize)  # bf16 in fp32 arithmetic on this CPU
         alone = set()  # matrices to reorder: each read from a mapping of its own, gone once reordered
-        if self.packed:
+        if self.packed or self.widened:
             alone = {f"{name}.weight" for name, m in modules.items() if type(m) is torch.nn.Linear}
             if tied and not self.has_embed:
                 alone.add(embed_key)
@@ -139,7 +139,8 @@ class Shard:
             state = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
             module.load_state_dict(state, strict=True, assign=True)
             # buffers (Gemma's embedding scale) follow the weights
-            return swap_linears(module.to(self.device).eval(), turned, pack and self.packed, self.widened)
+            return swap_linears(module.to(self.device).eval(), turned, pack and (self.packed or self.widened),
+                                self.widened)
 
         self.embed = take(embed_name) if self.has_embed else None
         self.layers = [take(f"{layers_name}.{i}") for i in self.layer_ids]
@@ -244,9 +245,9 @@ class Shard:
             if t.data_ptr() not in seen:  # a tied head shares the embedding's storage
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
-        # weights reordered for oneDNN (fewrows.py): opaque tensors, with no storage to share
-        total += sum(lin.packed.numel() * lin.packed.element_size() for m in modules for lin in m.modules()
-                     if getattr(lin, "packed", None) is not None)
+        # weights reordered for oneDNN or into the widened kernel's panels (fewrows.py): no storage to share
+        total += sum(t.numel() * t.element_size() for m in modules for lin in m.modules()
+                     for t in (getattr(lin, "packed", None), getattr(lin, "panels", None)) if t is not None)
         return total
 
     # -- running ----------------------------------------------------------------------------

@@ -59,31 +59,52 @@ def test_a_compiled_graph_calls_the_kernel_as_one_op_and_matches_eager():
 
 
 @builds
+@pytest.mark.parametrize("panels", [False, True], ids=["rows", "panels"])
 @pytest.mark.parametrize("m,n,k", [(1, 67, 96), (2, 130, 100), (3, 64, 4144), (7, 5, 33), (9, 41, 8), (16, 200, 576),
-                                   (40, 24, 97)])
-def test_bf16_products_are_fp32_sums_rounded_once(m, n, k):
-    """The bf16 kernel widens bf16 weights to fp32 exactly and sums in fp32: within fp32's summation
+                                   (40, 24, 97), (6, 48, 1)])
+def test_bf16_products_are_fp32_sums_rounded_once(m, n, k, panels):
+    """The bf16 kernels widen bf16 weights to fp32 exactly and sum in fp32: within fp32's summation
     error of the exact product, and bf16 rows give that fp32 result rounded once to bf16. The shapes
-    take the 8-, 4-, 2- and 1-row paths and column tails that are not a multiple of 8."""
+    take every row count of a block (1-4, and 8 for the weight as rows), column tails that are not a
+    multiple of 8, and panels padded past the weight's last row."""
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
     w = (torch.randn(n, k, generator=gen) * torch.logspace(-2, 1, n)[:, None]).bfloat16()
     x = torch.randn(m, k, generator=gen).bfloat16()
     bias = torch.randn(n, generator=gen).bfloat16()
-    got = cpu_kernels.bf16_mm(x.float(), w, bias)
+    if panels:
+        p = cpu_kernels.to_panels(w)
+        assert p.shape == (-(-n // cpu_kernels.PANEL), k, cpu_kernels.PANEL)
+        product = lambda x, bias=None: cpu_kernels.bf16_panels_mm(x, p, bias, n)
+    else:
+        product = lambda x, bias=None: cpu_kernels.bf16_mm(x, w, bias)
+    got = product(x.float(), bias)
     exact = x.double() @ w.double().T + bias.double()
     bound = 2 * k * 2.0**-24 * (x.double().abs() @ w.double().abs().T + bias.double().abs()) + 1e-30
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert torch.all((got.double() - exact).abs() <= bound)
-    assert torch.equal(cpu_kernels.bf16_mm(x, w, bias), got.bfloat16())  # bf16 in, bf16 out: rounded once
-    assert torch.equal(cpu_kernels.bf16_mm(x, w), cpu_kernels.bf16_mm(x.float(), w).bfloat16())
+    assert torch.equal(product(x, bias), got.bfloat16())  # bf16 in, bf16 out: rounded once
+    assert torch.equal(product(x), product(x.float()).bfloat16())
+
+
+def test_panels_hold_the_weight_and_give_back_any_run_of_its_rows():
+    """`to_panels` and `from_panels` (what a prefill widens) are inverse on every run of whole panels."""
+    w = torch.randn(53, 7).bfloat16()
+    p = cpu_kernels.to_panels(w)
+    assert p.dtype == torch.bfloat16 and p.is_contiguous() and p.shape == (3, 7, cpu_kernels.PANEL)
+    assert torch.equal(p[0, :, 5], w[5]) and torch.equal(p[2, :, 4], w[52]) and not p[2, :, 5:].any()
+    for start, stop in [(0, 53), (24, 53), (0, 24), (24, 48), (48, 53), (0, 1)]:
+        part = cpu_kernels.from_panels(p, start, stop)
+        assert part.dtype == torch.float32 and part.is_contiguous() and torch.equal(part, w[start:stop].float())
 
 
 @builds
-def test_a_compiled_graph_calls_the_bf16_kernel_as_one_op_and_matches_eager():
+@pytest.mark.parametrize("pack", [False, True], ids=["rows", "panels"])
+def test_a_compiled_graph_calls_the_bf16_kernel_as_one_op_and_matches_eager(pack):
     from edgeshard_mpi.fewrows import FewRowsLinear
 
+    assert cpu_kernels.available() is None  # loaded (as a widened shard has it) before the graph is traced
     plain = torch.nn.Linear(96, 40, bias=True).bfloat16()
-    lin = FewRowsLinear.of(plain, frozenset(), widen=True)
+    lin = FewRowsLinear.of(plain, frozenset(), pack=pack, widen=True)
     x = torch.randn(1, 3, 96).bfloat16()
     with torch.no_grad():
         assert torch.equal(torch.compile(lin, fullgraph=True)(x), lin(x))  # fullgraph: no break at the op

@@ -60,20 +60,25 @@ needs_kernels = pytest.mark.skipif(cpu_kernels.available() is not None, reason="
 
 
 @needs_kernels
+@pytest.mark.parametrize("pack", [False, True], ids=["rows", "panels"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("block", [None, 50])  # rows of the matrix widened at once for many rows: all, or 50
-def test_the_widened_form_gives_linears_values_in_fp32_sums(bias, block, monkeypatch):
+def test_the_widened_form_gives_linears_values_in_fp32_sums(bias, block, pack, monkeypatch):
     """bf16 weights, products summed in fp32 and rounded once: the kernel's few rows and the widened
     copies' many rows both give the fp32 product of the same bf16 values, rounded to bf16 (but for a
-    rounding that an fp32 sum in another order may tip by one bf16 step)."""
+    rounding that an fp32 sum in another order may tip by one bf16 step), on the weight as it is or
+    as the kernel's panels."""
     import edgeshard_mpi.fewrows as fewrows
 
     if block:
         monkeypatch.setattr(fewrows, "WIDE_BYTES", block * 96 * 4)
     torch.manual_seed(0)
     plain = nn.Linear(96, 201, bias=bias).bfloat16()
-    wide = FewRowsLinear.of(plain, frozenset(), widen=True)
-    assert wide.weight is plain.weight and wide.bias is plain.bias  # nothing copied
+    wide = FewRowsLinear.of(plain, frozenset(), pack=pack, widen=True)
+    if pack:
+        assert wide.weight is None and wide.bias is plain.bias and wide.panels.shape == (9, 96, 24)
+    else:
+        assert wide.weight is plain.weight and wide.bias is plain.bias and wide.panels is None  # nothing copied
     for shape in [(1, 1, 96), (3, 1, 96), (7, 96), (2, 5, 96), (MAX_ROWS + 1, 1, 96), (WIDE_ROWS + 3, 96),
                   (4, 0, 96)]:
         x = torch.randn(*shape).bfloat16()
@@ -123,6 +128,11 @@ def test_a_widened_bf16_shard_keeps_the_models_logits(tiny_path, monkeypatch):
     plain = Shard(spec, 0, spec.num_units - 1)
     linears = lambda s: [m for layer in [s.lm_head, *s.layers] for m in layer.modules() if isinstance(m, nn.Linear)]
     assert wide.widened and all(type(m) is FewRowsLinear and m.widened for m in linears(wide))
+    # every matrix held as the kernel's panels, but a head on the embedding's own matrix (tiny-random's)
+    assert all(m.panels is not None and m.weight is None for layer in wide.layers for m in layer.modules()
+               if isinstance(m, nn.Linear))
+    assert wide.lm_head.panels is None and wide.lm_head.weight is wide.embed.weight
+    assert wide.param_bytes == pytest.approx(plain.param_bytes, rel=0.05)  # the panels' padding aside
     assert not plain.widened and {type(m) for m in linears(plain)} == {nn.Linear}
     # attention in fp32 on the widened shard's own layers; the masks, built from the shared config, stay sdpa's
     assert {layer.self_attn.config._attn_implementation for layer in wide.layers} == {fewrows.SDPA_FP32}
