@@ -141,10 +141,13 @@ def to_panels(weight: torch.Tensor) -> torch.Tensor:
     """A bf16 weight (n x k) as panels ([ceil(n / PANEL)][k][PANEL]): each run of PANEL rows stored
     column by column, the last run padded with zero rows; the same bytes, but for the padding."""
     n, k = weight.shape
-    runs = -(-n // PANEL)
-    padded = weight.detach().new_zeros(runs * PANEL, k)
-    padded[:n] = weight.detach()
-    return padded.view(runs, PANEL, k).transpose(1, 2).contiguous()
+    full, w = n // PANEL, weight.detach()
+    panels = w.new_empty(-(-n // PANEL), k, PANEL)  # the one copy: a large head is not copied twice
+    panels[:full].copy_(w[:full * PANEL].view(full, PANEL, k).transpose(1, 2))
+    if n > full * PANEL:
+        panels[full].zero_()
+        panels[full, :, :n - full * PANEL].copy_(w[full * PANEL:].T)
+    return panels
 
 
 def from_panels(panels: torch.Tensor, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
