@@ -245,9 +245,13 @@ class Shard:
             if t.data_ptr() not in seen:  # a tied head shares the embedding's storage
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
-        # weights reordered for oneDNN or into the widened kernel's panels (fewrows.py): no storage to share
-        total += sum(t.numel() * t.element_size() for m in modules for lin in m.modules()
-                     for t in (getattr(lin, "packed", None), getattr(lin, "panels", None)) if t is not None)
+        # weights reordered for oneDNN (fewrows.py): opaque tensors, with no storage to share
+        total += sum(lin.packed.numel() * lin.packed.element_size() for m in modules for lin in m.modules()
+                     if getattr(lin, "packed", None) is not None)
+        # and the widened kernel's panels: the matrix's own bytes, as planned (the padding of a last
+        # panel, under 24 rows, is none on most models' widths: smollm2's are all multiples of 24)
+        total += sum(lin.out_features * lin.in_features * lin.panels.element_size() for m in modules
+                     for lin in m.modules() if getattr(lin, "panels", None) is not None)
         return total
 
     # -- running ----------------------------------------------------------------------------
