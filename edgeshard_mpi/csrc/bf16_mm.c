@@ -82,8 +82,8 @@ void bf16_mm(const float *x, const uint16_t *w, float *y, int64_t m, int64_t n, 
    reads a run's PANEL weights as three vectors, widens them, and meets up to 4 rows of x, each row's
    value broadcast: 12 multiply-adds for 7 loads, where bf16_mm's dot products take 6 loads for 8 and
    sum across lanes at their end. The 4 x 3 accumulators, 3 weight vectors and a broadcast value fill
-   the 16 AVX2 registers. A smollm2 decode step at 16 rows took 0.83x bf16_mm's time, and at one row
-   0.94x (benchmarks/bf16_panels.py). */
+   the 16 AVX2 registers. A smollm2 decode step at 16 rows took 0.83-0.87x bf16_mm's time, and at one
+   row 0.94x (benchmarks/bf16_panels.py). */
 #define PANEL 24
 
 /* Accumulators as named variables, not an array: gcc keeps an array of them in memory. */
