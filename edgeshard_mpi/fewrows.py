@@ -34,10 +34,11 @@ few rows in the project's kernel, which widens each weight in a register and so 
 half of fp32's, and more rows (a prefill) in fp32's own gemm on widened copies of the matrix, a
 block of rows at a time. The shard holds such a matrix as the kernel's panels
 (`cpu_kernels.to_panels`), on which a smollm2 decode step at 16 rows took 0.83-0.87x the time it
-took on the rows (`cpu_kernels.bf16_mm`); only a head on the embedding's own matrix keeps its rows. Its attention (transformers' sdpa) runs on fp32 copies of the queries, keys
-and values, cast back after: torch's bf16 attention there, on its causal path (rows without padding,
-so without a mask), took 1.1 ms a layer at 16 rows against 0.3 ms in fp32; with a mask it took as
-long as fp32. Where the kernel cannot be built, the products stay torch's.
+took on the rows (`cpu_kernels.bf16_mm`); only a head on the embedding's own matrix keeps its rows.
+Its attention (transformers' sdpa) runs on fp32 copies of the queries, keys and values, cast back
+after: torch's bf16 attention there, on its causal path (rows without padding, so without a mask),
+took 1.1 ms a layer at 16 rows against 0.3 ms in fp32; with a mask it took as long as fp32. Where
+the kernel cannot be built, the products stay torch's.
 
 A profile records the forms it measured in (`forms`), and a run on that profile takes them (`adopt`)
 rather than measuring again: the run then computes the step its plan and prediction were made from.
