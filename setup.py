@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="EdgeShard LLM batch inference over MPI ranks on unequal devices",
     packages=find_packages(include=["edgeshard_mpi", "edgeshard_mpi.*"]),
-    package_data={"edgeshard_mpi": ["csrc/*.c", "csrc/*.cpp"]},  # the int8 kernel, compiled on the user's machine at first use
+    package_data={"edgeshard_mpi": ["csrc/*.c", "csrc/*.cpp"]},  # the CPU kernels, built at first use
     python_requires=">=3.11",
     # torch is pinned by the install command (the CPU build on CPU machines), not here
     install_requires=[

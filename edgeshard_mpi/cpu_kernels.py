@@ -1,6 +1,7 @@
 """This project's CPU products for a decode step's few rows, built once per machine as the torch ops
-`edgeshard::int8_mm` (`csrc/int8_mm.c`), `edgeshard::bf16_mm` and `edgeshard::bf16_panels_mm`
-(`csrc/bf16_mm.c`), registered by `csrc/ops.cpp`.
+`edgeshard::int8_mm` (`csrc/int8_mm.c`), `edgeshard::bf16_mm` (`csrc/bf16_mm.c`) and
+`edgeshard::bf16_panels_mm` and `edgeshard::f32_panels_mm` (`csrc/panels_mm.c`), registered by
+`csrc/ops.cpp`.
 
 A decode step reads every matrix once for a few rows, so its speed is the speed of reading the
 weights. For int8 weights aten's `_weight_int8pack_mm` reads them well below the memory's speed on
@@ -10,6 +11,9 @@ weights on a CPU without bf16 instructions, aten's product past a row or two tak
 (fewrows.py's widened form). `bf16_panels_mm` does the same on the weight held as panels
 (`to_panels`): runs of 24 rows stored column by column, so that each weight loaded meets up to 4 rows
 of x with no sum across lanes. It is the faster at every row count (`benchmarks/bf16_panels.py`).
+`f32_panels_mm` is the same product on fp32 panels: on an AVX2 CPU it took a smollm2 step's layer
+products at 16 rows in 0.56-0.72x the time of torch's fastest form, and at one row in 0.87x
+(`benchmarks/f32_panels.py`); where it is faster is measured (fewrows.py).
 
 It needs AVX2, a C and a C++ compiler (`$CC`, `$CXX`, else `cc` and `c++`) and torch's headers, which
 a CPU build of torch ships and inductor needs too. It is compiled at first use into the user's
@@ -34,12 +38,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MAX_ROWS", "PANEL", "available", "bf16_mm", "bf16_panels_mm", "from_panels", "int8_mm", "to_panels"]
+__all__ = ["MAX_ROWS", "PANEL", "available", "bf16_mm", "bf16_panels_mm", "f32_panels_mm", "from_panels", "int8_mm",
+           "panels_mm", "to_panels"]
 
-PANEL = 24  # a weight's rows in a panel (csrc/bf16_mm.c: 3 AVX2 vectors a step of k)
+PANEL = 24  # a weight's rows in a panel (csrc/panels_mm.c: 3 AVX2 vectors a step of k)
 MAX_ROWS = 16  # more rows (a prefill) take aten's kernel: past a few rows this one is bound by its arithmetic
 CSRC = Path(__file__).with_name("csrc")
-C_SOURCES = ("int8_mm.c", "bf16_mm.c")
+C_SOURCES = ("int8_mm.c", "bf16_mm.c", "panels_mm.c")
 C_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC"]
 CXX_FLAGS = ["-O2", "-std=c++20", "-fPIC", "-shared", "-fopenmp"]
 _loaded = False
@@ -100,6 +105,7 @@ def available() -> str | None:
                 torch.library.register_fake("edgeshard::int8_mm", _fake)
                 torch.library.register_fake("edgeshard::bf16_mm", _fake_bf16)
                 torch.library.register_fake("edgeshard::bf16_panels_mm", _fake_panels)
+                torch.library.register_fake("edgeshard::f32_panels_mm", _fake_panels)
                 _loaded = True
             except (OSError, RuntimeError) as e:
                 _why_not = f"the CPU kernels could not be built: {e}"
@@ -137,8 +143,21 @@ def bf16_panels_mm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.edgeshard.bf16_panels_mm(x, panels, bias, n)
 
 
+def f32_panels_mm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """x @ W.T (+ bias) for fp32 rows x (m x k) and an fp32 weight W of `n` rows held as `to_panels` leaves
+    it; `available()` must have returned None."""
+    return torch.ops.edgeshard.f32_panels_mm(x, panels, bias, n)
+
+
+def panels_mm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The product on panels of either dtype: `bf16_panels_mm` or `f32_panels_mm`."""
+    if panels.dtype == torch.bfloat16:
+        return bf16_panels_mm(x, panels, bias, n)
+    return f32_panels_mm(x, panels, bias, n)
+
+
 def to_panels(weight: torch.Tensor) -> torch.Tensor:
-    """A bf16 weight (n x k) as panels ([ceil(n / PANEL)][k][PANEL]): each run of PANEL rows stored
+    """A bf16 or fp32 weight (n x k) as panels ([ceil(n / PANEL)][k][PANEL]): each run of PANEL rows stored
     column by column, the last run padded with zero rows; the same bytes, but for the padding."""
     n, k = weight.shape
     full, w = n // PANEL, weight.detach()

@@ -1,6 +1,7 @@
-"""The CPU kernels (`cpu_kernels`: `csrc/int8_mm.c` and `csrc/bf16_mm.c` as the ops `edgeshard::int8_mm`
-and `edgeshard::bf16_mm`): their products against exact ones, a compiled graph calling them, and
-aten's products where they cannot be built.
+"""The CPU kernels (`cpu_kernels`: `csrc/int8_mm.c`, `csrc/bf16_mm.c` and `csrc/panels_mm.c` as the ops
+`edgeshard::int8_mm`, `edgeshard::bf16_mm`, `edgeshard::bf16_panels_mm` and `edgeshard::f32_panels_mm`):
+their products against exact ones, a compiled graph calling them, and aten's products where they cannot
+be built.
 
 The kernel rounds each row of activations to int16 with a scale of its own and sums exactly in int32,
 so its only error is that rounding: |y - exact| <= scale_r * sum_k |w_rk| * step_m / 2, with step_m
@@ -93,6 +94,23 @@ def test_bf16_products_are_fp32_sums_rounded_once(m, n, k, panels):
     assert torch.equal(product(x), product(x.float()).bfloat16())
 
 
+@builds
+@pytest.mark.parametrize("m,n,k", [(1, 67, 96), (2, 130, 100), (3, 64, 4144), (7, 5, 33), (16, 200, 576), (6, 48, 1)])
+def test_fp32_panel_products_are_within_fp32_sums_error(m, n, k):
+    """fp32 weights as panels: every row count of a block (1-4), padded panels, one column."""
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-2, 1, n)[:, None]
+    x, bias = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    p = cpu_kernels.to_panels(w)
+    assert p.dtype == torch.float32 and p.shape == (-(-n // cpu_kernels.PANEL), k, cpu_kernels.PANEL)
+    got = cpu_kernels.f32_panels_mm(x, p, bias, n)
+    exact = x.double() @ w.double().T + bias.double()
+    bound = 2 * k * 2.0**-24 * (x.double().abs() @ w.double().abs().T + bias.double().abs()) + 1e-30
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert torch.all((got.double() - exact).abs() <= bound)
+    assert torch.equal(cpu_kernels.panels_mm(x, p, None, n), cpu_kernels.f32_panels_mm(x, p, None, n))
+
+
 def test_panels_hold_the_weight_and_give_back_any_run_of_its_rows():
     """`to_panels` and `from_panels` (what a prefill widens) are inverse on every run of whole panels."""
     w = torch.randn(53, 7).bfloat16()
@@ -105,14 +123,15 @@ def test_panels_hold_the_weight_and_give_back_any_run_of_its_rows():
 
 
 @builds
-@pytest.mark.parametrize("pack", [False, True], ids=["rows", "panels"])
-def test_a_compiled_graph_calls_the_bf16_kernel_as_one_op_and_matches_eager(pack):
+@pytest.mark.parametrize("dtype,pack", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, True)],
+                         ids=["bf16 rows", "bf16 panels", "fp32 panels"])
+def test_a_compiled_graph_calls_the_panel_and_bf16_kernels_as_one_op_and_matches_eager(dtype, pack):
     from edgeshard_mpi.fewrows import FewRowsLinear
 
     assert cpu_kernels.available() is None  # loaded (as a widened shard has it) before the graph is traced
-    plain = torch.nn.Linear(96, 40, bias=True).bfloat16()
-    lin = FewRowsLinear.of(plain, frozenset(), pack=pack, widen=True)
-    x = torch.randn(1, 3, 96).bfloat16()
+    plain = torch.nn.Linear(96, 40, bias=True).to(dtype)
+    lin = FewRowsLinear.of(plain, frozenset(), pack=pack, widen=dtype == torch.bfloat16, panel=dtype == torch.float32)
+    x = torch.randn(1, 3, 96).to(dtype)
     with torch.no_grad():
         assert torch.equal(torch.compile(lin, fullgraph=True)(x), lin(x))  # fullgraph: no break at the op
 

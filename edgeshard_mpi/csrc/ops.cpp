@@ -1,5 +1,5 @@
-// The CPU kernels (int8_mm.c, bf16_mm.c) as the torch ops edgeshard::int8_mm, edgeshard::bf16_mm and
-// edgeshard::bf16_panels_mm:
+// The CPU kernels (int8_mm.c, bf16_mm.c, panels_mm.c) as the torch ops edgeshard::int8_mm, edgeshard::bf16_mm,
+// edgeshard::bf16_panels_mm and edgeshard::f32_panels_mm:
 // called from C++, by eager code through the dispatcher and by a compiled graph's C++ wrapper, without
 // Python between.
 #include <ATen/Parallel.h>
@@ -16,7 +16,8 @@ extern "C" void bf16_mm(const float *x, const uint16_t *w, float *y, int64_t m, 
                         int threads);
 extern "C" void bf16_panels_mm(const float *x, const uint16_t *p, float *y, int64_t m, int64_t n, int64_t k,
                                int threads);
-constexpr int64_t PANEL = 24;  // bf16_mm.c's
+extern "C" void f32_panels_mm(const float *x, const float *p, float *y, int64_t m, int64_t n, int64_t k, int threads);
+constexpr int64_t PANEL = 24;  // panels_mm.c's
 
 static at::Tensor int8_mm_op(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &scales) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
@@ -65,14 +66,31 @@ static at::Tensor bf16_panels_op(const at::Tensor &x, const at::Tensor &panels, 
     return y.to(x.scalar_type());
 }
 
+// x (m x k, fp32) @ weight.T (+ bias) for an fp32 weight of n rows held as panels, in fp32.
+static at::Tensor f32_panels_op(const at::Tensor &x, const at::Tensor &panels, const std::optional<at::Tensor> &bias,
+                                int64_t n) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "edgeshard::f32_panels_mm: x must be a 2-D fp32 tensor");
+    TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == at::kFloat && panels.is_contiguous() &&
+                    panels.size(0) == (n + PANEL - 1) / PANEL && panels.size(1) == x.size(1) && panels.size(2) == PANEL,
+                "edgeshard::f32_panels_mm: panels must be contiguous fp32 [ceil(n / 24)][x's columns][24]");
+    at::Tensor x32 = x.contiguous();
+    at::Tensor y = at::empty({x.size(0), n}, x32.options());
+    f32_panels_mm(x32.data_ptr<float>(), panels.data_ptr<float>(), y.data_ptr<float>(), x.size(0), n, x.size(1),
+                  at::get_num_threads());
+    if (bias.has_value()) y.add_(*bias);
+    return y;
+}
+
 TORCH_LIBRARY(edgeshard, m) {
     m.def("int8_mm(Tensor x, Tensor weight, Tensor scales) -> Tensor");
     m.def("bf16_mm(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
     m.def("bf16_panels_mm(Tensor x, Tensor panels, Tensor? bias, int n) -> Tensor");
+    m.def("f32_panels_mm(Tensor x, Tensor panels, Tensor? bias, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(edgeshard, CPU, m) {
     m.impl("int8_mm", &int8_mm_op);
     m.impl("bf16_mm", &bf16_mm_op);
     m.impl("bf16_panels_mm", &bf16_panels_op);
+    m.impl("f32_panels_mm", &f32_panels_op);
 }
