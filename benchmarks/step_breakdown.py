@@ -26,7 +26,7 @@ from edgeshard_mpi.shard import Shard
 
 BUCKETS = {  # aten op -> bucket; record_function ranges below claim masks, rotary and sampling whole
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "edgeshard::int8_mm",
-               "edgeshard::bf16_mm", "edgeshard::bf16_panels_mm"),
+               "edgeshard::bf16_mm", "edgeshard::bf16_panels_mm", "edgeshard::f32_panels_mm"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
                   "aten::_scaled_dot_product_efficient_attention"),
     "norms": ("aten::pow", "aten::mean", "aten::rsqrt"),

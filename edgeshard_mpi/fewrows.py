@@ -40,6 +40,14 @@ after: torch's bf16 attention there, on its causal path (rows without padding, s
 took 1.1 ms a layer at 16 rows against 0.3 ms in fp32; with a mask it took as long as fp32. Where
 the kernel cannot be built, the products stay torch's.
 
+An fp32 shard may instead hold its matrices as the kernel's panels (`cpu_kernels.f32_panels_mm`, the
+same layout as bf16's, in fp32): on that EPYC a smollm2 step's 210 layer products took 35-38 ms at 16
+rows, where oneDNN on reordered weights took 48-56 and `linear` 63-69, and 19.6 ms at one row against
+the transposed form's 22.6 (benchmarks/f32_panels.py). On a CPU with AVX-512 torch's own kernels are
+twice as wide as this AVX2 one, so whether to hold panels is measured, once per process, thread count
+and row count, on the probe matrix against the fastest of the other forms (`paneled`). A prefill's
+many rows take fp32's gemm on whole panels copied back to rows, a block at a time, as bf16's do.
+
 A profile records the forms it measured in (`forms`), and a run on that profile takes them (`adopt`)
 rather than measuring again: the run then computes the step its plan and prediction were made from.
 """
@@ -55,8 +63,8 @@ from torch import nn
 from . import cpu_kernels
 
 __all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "adopt", "adopt_widened", "bf16_instructions", "can_widen",
-           "forms", "head_shape", "packs", "packs_for", "reorders", "rows_for", "swap_linears", "transposed_rows",
-           "widens"]
+           "forms", "head_shape", "packs", "packs_for", "paneled", "panels_for", "reorders", "rows_for", "swap_linears",
+           "transposed_rows", "widens"]
 
 MAX_ROWS = 16  # more rows than this take `linear` (its gemm is then at the memory's speed, or the compute's)
 # the widened form's rows up to which its kernel is faster than fp32's gemm on a widened copy of the
@@ -67,6 +75,7 @@ SWAP_BYTES = 64 << 20  # a model's weights from which its shards take the faster
 _PROBE = (8192, 1024)  # out x in: 32 MiB in fp32, at or past most CPUs' last-level cache (smollm2's head: 108 MiB)
 _chosen: dict[tuple, frozenset[int]] = {}
 _packing: dict[tuple, bool] = {}
+_paneling: dict[tuple, bool] = {}
 _widening: dict[torch.dtype, bool] = {}  # the widened form a profile timed, by dtype (adopt_widened)
 
 
@@ -151,18 +160,44 @@ def packs(dtype: torch.dtype, rows: int) -> bool:
     return _packing[key]
 
 
-def adopt(dtype: torch.dtype, rows: int, turned, packed: bool, head=None, shape=None) -> None:
+def paneled(dtype: torch.dtype, rows: int) -> bool:
+    """Whether products of `rows` rows run faster on fp32 weights held as the kernel's panels
+    (`cpu_kernels.f32_panels_mm`) than in the fastest of the other forms here (`linear`, transposed,
+    reordered for oneDNN where it can), at this process's thread count: on the probe matrix, each form's
+    best of five, the panels taken only when at least 10% faster. Only fp32, where the kernel is built."""
+    key = (dtype, torch.get_num_threads(), rows)
+    if key not in _paneling:
+        _paneling[key] = False
+        if dtype == torch.float32 and cpu_kernels.available() is None:
+            gen = torch.Generator().manual_seed(0)
+            w = torch.randn(*_PROBE, generator=gen)
+            x = torch.randn(rows, _PROBE[1], generator=gen)
+            others = [nn.functional.linear, _transposed]
+            if reorders(dtype):
+                p = _pack(w)
+                others.append(lambda x, w: _packed(x, p, None, _PROBE[0]))
+            best = min(_best(lambda: f(x, w)) for f in others)
+            panels = cpu_kernels.to_panels(w)
+            _paneling[key] = _best(lambda: cpu_kernels.f32_panels_mm(x, panels, None, _PROBE[0])) < 0.9 * best
+    return _paneling[key]
+
+
+def adopt(dtype: torch.dtype, rows: int, turned, packed: bool, head=None, shape=None, panels=None) -> None:
     """Take these forms (a profile's `products`, as `forms` measured them) in place of measuring them
     again in this process: a run computes in the forms its profile timed. Measured twice, minutes
     apart, a choice within the noise of its 10% margin could differ, and a run would then compute
     another step than the one its plan and prediction were made from. `head`: the head's own row
     counts, for its matrix of `shape` (head_shape); a profile without them leaves the head's to be
-    measured. Whether its bf16 products were widened: `adopt_widened`."""
+    measured. `panels`: whether its fp32 matrices were held as panels (`paneled`); None (a profile from
+    before they were recorded) leaves that to be measured. Whether its bf16 products were widened:
+    `adopt_widened`."""
     threads = torch.get_num_threads()
     _chosen[(dtype, threads, _PROBE)] = frozenset(turned)
     if head is not None and shape is not None:
         _chosen[(dtype, threads, tuple(shape))] = frozenset(head)
     _packing[(dtype, threads, rows)] = bool(packed)
+    if panels is not None:
+        _paneling[(dtype, threads, rows)] = bool(panels)
 
 
 def adopt_widened(dtype: torch.dtype, widened: bool | None) -> None:
@@ -178,9 +213,10 @@ def adopt_widened(dtype: torch.dtype, widened: bool | None) -> None:
 def forms(spec, device: torch.device, dtype: torch.dtype, rows: int) -> dict:
     """The forms an eager shard of `spec` whose steps hold up to `rows` rows takes here, as a profile
     records them: the row counts in the transposed form, the head's own (head_shape), whether its
-    weights are reordered, and whether its products are widened."""
+    weights are reordered, whether they are held as fp32 panels, and whether its products are widened."""
     return {"turned": sorted(rows_for(spec, device, dtype)), "head": sorted(rows_for(spec, device, dtype, head=True)),
-            "packed": packs_for(spec, device, dtype, rows=rows), "widened": widens(device, dtype, spec.quantize)}
+            "packed": packs_for(spec, device, dtype, rows=rows), "panels": panels_for(spec, device, dtype, rows=rows),
+            "widened": widens(device, dtype, spec.quantize)}
 
 
 def bf16_instructions() -> bool:
@@ -205,12 +241,22 @@ def can_widen(device: torch.device, dtype: torch.dtype, quantize: str | None = N
 def packs_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False, rows: int = 1) -> bool:
     """Whether a shard of `spec` whose steps hold up to `rows` rows reorders its weights for oneDNN:
     only on a CPU, unquantized, eager (a compiled graph's products are inductor's), for a model of at
-    least SWAP_BYTES, at more than one row, and where that measures faster (`packs`)."""
+    least SWAP_BYTES, at more than one row, and where that measures faster (`packs`), unless it holds
+    panels (`panels_for`)."""
     if device.type != "cpu" or spec.quantize or compile or rows < 2 or widens(device, dtype, spec.quantize):
         return False
-    if spec.bytes_of(0, spec.num_units - 1) < SWAP_BYTES:
+    if spec.bytes_of(0, spec.num_units - 1) < SWAP_BYTES or panels_for(spec, device, dtype, compile, rows):
         return False
     return packs(dtype, rows)
+
+
+def panels_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False, rows: int = 1) -> bool:
+    """Whether a shard of `spec` in fp32 whose steps hold up to `rows` rows holds its matrices as the
+    kernel's panels: only on a CPU, unquantized, eager (as `packs_for`), for a model of at least
+    SWAP_BYTES, and where that measures faster (`paneled`)."""
+    if device.type != "cpu" or dtype != torch.float32 or spec.quantize or compile:
+        return False
+    return spec.bytes_of(0, spec.num_units - 1) >= SWAP_BYTES and paneled(dtype, rows)
 
 
 def rows_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False,
@@ -241,9 +287,9 @@ def _best(fn, repeats: int = 5) -> float:
 
 class FewRowsLinear(nn.Linear):
     """`nn.Linear` whose product of a few rows runs in the faster form (`transposed_rows`), or whose
-    weight is held reordered for oneDNN (`packed`, in place of `weight`, which is then None), or whose
-    bf16 products are computed in fp32 (`widened`), on a weight then held as the kernel's panels where
-    it is reordered (`panels`, in place of `weight`)."""
+    weight is held reordered for oneDNN (`packed`, in place of `weight`, which is then None), or as the
+    kernel's panels (`panels`, in place of `weight`: fp32 ones, `paneled`), or whose bf16 products are
+    computed in fp32 (`widened`), on a weight then held as panels where it is reordered."""
 
     turned: frozenset[int] = frozenset()
     packed: torch.Tensor | None = None
@@ -251,17 +297,17 @@ class FewRowsLinear(nn.Linear):
     widened: bool = False
 
     @classmethod
-    def of(cls, linear: nn.Linear, turned: frozenset[int], pack: bool = False,
-           widen: bool = False) -> "FewRowsLinear":
+    def of(cls, linear: nn.Linear, turned: frozenset[int], pack: bool = False, widen: bool = False,
+           panel: bool = False) -> "FewRowsLinear":
         """A FewRowsLinear holding `linear`'s own parameters (nothing is copied), or with `pack` its
-        weight reordered (`linear`'s then left to be freed) and its own bias: for oneDNN, or widened
-        (`widens`) as the kernel's panels."""
+        weight reordered (`linear`'s then left to be freed) and its own bias: for oneDNN, or as the
+        kernel's panels, widened (`widens`) or with `panel` in fp32."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
         new.turned, new.widened = turned, widen
-        if pack and widen:
+        if pack and (widen or panel):
             new.panels = cpu_kernels.to_panels(linear.weight)
             new.weight = None
         elif pack:
@@ -272,8 +318,8 @@ class FewRowsLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return _packed(x, self.packed, self.bias, self.out_features)
-        if self.widened:
-            return self._widened(x)
+        if self.widened or self.panels is not None:
+            return self._in_kernel(x)
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if torch.compiler.is_compiling():  # rows past one are a symbol: testing them would specialize the graph
             turn = m == 1 and 1 in self.turned
@@ -287,13 +333,13 @@ class FewRowsLinear(nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-    def _widened(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T (+ bias) summed in fp32 on the bf16 weight, rounded once to x's dtype. In a compiled
-        graph always the kernel: there the rows are a symbol, and testing them would split the graph."""
+    def _in_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T (+ bias) summed in fp32 on the bf16 or fp32 weight, rounded once to x's dtype. In a
+        compiled graph always the kernel: there the rows are a symbol, and testing them would split the graph."""
         x2, panels = x.reshape(-1, x.shape[-1]), self.panels
         if x2.shape[0] <= WIDE_ROWS or torch.compiler.is_compiling():
             if panels is not None:
-                y = cpu_kernels.bf16_panels_mm(x2, panels, self.bias, self.out_features)
+                y = cpu_kernels.panels_mm(x2, panels, self.bias, self.out_features)
             else:
                 y = cpu_kernels.bf16_mm(x2, self.weight, self.bias)
         else:  # a prefill's many rows: fp32's gemm on widened copies of WIDE_BYTES of the matrix at a time,
@@ -340,19 +386,20 @@ def _widen_attention(module: nn.Module) -> None:
             config._attn_implementation = SDPA_FP32
 
 
-def swap_linears(module: nn.Module, turned: frozenset[int], pack: bool = False, widen: bool = False) -> nn.Module:
+def swap_linears(module: nn.Module, turned: frozenset[int], pack: bool = False, widen: bool = False,
+                 panel: bool = False) -> nn.Module:
     """`module` with each `nn.Linear` in it (itself included) a FewRowsLinear on the same parameters,
-    or with `pack` on its weight reordered, or with `widen` computing in fp32 (`widens`), its attention
-    too."""
+    or with `pack` on its weight reordered (for oneDNN, or with `panel` as fp32 panels), or with `widen`
+    computing in fp32 (`widens`), its attention too."""
     if not turned and not pack and not widen:
         return module
     if widen:
         _widen_attention(module)
     if type(module) is nn.Linear:
-        return FewRowsLinear.of(module, turned, pack, widen)
+        return FewRowsLinear.of(module, turned, pack, widen, panel)
     for name, child in list(module.named_modules()):
         if name and type(child) is nn.Linear:
             parent, _, leaf = name.rpartition(".")
             setattr(module.get_submodule(parent) if parent else module, leaf,
-                    FewRowsLinear.of(child, turned, pack, widen))
+                    FewRowsLinear.of(child, turned, pack, widen, panel))
     return module

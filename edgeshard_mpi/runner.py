@@ -569,7 +569,8 @@ def _adopt_forms(comm: Comm, spec: ModelSpec, cluster: Cluster, local: _Local | 
     widened = None
     if mine is not None:
         rows, products = mine
-        adopt(dtype, rows, products["turned"], products["packed"], products.get("head"), head_shape(spec))
+        adopt(dtype, rows, products["turned"], products["packed"], products.get("head"), head_shape(spec),
+              products.get("panels"))
         widened = products.get("widened")
     adopt_widened(dtype, widened)
     narrow = comm.gather(widened is False and can_widen(torch.device(me.torch), dtype, own.quantize))
@@ -713,7 +714,7 @@ def _execute(comm: Comm, spec: ModelSpec, cluster: Cluster, plan: Plan, local: _
     stats["peak_rss"] = peak_rss()
     if shard is not None:  # the forms its products took: its profile's where that recorded them
         stats["products"] = {"turned": sorted(shard.turned), "head": sorted(shard.head_turned),
-                             "packed": shard.packed, "widened": shard.widened}
+                             "packed": shard.packed, "panels": shard.paneled, "widened": shard.widened}
     if shard is not None and shard.clock is not None:  # steps the clock could not hold to its time
         stats["late_steps"] = shard.late
     if shard is not None and shard.compiled:  # the warm-up's, and any a run needed after it (none, normally)

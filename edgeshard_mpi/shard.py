@@ -33,7 +33,7 @@ import transformers.modeling_utils  # noqa: F401
 from . import cpu_kernels
 from .compiling import CompiledStep
 from .families import mask_builder
-from .fewrows import packs_for, rows_for, swap_linears, widens
+from .fewrows import packs_for, panels_for, rows_for, swap_linears, widens
 from .kv_cache import add_rows, join_rows, relayout, slot_cache, static_slot_cache
 from .models import ModelError, ModelSpec
 from .quant import SCALE_DTYPE, Int8Embedding, int8_keys, int8_shell, quantize_rows
@@ -122,9 +122,10 @@ class Shard:
         self.turned = rows_for(spec, self.device, self.dtype, compile)
         self.head_turned = rows_for(spec, self.device, self.dtype, compile, head=True) if self.has_head else frozenset()
         self.packed = packs_for(spec, self.device, self.dtype, compile, rows)
+        self.paneled = panels_for(spec, self.device, self.dtype, compile, rows)  # fp32 as the kernel's panels
         self.widened = widens(self.device, self.dtype, spec.quantize)  # bf16 in fp32 arithmetic on this CPU
         alone = set()  # matrices to reorder: each read from a mapping of its own, gone once reordered
-        if self.packed or self.widened:
+        if self.packed or self.paneled or self.widened:
             alone = {f"{name}.weight" for name, m in modules.items() if type(m) is torch.nn.Linear}
             if tied and not self.has_embed:
                 alone.add(embed_key)
@@ -139,8 +140,8 @@ class Shard:
             state = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
             module.load_state_dict(state, strict=True, assign=True)
             # buffers (Gemma's embedding scale) follow the weights
-            return swap_linears(module.to(self.device).eval(), turned, pack and (self.packed or self.widened),
-                                self.widened)
+            return swap_linears(module.to(self.device).eval(), turned,
+                                pack and (self.packed or self.paneled or self.widened), self.widened, self.paneled)
 
         self.embed = take(embed_name) if self.has_embed else None
         self.layers = [take(f"{layers_name}.{i}") for i in self.layer_ids]
@@ -248,7 +249,7 @@ class Shard:
         # weights reordered for oneDNN (fewrows.py): opaque tensors, with no storage to share
         total += sum(lin.packed.numel() * lin.packed.element_size() for m in modules for lin in m.modules()
                      if getattr(lin, "packed", None) is not None)
-        # and the widened kernel's panels: the matrix's own bytes, as planned (the padding of a last
+        # and the kernel's panels (bf16 widened, or fp32): the matrix's own bytes, as planned (the padding of a last
         # panel, under 24 rows, is none on most models' widths: smollm2's are all multiples of 24)
         total += sum(lin.out_features * lin.in_features * lin.panels.element_size() for m in modules
                      for lin in m.modules() if getattr(lin, "panels", None) is not None)

@@ -89,6 +89,30 @@ def test_the_widened_form_gives_linears_values_in_fp32_sums(bias, block, pack, m
         assert (got != exact.bfloat16()).sum() <= 0.01 * got.numel()  # nearly all rounded as the exact sum is
 
 
+@needs_kernels
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("block", [None, 50])  # rows of the matrix copied back at once for many rows: all, or 50
+def test_fp32_panels_give_linears_values(bias, block, monkeypatch):
+    """fp32 weights held as the kernel's panels, the only copy: a few rows in the kernel and many (a
+    prefill) in fp32's gemm on rows copied back from the panels give `linear`'s values, but for the
+    order of fp32 sums."""
+    import edgeshard_mpi.fewrows as fewrows
+
+    if block:
+        monkeypatch.setattr(fewrows, "WIDE_BYTES", block * 96 * 4)
+    torch.manual_seed(0)
+    plain = nn.Linear(96, 201, bias=bias)
+    held = FewRowsLinear.of(plain, frozenset(), pack=True, panel=True)
+    assert held.weight is None and held.bias is plain.bias and held.panels.dtype == torch.float32
+    assert held.panels.shape == (9, 96, 24) and [p for p in held.parameters()] == ([plain.bias] if bias else [])
+    for shape in [(1, 1, 96), (3, 1, 96), (7, 96), (2, 5, 96), (MAX_ROWS + 1, 1, 96), (WIDE_ROWS + 3, 96),
+                  (4, 0, 96)]:
+        x = torch.randn(*shape)
+        want, got = plain(x), held(x)
+        assert got.shape == want.shape and got.dtype == torch.float32 and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_widens_only_on_a_cpu_without_bf16_instructions_and_with_the_kernels(monkeypatch):
     import edgeshard_mpi.fewrows as fewrows
     from edgeshard_mpi.runner import _bf16_without_instructions
@@ -167,6 +191,7 @@ def test_only_several_rows_of_a_large_eager_cpu_model_reorder(smollm_path, monke
     spec = ModelSpec.load(smollm_path, "float32")
     cpu = torch.device("cpu")
     monkeypatch.setattr(fewrows, "packs", lambda dtype, rows: True)  # as if measured faster at every count
+    monkeypatch.setattr(fewrows, "paneled", lambda dtype, rows: False)  # and the panels slower
     assert packs_for(spec, cpu, torch.float32, rows=8)
     assert not packs_for(spec, cpu, torch.float32, rows=1)  # one row: the transposed form's
     assert not packs_for(spec, cpu, torch.float32, compile=True, rows=8)  # inductor's own products
@@ -174,6 +199,36 @@ def test_only_several_rows_of_a_large_eager_cpu_model_reorder(smollm_path, monke
     assert not packs_for(dataclasses.replace(spec, quantize="int8"), cpu, torch.float32, rows=8)
     monkeypatch.setattr(fewrows, "SWAP_BYTES", spec.bytes_of(0, spec.num_units - 1) + 1)
     assert not packs_for(spec, cpu, torch.float32, rows=8)  # a small model's matrices sit in the caches
+
+
+def test_only_fp32_of_a_large_eager_cpu_model_holds_panels_and_then_no_reordered_weight(smollm_path, monkeypatch):
+    import edgeshard_mpi.fewrows as fewrows
+    from edgeshard_mpi.fewrows import panels_for
+    from edgeshard_mpi.models import ModelSpec
+
+    spec = ModelSpec.load(smollm_path, "float32")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(fewrows, "packs", lambda dtype, rows: True)
+    monkeypatch.setattr(fewrows, "paneled", lambda dtype, rows: True)  # as if measured faster than every form
+    assert panels_for(spec, cpu, torch.float32, rows=1) and panels_for(spec, cpu, torch.float32, rows=8)
+    assert not packs_for(spec, cpu, torch.float32, rows=8)  # one form a matrix: the panels
+    assert not panels_for(spec, cpu, torch.float32, compile=True, rows=8)  # inductor's own products
+    assert not panels_for(spec, torch.device("cuda"), torch.float32, rows=8)
+    assert not panels_for(spec, cpu, torch.bfloat16, rows=8)  # bf16's panels are the widened form's
+    assert not panels_for(dataclasses.replace(spec, quantize="int8"), cpu, torch.float32, rows=8)
+    monkeypatch.setattr(fewrows, "SWAP_BYTES", spec.bytes_of(0, spec.num_units - 1) + 1)
+    assert not panels_for(spec, cpu, torch.float32, rows=8)
+
+
+@needs_kernels
+def test_the_panels_choice_is_measured_once_and_only_for_fp32(monkeypatch):
+    import edgeshard_mpi.fewrows as fewrows
+
+    monkeypatch.setattr(fewrows, "_paneling", {})
+    first = fewrows.paneled(torch.float32, 4)
+    assert fewrows._paneling == {(torch.float32, torch.get_num_threads(), 4): first}
+    monkeypatch.setattr(fewrows, "_best", lambda fn: pytest.fail("measured again"))
+    assert fewrows.paneled(torch.float32, 4) is first and not fewrows.paneled(torch.bfloat16, 4)
 
 
 def test_only_the_chosen_row_counts_take_the_transposed_form(monkeypatch):
@@ -220,6 +275,9 @@ def test_a_large_models_shard_swaps_and_keeps_the_models_logits(smollm_path, mon
     threads = torch.get_num_threads()
     blocks, head = (torch.float32, threads, fewrows._PROBE), (torch.float32, threads, fewrows.head_shape(spec))
 
+    for rows in (1, 3):  # the forms below, whatever this CPU measured; a shard on panels is added after
+        monkeypatch.setitem(fewrows._paneling, (torch.float32, threads, rows), False)
+
     def shard(block_rows, head_rows):
         monkeypatch.setitem(fewrows._chosen, blocks, block_rows)
         monkeypatch.setitem(fewrows._chosen, head, head_rows)
@@ -242,6 +300,15 @@ def test_a_large_models_shard_swaps_and_keeps_the_models_logits(smollm_path, mon
         assert packed.lm_head.weight is packed.embed.weight  # the tied head: no second copy
         assert packed.param_bytes == plain.param_bytes  # the reordered copies counted, the plain ones gone
         shards.append(packed)
+    if cpu_kernels.available() is None:  # and one holding its matrices as fp32 panels
+        monkeypatch.setitem(fewrows._paneling, (torch.float32, threads, 3), True)
+        paneled = Shard(spec, 0, spec.num_units - 1, rows=3)
+        blocks = [m for layer in paneled.layers for m in layer.modules() if isinstance(m, nn.Linear)]
+        assert paneled.paneled and not paneled.packed
+        assert all(m.panels is not None and m.panels.dtype == torch.float32 and m.weight is None for m in blocks)
+        assert paneled.lm_head.weight is paneled.embed.weight and paneled.lm_head.panels is None  # no second copy
+        assert paneled.param_bytes == plain.param_bytes
+        shards.append(paneled)
     ids = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18]])
     for s in shards:
         s.forward(0, ids, [0, 0, 0])
@@ -312,13 +379,16 @@ def test_a_run_takes_the_product_forms_its_profile_recorded(smollm_path, monkeyp
 
     monkeypatch.setattr(fewrows, "_best", measured)
     name = cluster.devices[0].name
-    for turned, head, packed in (([1, 3], [1, 2, 3], True), ([2], [], False)):
-        products = {"turned": turned, "head": head, "packed": packed}
+    monkeypatch.setattr(fewrows, "_paneling", {})
+    for turned, head, packed, panels in (([1, 3], [1, 2, 3], True, False), ([2], [], False, False),
+                                         ([], [1], False, True)):
+        products = {"turned": turned, "head": head, "packed": packed, "panels": panels}
         prof = SimpleNamespace(devices=[{"name": name, "products": products}], shapes={"micro_batch_size": 8})
         _adopt_forms(_RankZeroOfOne(), spec, cluster, SimpleNamespace(profile=prof))
         assert rows_for(spec, cpu, torch.float32) == frozenset(turned)
         assert rows_for(spec, cpu, torch.float32, head=True) == frozenset(head)
         assert packs_for(spec, cpu, torch.float32, rows=8) == packed
+        assert fewrows.panels_for(spec, cpu, torch.float32, rows=8) == panels
     # one from before the head's forms were recorded: the head's are measured, the others taken
     monkeypatch.setattr(fewrows, "_chosen", {})
     blocks_only = {"turned": [2], "packed": False}

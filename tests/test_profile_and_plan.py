@@ -67,6 +67,7 @@ def test_profile_measures_the_emulated_slowdown_and_link(tmp_path, smollm_path):
         assert d["products"]["packed"] is False and set(d["products"]["turned"]) <= set(range(1, 17)), d["products"]
         assert set(d["products"]["head"]) <= set(range(1, 17)), d["products"]  # the head's own (fewrows.head_shape)
         assert d["products"]["widened"] is False, d["products"]  # fp32: only bf16 is widened
+        assert isinstance(d["products"]["panels"], bool), d["products"]  # fp32 panels, as measured here
     # every figure carries its scatter over the repeats, and the plan says how sure it is with them
     for d in (quick, slow, small):
         for key in ("decode_spread", "prefill_spread"):
