@@ -43,7 +43,11 @@ def main() -> None:
     if not shards["panels"].widened:
         sys.exit("bf16 is not widened here (bf16 instructions, or no kernels): nothing to compare")
     swap = shard_module.swap_linears  # the same shard, its widened matrices left as rows
-    shard_module.swap_linears = lambda module, turned, pack=False, widen=False: swap(module, turned, False, widen)
+
+    def as_rows(module, turned, pack=False, widen=False, panel=False):
+        return swap(module, turned, False, widen, panel)
+
+    shard_module.swap_linears = as_rows
     shards["rows"] = Shard(bf16, 0, bf16.num_units - 1)
     shard_module.swap_linears = swap
     fp32 = ModelSpec.load(path, "float32")

@@ -42,10 +42,11 @@ the kernel cannot be built, the products stay torch's.
 
 An fp32 shard may instead hold its matrices as the kernel's panels (`cpu_kernels.f32_panels_mm`, the
 same layout as bf16's, in fp32): on that EPYC a smollm2 step's 210 layer products took 35-38 ms at 16
-rows, where oneDNN on reordered weights took 48-56 and `linear` 63-69, and 19.6 ms at one row against
-the transposed form's 22.6 (benchmarks/f32_panels.py). On a CPU with AVX-512 torch's own kernels are
-twice as wide as this AVX2 one, so whether to hold panels is measured, once per process, thread count
-and row count, on the probe matrix against the fastest of the other forms (`paneled`). A prefill's
+rows, where oneDNN on reordered weights took 48-56 and `linear` 63-69 (benchmarks/f32_panels.py); at
+one row, no faster than the transposed form in a whole step, they are not taken (`panels_for`). On a
+CPU with AVX-512 torch's own kernels are twice as wide as this AVX2 one, so whether to hold panels is
+measured, once per process, thread count and row count, on the probe matrix against the fastest of
+the other forms (`paneled`). A prefill's
 many rows take fp32's gemm on whole panels copied back to rows, a block at a time, as bf16's do.
 
 A profile records the forms it measured in (`forms`), and a run on that profile takes them (`adopt`)
@@ -253,8 +254,11 @@ def packs_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = Fa
 def panels_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False, rows: int = 1) -> bool:
     """Whether a shard of `spec` in fp32 whose steps hold up to `rows` rows holds its matrices as the
     kernel's panels: only on a CPU, unquantized, eager (as `packs_for`), for a model of at least
-    SWAP_BYTES, and where that measures faster (`paneled`)."""
-    if device.type != "cpu" or dtype != torch.float32 or spec.quantize or compile:
+    SWAP_BYTES, at more than one row, and where that measures faster (`paneled`). At one row the
+    transposed form reads the weights near the memory's speed already: on the 2-core EPYC the panels
+    took smollm2's layer products in 0.87x its time but whole steps in the same, so that ranks measuring
+    side by side chose either way, and a profile's devices would be timed in different forms."""
+    if device.type != "cpu" or dtype != torch.float32 or spec.quantize or compile or rows < 2:
         return False
     return spec.bytes_of(0, spec.num_units - 1) >= SWAP_BYTES and paneled(dtype, rows)
 

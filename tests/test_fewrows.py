@@ -210,7 +210,8 @@ def test_only_fp32_of_a_large_eager_cpu_model_holds_panels_and_then_no_reordered
     cpu = torch.device("cpu")
     monkeypatch.setattr(fewrows, "packs", lambda dtype, rows: True)
     monkeypatch.setattr(fewrows, "paneled", lambda dtype, rows: True)  # as if measured faster than every form
-    assert panels_for(spec, cpu, torch.float32, rows=1) and panels_for(spec, cpu, torch.float32, rows=8)
+    assert panels_for(spec, cpu, torch.float32, rows=2) and panels_for(spec, cpu, torch.float32, rows=8)
+    assert not panels_for(spec, cpu, torch.float32, rows=1)  # one row: the transposed form's
     assert not packs_for(spec, cpu, torch.float32, rows=8)  # one form a matrix: the panels
     assert not panels_for(spec, cpu, torch.float32, compile=True, rows=8)  # inductor's own products
     assert not panels_for(spec, torch.device("cuda"), torch.float32, rows=8)

@@ -10,9 +10,8 @@
    Runs are split among the threads, a contiguous run of them each, prefetched ahead.
 
    bf16: a smollm2 decode step at 16 rows took 0.83-0.87x bf16_mm's time, and at one row 0.94x
-   (benchmarks/bf16_panels.py). fp32: its 210 layer products took 0.56-0.72x the time of torch's fastest
-   form at 16 rows (oneDNN on reordered weights) and 0.87x at one row (the transposed product), on a
-   2-core AVX2 AMD EPYC (benchmarks/f32_panels.py). */
+   (benchmarks/bf16_panels.py). fp32: its 210 layer products at 16 rows took 0.56-0.72x the time of
+   torch's fastest form (oneDNN on reordered weights), on a 2-core AVX2 AMD EPYC (benchmarks/f32_panels.py). */
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -39,8 +38,8 @@ static inline __m256 widen(const uint16_t *w) {
         _mm256_storeu_ps(yr + 16, c##r##2);                                                        \
         for (int64_t j = 0; cols < PANEL && j < cols; j++) y[r * n + j] = t[j]; /* the padded run */ \
     }
-/* A run's sums for ROWS rows of x, on weights of type T, each vector of 8 read by LOAD; prefetched
-   AHEAD steps of k ahead (a cache line of 64 bytes a step: one of bf16, two of fp32). */
+/* A run's sums for ROWS rows of x, on weights of type T, each vector of 8 read by LOAD, prefetched
+   AHEAD steps of k ahead: a step reads 48 bytes of bf16, under a 64-byte line, or 96 of fp32, two. */
 #define PANEL_ROWS(NAME, ROWS, T, LOAD, AHEAD)                                                     \
     static void NAME##ROWS(const float *x, int64_t k, const T *p, float *y, int64_t n, int64_t cols) { \
         const int R = ROWS;                                                                        \
