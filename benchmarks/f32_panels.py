@@ -11,7 +11,7 @@ Two parts, each form taking its turn in every round, medians over `--rounds` rou
             prompt: fp32 on panels (what a shard takes where `fewrows.paneled` measures them faster),
             fp32 in the form it took before (panels ruled out: oneDNN's reordered weights where they
             measure faster, else the transposed form's row counts), and bf16 (the widened form on a CPU
-            without bf16 instructions).
+            without bf16 instructions); at row counts past one, the only ones that take panels.
 Needs the project's kernels (AVX2 and a C compiler).
 """
 
@@ -72,7 +72,7 @@ def steps(rows_list: list[int], rounds: int, n_steps: int) -> None:
     path = prepare("smollm2-135m")
     fp32, bf16 = ModelSpec.load(path, "float32"), ModelSpec.load(path, "bfloat16")
     threads = torch.get_num_threads()
-    for rows in rows_list:
+    for rows in [r for r in rows_list if r > 1]:  # a shard of one row does not hold panels (fewrows.panels_for)
         shards = {}
         for name, panels in (("panels", True), ("before", False)):
             fewrows._paneling[(torch.float32, threads, rows)] = panels

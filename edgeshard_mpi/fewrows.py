@@ -46,8 +46,8 @@ rows, where oneDNN on reordered weights took 48-56 and `linear` 63-69 (benchmark
 one row, no faster than the transposed form in a whole step, they are not taken (`panels_for`). On a
 CPU with AVX-512 torch's own kernels are twice as wide as this AVX2 one, so whether to hold panels is
 measured, once per process, thread count and row count, on the probe matrix against the fastest of
-the other forms (`paneled`). A prefill's
-many rows take fp32's gemm on whole panels copied back to rows, a block at a time, as bf16's do.
+the other forms (`paneled`). A prefill's many rows take fp32's gemm on whole panels copied back to
+rows, a block at a time, as bf16's do.
 
 A profile records the forms it measured in (`forms`), and a run on that profile takes them (`adopt`)
 rather than measuring again: the run then computes the step its plan and prediction were made from.
