@@ -169,3 +169,26 @@ def test_a_compiled_int8_shard_decodes_as_the_eager_one(tiny_path):
     want = _greedy(eager, ids, [0], 24, 40)
     got = _greedy(compiled, ids, [0], 24, 40)
     assert compiled.compiled.graphs == 1 and torch.equal(got[1], want[1])
+
+
+@builds
+def test_a_compiled_fp32_shard_on_panels_decodes_as_the_eager_one(tiny_path, monkeypatch):
+    # a shard of micro-batches of 3 holding fp32 panels (as if measured faster, and the tiny model as
+    # large as one that swaps): its compiled steps call the kernel; greedy tokens as the eager shard's
+    from test_compile import _greedy
+
+    import edgeshard_mpi.fewrows as fewrows
+    from edgeshard_mpi.models import ModelSpec
+    from edgeshard_mpi.shard import Shard
+
+    monkeypatch.setattr(fewrows, "SWAP_BYTES", 0)
+    monkeypatch.setitem(fewrows._paneling, (torch.float32, torch.get_num_threads(), 3), True)
+    spec = ModelSpec.load(tiny_path, "float32")
+    eager = Shard(spec, 0, spec.num_units - 1, rows=3)
+    compiled = Shard(spec, 0, spec.num_units - 1, compile=True, rows=3)
+    assert eager.paneled and compiled.paneled
+    compiled.warm_up(3)
+    ids = torch.randint(5, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
+    want = _greedy(eager, ids, [0, 2, 0], 16, 40, leave_at=5)
+    got = _greedy(compiled, ids, [0, 2, 0], 16, 40, leave_at=5)
+    assert got[0] == want[0] and torch.equal(got[1], want[1])
