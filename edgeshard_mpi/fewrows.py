@@ -16,7 +16,7 @@ Only models of at least SWAP_BYTES of weights are swapped (`Shard`): on a smalle
 matrices sit in the caches, where the forms differ little, and measuring would cost every rank of a
 small job more than it saves. A shard compiled with `torch.compile` takes the transposed form at
 one row only, where torch specializes a graph of its own; its graph for any other count of rows keeps
-`linear`, whose kernel inductor picks. Compiled, smollm2's single stream then decodes at 1.09-1.20x
+`linear`, whose kernel inductor picks, unless the shard holds fp32 panels (below). Compiled, smollm2's single stream then decodes at 1.09-1.20x
 llama.cpp's F32 ms/token, against 2.77x with `linear` at one row (BENCHMARKS.md).
 
 A shard whose steps hold several rows (a micro-batch of more than one) may instead hold its weights
@@ -255,8 +255,8 @@ def panels_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = F
     """Whether a shard of `spec` in fp32 whose steps hold up to `rows` rows holds its matrices as the
     kernel's panels: only on a CPU, unquantized, for a model of at least SWAP_BYTES, at more than one
     row, and where that measures faster (`paneled`). Compiled too: a compiled step calls the kernel as
-    one op, as bf16's widened form does, where inductor's own products of 16 rows took as long as
-    eager's (105 and 105 ms a smollm2 step on the EPYC, against 72 on panels). At one row the
+    one op, as bf16's widened form does: inductor's own products of 16 rows took smollm2's step as long
+    as eager's on the EPYC (104.9 and 105.4 ms a token), compiled on panels 75.1. At one row the
     transposed form reads the weights near the memory's speed already: on the 2-core EPYC the panels
     took smollm2's layer products in 0.87x its time but whole steps in the same, so that ranks measuring
     side by side chose either way, and a profile's devices would be timed in different forms."""
