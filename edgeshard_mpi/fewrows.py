@@ -16,8 +16,9 @@ Only models of at least SWAP_BYTES of weights are swapped (`Shard`): on a smalle
 matrices sit in the caches, where the forms differ little, and measuring would cost every rank of a
 small job more than it saves. A shard compiled with `torch.compile` takes the transposed form at
 one row only, where torch specializes a graph of its own; its graph for any other count of rows keeps
-`linear`, whose kernel inductor picks, unless the shard holds fp32 panels (below). Compiled, smollm2's single stream then decodes at 1.09-1.20x
-llama.cpp's F32 ms/token, against 2.77x with `linear` at one row (BENCHMARKS.md).
+`linear`, whose kernel inductor picks, unless the shard holds fp32 panels (below). Compiled,
+smollm2's single stream then decodes at 1.09-1.20x llama.cpp's F32 ms/token, against 2.77x with
+`linear` at one row (BENCHMARKS.md).
 
 A shard whose steps hold several rows (a micro-batch of more than one) may instead hold its weights
 reordered once for oneDNN's kernel (`_pack`). On that EPYC it took the 204 block products of a
