@@ -12,7 +12,7 @@ weights on a CPU without bf16 instructions, aten's product past a row or two tak
 (`to_panels`): runs of 24 rows stored column by column, so that each weight loaded meets up to 4 rows
 of x with no sum across lanes. It is the faster at every row count (`benchmarks/bf16_panels.py`).
 `f32_panels_mm` is the same product on fp32 panels: on an AVX2 CPU it took a smollm2 step's layer
-products at 16 rows in 0.56-0.72x the time of torch's fastest form (`benchmarks/f32_panels.py`);
+products at 16 rows in 0.65-0.70x the time of torch's fastest form (`benchmarks/f32_panels.py`);
 where it is faster is measured (fewrows.py).
 
 It needs AVX2, a C and a C++ compiler (`$CC`, `$CXX`, else `cc` and `c++`) and torch's headers, which

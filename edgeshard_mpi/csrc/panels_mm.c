@@ -10,7 +10,7 @@
    Runs are split among the threads, a contiguous run of them each, prefetched ahead.
 
    bf16: a smollm2 decode step at 16 rows took 0.83-0.87x bf16_mm's time, and at one row 0.94x
-   (benchmarks/bf16_panels.py). fp32: its 210 layer products at 16 rows took 0.56-0.72x the time of
+   (benchmarks/bf16_panels.py). fp32: its 210 layer products at 16 rows took 0.65-0.70x the time of
    torch's fastest form (oneDNN on reordered weights), on a 2-core AVX2 AMD EPYC (benchmarks/f32_panels.py). */
 #include <immintrin.h>
 #include <stdint.h>
