@@ -6,9 +6,9 @@ Three eager shards holding all of smollm2-135m in this process: bf16 with its ma
 `cpu_kernels.to_panels` leaves them (what a widened shard now holds), bf16 with them as plain rows
 (the kernel `bf16_mm`, what it held before), and fp32. For each row count, `--rounds` rounds in
 which each shard takes 8 greedy decode steps in turn after a 20-token prompt; the table gives each
-shard's median ms a step and the ratios. The head, tied to the embedding matrix, keeps its rows in
-both bf16 shards. Needs the project's kernels and a CPU without AVX512-BF16 or AMX (elsewhere a bf16
-shard is not widened).
+shard's median ms a step and the ratios. The head, tied to the embedding matrix, is held as panels in
+the first (the embedding reading its rows from them) and as rows in the second. Needs the project's
+kernels and a CPU without AVX512-BF16 or AMX (elsewhere a bf16 shard is not widened).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     spec = ModelSpec.load(prepare(args.model), args.dtype, quantize=args.quantize)
-    shard = Shard(spec, 0, spec.num_units - 1)
+    shard = Shard(spec, 0, spec.num_units - 1, rows=args.batch)  # the forms a run of this micro-batch takes
     # label the shard's mask and rotary work, so their ops are counted apart from the layers'
     for t, fn in list(shard.mask_fn.items()):
         shard.mask_fn[t] = lambda *a, _fn=fn, **k: _in_range("masks", _fn, *a, **k)

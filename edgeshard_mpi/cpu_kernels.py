@@ -169,6 +169,13 @@ def to_panels(weight: torch.Tensor) -> torch.Tensor:
     return panels
 
 
+def panel_rows(panels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (of any shape) of the weight `to_panels` made into `panels`, as ids.shape + (k,): an
+    embedding's lookup on the matrix its tied head holds as panels. Row r is column r % PANEL of panel
+    r // PANEL."""
+    return panels[ids // PANEL, :, ids % PANEL]
+
+
 def from_panels(panels: torch.Tensor, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows start..stop of the weight `to_panels` made into `panels` (start a multiple of PANEL), as an
     (stop - start) x k matrix in `dtype`, in one copy."""

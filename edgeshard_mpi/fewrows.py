@@ -26,7 +26,7 @@ smollm2 step at 8 rows in 27 ms, where `linear` took 45 and the transposed form 
 many rows faster too; at one row it took 30 ms against the transposed form's 21.5. A reordered matrix is a copy, and a
 shard holds one form of each weight, not both: whether to reorder is measured, once per process,
 dtype, thread count and row count, at the micro-batch's rows (`packs`). A tied head, which reads
-the embedding's matrix, keeps it as it is.
+the embedding's matrix, keeps it as it is there: reordered, it would be a second copy.
 
 On a CPU without bf16 instructions (AVX512-BF16, AMX), torch's bf16 product past a row or two takes
 a slow path, 4x fp32's time at 16 rows. There a bf16 shard's matrices take the widened form (`widens`),
@@ -35,7 +35,7 @@ few rows in the project's kernel, which widens each weight in a register and so 
 half of fp32's, and more rows (a prefill) in fp32's own gemm on widened copies of the matrix, a
 block of rows at a time. The shard holds such a matrix as the kernel's panels
 (`cpu_kernels.to_panels`), on which a smollm2 decode step at 16 rows took 0.83-0.87x the time it
-took on the rows (`cpu_kernels.bf16_mm`); only a head on the embedding's own matrix keeps its rows.
+took on the rows (`cpu_kernels.bf16_mm`).
 Its attention (transformers' sdpa) runs on fp32 copies of the queries, keys and values, cast back
 after: torch's bf16 attention there, on its causal path (rows without padding, so without a mask),
 took 1.1 ms a layer at 16 rows against 0.3 ms in fp32; with a mask it took as long as fp32. Where
@@ -49,6 +49,11 @@ CPU with AVX-512 torch's own kernels are twice as wide as this AVX2 one, so whet
 measured, once per process, thread count and row count, on the probe matrix against the fastest of
 the other forms (`paneled`). A prefill's many rows take fp32's gemm on whole panels copied back to
 rows, a block at a time, as bf16's do.
+
+In either dtype a tied head beside its embedding (a shard holding the whole model) holds their matrix as
+panels too, the one copy, and the embedding gathers its rows from them (`PanelEmbedding`): smollm2's
+head (49152 x 576) at 16 rows took 8.0-8.7 ms on fp32 panels against 18.2-18.4 in the transposed form
+and 24-26 in `linear`, and 6.2-6.4 ms on bf16 panels against 7.9-8.0 on bf16 rows.
 
 A profile records the forms it measured in (`forms`), and a run on that profile takes them (`adopt`)
 rather than measuring again: the run then computes the step its plan and prediction were made from.
@@ -64,9 +69,9 @@ from torch import nn
 
 from . import cpu_kernels
 
-__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "adopt", "adopt_widened", "bf16_instructions", "can_widen",
-           "forms", "head_shape", "packs", "packs_for", "paneled", "panels_for", "reorders", "rows_for", "swap_linears",
-           "transposed_rows", "widens"]
+__all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "PanelEmbedding", "adopt", "adopt_widened", "bf16_instructions",
+           "can_widen", "forms", "head_shape", "packs", "packs_for", "paneled", "panels_for", "reorders", "rows_for",
+           "swap_linears", "transposed_rows", "widens"]
 
 MAX_ROWS = 16  # more rows than this take `linear` (its gemm is then at the memory's speed, or the compute's)
 # the widened form's rows up to which its kernel is faster than fp32's gemm on a widened copy of the
@@ -360,6 +365,20 @@ class FewRowsLinear(nn.Linear):
                 bias = None if self.bias is None else self.bias[i:end].float()
                 y[:, i:end] = nn.functional.linear(x32, w, bias)  # rounded once
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class PanelEmbedding(nn.Module):
+    """An embedding whose matrix its tied head holds as the kernel's panels (the shard's `FewRowsLinear`):
+    its rows gathered from those panels, so that the matrix is held once, in the head's faster form. A
+    plain `nn.Embedding`'s lookup; its padding index only ever mattered to gradients."""
+
+    def __init__(self, embedding: nn.Embedding, panels: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.panels = panels
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.panel_rows(self.panels, ids)
 
 
 SDPA_FP32 = "edgeshard_sdpa_fp32"  # the attention of a widened module, by name, as transformers looks it up

@@ -33,7 +33,7 @@ import transformers.modeling_utils  # noqa: F401
 from . import cpu_kernels
 from .compiling import CompiledStep
 from .families import mask_builder
-from .fewrows import packs_for, panels_for, rows_for, swap_linears, widens
+from .fewrows import FewRowsLinear, PanelEmbedding, packs_for, panels_for, rows_for, swap_linears, widens
 from .kv_cache import add_rows, join_rows, relayout, slot_cache, static_slot_cache
 from .models import ModelError, ModelSpec
 from .quant import SCALE_DTYPE, Int8Embedding, int8_keys, int8_shell, quantize_rows
@@ -124,10 +124,14 @@ class Shard:
         self.packed = packs_for(spec, self.device, self.dtype, compile, rows)
         self.paneled = panels_for(spec, self.device, self.dtype, compile, rows)  # fp32 as the kernel's panels
         self.widened = widens(self.device, self.dtype, spec.quantize)  # bf16 in fp32 arithmetic on this CPU
+        # a tied head beside its embedding holds their matrix once: as panels where the other matrices are, the
+        # embedding then gathering its rows from them (fewrows.PanelEmbedding), else as the embedding's
+        shared = tied and self.has_embed and not spec.quantize
+        on_panels = shared and (self.paneled or self.widened) and type(modules[embed_name]) is torch.nn.Embedding
         alone = set()  # matrices to reorder: each read from a mapping of its own, gone once reordered
         if self.packed or self.paneled or self.widened:
             alone = {f"{name}.weight" for name, m in modules.items() if type(m) is torch.nn.Linear}
-            if tied and not self.has_embed:
+            if tied and (not self.has_embed or on_panels):
                 alone.add(embed_key)
         tensors = self._read_tensors(Path(spec.path), int8, alone=alone)
 
@@ -169,9 +173,11 @@ class Shard:
                     # quantized from the checkpoint, as a shard holding the head alone would
                     again = self._read_tensors(Path(spec.path), {embed_key}, {embed_key})
                     tensors[head_key], tensors[scales] = again[embed_key], again[f"{embed_name}.scales"]
-            # a head on the embedding's own matrix keeps it as it is: reordered, it would be a second copy
-            self.lm_head = take(head_name, pack=not (tied and self.embed is not None and not spec.quantize),
-                                turned=self.head_turned)
+            # a head on the embedding's own matrix keeps it as it is (reordered, it would be a second copy), or
+            # takes it as panels, which the embedding then reads
+            self.lm_head = take(head_name, pack=not shared or on_panels, turned=self.head_turned)
+            if on_panels and self.lm_head.panels is not None:
+                self.embed = PanelEmbedding(self.embed, self.lm_head.panels)
         self.slots: dict[int, _SlotState] = {}
         self.compiled = CompiledStep(self._units, self.device) if compile else None  # decode steps only
 
@@ -251,8 +257,9 @@ class Shard:
                      if getattr(lin, "packed", None) is not None)
         # and the kernel's panels (bf16 widened, or fp32): the matrix's own bytes, as planned (the padding of a last
         # panel, under 24 rows, is none on most models' widths: smollm2's are all multiples of 24)
+        # (a PanelEmbedding's are its head's)
         total += sum(lin.out_features * lin.in_features * lin.panels.element_size() for m in modules
-                     for lin in m.modules() if getattr(lin, "panels", None) is not None)
+                     for lin in m.modules() if isinstance(lin, FewRowsLinear) and lin.panels is not None)
         return total
 
     # -- running ----------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from edgeshard_mpi import cpu_kernels
-from edgeshard_mpi.fewrows import (MAX_ROWS, WIDE_ROWS, FewRowsLinear, packs_for, reorders, rows_for, swap_linears,
-                                   transposed_rows, widens)
+from edgeshard_mpi.fewrows import (MAX_ROWS, WIDE_ROWS, FewRowsLinear, PanelEmbedding, packs_for, reorders, rows_for,
+                                   swap_linears, transposed_rows, widens)
 
 EVERY = frozenset(range(1, MAX_ROWS + 1))
 
@@ -113,6 +113,19 @@ def test_fp32_panels_give_linears_values(bias, block, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_embedding_on_its_heads_panels_looks_up_the_matrixs_rows(dtype):
+    """Every row, those of the last, padded panel too (100 rows: 4 panels of 24 and 4 rows), at any shape
+    of ids, exactly as the embedding on the matrix itself."""
+    embedding = nn.Embedding(100, 40).to(dtype)
+    panels = cpu_kernels.to_panels(embedding.weight)
+    assert panels.shape[0] * cpu_kernels.PANEL > 100
+    on_panels = PanelEmbedding(embedding, panels)
+    for ids in (torch.arange(100), torch.tensor([[99, 0, 24, 23], [97, 96, 48, 5]]), torch.tensor([[7]])):
+        got = on_panels(ids)
+        assert got.dtype == dtype and torch.equal(got, embedding(ids))
+
+
 def test_bf16_widens_only_on_a_cpu_without_bf16_instructions_and_with_the_kernels(monkeypatch):
     import edgeshard_mpi.fewrows as fewrows
     from edgeshard_mpi.runner import _bf16_without_instructions
@@ -152,10 +165,10 @@ def test_a_widened_bf16_shard_keeps_the_models_logits(tiny_path, monkeypatch):
     plain = Shard(spec, 0, spec.num_units - 1)
     linears = lambda s: [m for layer in [s.lm_head, *s.layers] for m in layer.modules() if isinstance(m, nn.Linear)]
     assert wide.widened and all(type(m) is FewRowsLinear and m.widened for m in linears(wide))
-    # every matrix held as the kernel's panels, but a head on the embedding's own matrix (tiny-random's)
-    assert all(m.panels is not None and m.weight is None for layer in wide.layers for m in layer.modules()
-               if isinstance(m, nn.Linear))
-    assert wide.lm_head.panels is None and wide.lm_head.weight is wide.embed.weight
+    # every matrix held as the kernel's panels, a tied head's too (tiny-random's): the embedding reads them
+    assert all(m.panels is not None and m.weight is None for layer in [wide.lm_head, *wide.layers]
+               for m in layer.modules() if isinstance(m, nn.Linear))
+    assert isinstance(wide.embed, PanelEmbedding) and wide.embed.panels is wide.lm_head.panels
     assert wide.param_bytes == plain.param_bytes  # the panels' padding is not the model's
     assert not plain.widened and {type(m) for m in linears(plain)} == {nn.Linear}
     # attention in fp32 on the widened shard's own layers; the masks, built from the shared config, stay sdpa's
@@ -307,7 +320,8 @@ def test_a_large_models_shard_swaps_and_keeps_the_models_logits(smollm_path, mon
         blocks = [m for layer in paneled.layers for m in layer.modules() if isinstance(m, nn.Linear)]
         assert paneled.paneled and not paneled.packed
         assert all(m.panels is not None and m.panels.dtype == torch.float32 and m.weight is None for m in blocks)
-        assert paneled.lm_head.weight is paneled.embed.weight and paneled.lm_head.panels is None  # no second copy
+        # the tied head on panels too, which the embedding reads: no second copy
+        assert paneled.lm_head.weight is None and paneled.embed.panels is paneled.lm_head.panels
         assert paneled.param_bytes == plain.param_bytes
         shards.append(paneled)
     ids = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18]])
