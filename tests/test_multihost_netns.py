@@ -72,8 +72,8 @@ def hosts():
         assert _ours() == [], f"namespaces left behind: {_ours()}"
 
 
-def _netns_mpiexec(args: list, timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [ROOT / "launch" / "netns-mpiexec.sh", "-f", HOSTFILE, "-n", "3", sys.executable, "-m", "edgeshard_mpi",
+def _netns_mpiexec(args: list, hostfile=HOSTFILE, timeout: float = 180) -> subprocess.CompletedProcess:
+    cmd = [ROOT / "launch" / "netns-mpiexec.sh", "-f", hostfile, "-n", "3", sys.executable, "-m", "edgeshard_mpi",
            *args]
     try:
         return _sh(cmd, timeout=timeout)
@@ -133,12 +133,21 @@ def test_a_run_across_the_hosts_gives_the_tokens_of_one_host(hosts, tmp_path, ti
 
 def test_profile_measures_the_shaped_link_and_the_plan_goes_around_it(hosts, tmp_path, tiny_path):
     # planned for micro-batches of 128 rows: 32 KiB of activations a decode step, 52 ms over the
-    # shaped link and twice that a step, far above the fast host's lead over the other (see
-    # hostfiles/netns3.hosts). At 64 rows (26 ms a crossing) one profile in a suite where other
-    # tests ran beside it measured h2 slow enough (63 ms behind h1) that the plan kept h1.
+    # shaped link and twice that a step (h1 cannot hold the head). The devices are netns3.hosts'
+    # with h2 3x slower than one core instead of 8x, and timing their work (clock=work): their
+    # figures share one calibration, each unit's least time per unit of slowdown on any of them,
+    # so h2's blocks cost exactly twice h1's, a lead of about 10-17 ms a step for h1, which the
+    # host would have to run 6x slower throughout the profile to bring to 104 ms. With netns3.hosts
+    # as it is (slowdown 8, each device timed on its own CPU time), h1's lead was 44-75 ms here and,
+    # once in a suite, above the 104 ms: the plan kept h1.
+    hostfile = tmp_path / "netns3-work.hosts"
+    hostfile.write_text("# device: name=h0-board slowdown=16 clock=work\n10.77.0.1:1\n"
+                        "# device: name=h1-fast slowdown=1.5 memory=4MiB clock=work\n10.77.0.2:1\n"
+                        "# device: name=h2-big slowdown=3 clock=work\n10.77.0.3:1\n")
     job = _job(tmp_path, micro_batch_size=128)
     out = tmp_path / "profile.json"
-    proc = _netns_mpiexec(["profile", str(job), "--hostfile", str(HOSTFILE), "--out", str(out), "--repeats", "5"])
+    proc = _netns_mpiexec(["profile", str(job), "--hostfile", str(hostfile), "--out", str(out), "--repeats", "5"],
+                          hostfile)
     assert proc.returncode == 0, proc.stderr
     prof = Profile.load(out)
     bw = prof.bandwidth
@@ -159,17 +168,17 @@ def test_profile_measures_the_shaped_link_and_the_plan_goes_around_it(hosts, tmp
     assert 1 not in ranks and ranks == [0, 2], ranks
 
     # the same measurements with h1's links as fast as h0 <-> h2: now h1 gets the blocks, so it
-    # was the shaped link, not h1's compute or memory, that kept it out. The cold start of a stage
-    # is left out here: on tiny-random it is most of a block's time, so each unit's cost net of it
-    # carries that estimate's noise five times over: on this VM h2's lead over h1 ranged from 11 to
-    # 23 ms with it. Without it each device's blocks keep their own measured times, 5x apart
-    # (slowdowns 8 and 1.5), which a unit's noise of 30% cannot close.
+    # was the shaped link, not h1's compute or memory, that kept it out. Every figure of h1 is
+    # half of h2's, the cold start of a stage too, so no noise of the timing can close that gap
     d = json.loads(out.read_text())
+    h1, h2 = d["devices"][1], d["devices"][2]
+    for key in ("decode_s", "prefill_s"):
+        for a, b in zip(h1[key], h2[key]):
+            assert a is None or a == pytest.approx(b / 2), (key, h1[key], h2[key])
+    assert h1["decode_step_s"] == pytest.approx(h2["decode_step_s"] / 2)
     for k in (0, 2):
         d["bandwidth"][k][1] = d["bandwidth"][1][k] = d["bandwidth"][0][2]
         d["latency"][k][1] = d["latency"][1][k] = d["latency"][0][2]
-    for dev in d["devices"]:
-        dev["decode_step_s"] = dev["prefill_step_s"] = 0.0
     fast = tmp_path / "unshaped.json"
     fast.write_text(json.dumps(d))
     assert 1 in plan_ranks(fast)
