@@ -138,8 +138,8 @@ def test_profile_measures_the_shaped_link_and_the_plan_goes_around_it(hosts, tmp
     # figures share one calibration, each unit's least time per unit of slowdown on any of them,
     # so h2's blocks cost exactly twice h1's, a lead of about 10-17 ms a step for h1, which the
     # host would have to run 6x slower throughout the profile to bring to 104 ms. With netns3.hosts
-    # as it is (slowdown 8, each device timed on its own CPU time), h1's lead was 44-75 ms here and,
-    # once in a suite, above the 104 ms: the plan kept h1.
+    # as it is (slowdown 8, each device timed on its own CPU time), h1's lead was 75 ms in one profile
+    # here (44-61 ms with clock=work) and, once in a suite, above the 104 ms: the plan kept h1.
     hostfile = tmp_path / "netns3-work.hosts"
     hostfile.write_text("# device: name=h0-board slowdown=16 clock=work\n10.77.0.1:1\n"
                         "# device: name=h1-fast slowdown=1.5 memory=4MiB clock=work\n10.77.0.2:1\n"
