@@ -57,6 +57,8 @@ and 24-26 in `linear`, and 6.2-6.4 ms on bf16 panels against 7.9-8.0 on bf16 row
 
 A profile records the forms it measured in (`forms`), and a run on that profile takes them (`adopt`)
 rather than measuring again: the run then computes the step its plan and prediction were made from.
+A shard whose matrices are reordered or held as panels asks for no transposed row counts (`Shard`),
+so a run without a profile times only the forms it can take.
 """
 
 from __future__ import annotations

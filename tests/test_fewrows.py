@@ -312,11 +312,16 @@ def test_a_large_models_shard_swaps_and_keeps_the_models_logits(smollm_path, mon
         blocks = [m for layer in packed.layers for m in layer.modules() if isinstance(m, nn.Linear)]
         assert packed.packed and all(m.packed is not None and m.weight is None for m in blocks)
         assert packed.lm_head.weight is packed.embed.weight  # the tied head: no second copy
+        # reordered matrices never take the transposed form; the tied head, kept plain, takes its own rows
+        assert packed.turned == frozenset() and packed.head_turned == EVERY == packed.lm_head.turned
         assert packed.param_bytes == plain.param_bytes  # the reordered copies counted, the plain ones gone
         shards.append(packed)
     if cpu_kernels.available() is None:  # and one holding its matrices as fp32 panels
         monkeypatch.setitem(fewrows._paneling, (torch.float32, threads, 3), True)
+        # nothing on panels takes the transposed form, so no probe of it runs (seconds a rank)
+        monkeypatch.setattr(fewrows, "transposed_rows", lambda *a: pytest.fail("a shard on panels probed"))
         paneled = Shard(spec, 0, spec.num_units - 1, rows=3)
+        assert paneled.turned == frozenset() == paneled.head_turned
         blocks = [m for layer in paneled.layers for m in layer.modules() if isinstance(m, nn.Linear)]
         assert paneled.paneled and not paneled.packed
         assert all(m.panels is not None and m.panels.dtype == torch.float32 and m.weight is None for m in blocks)
