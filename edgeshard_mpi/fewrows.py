@@ -197,16 +197,16 @@ def adopt(dtype: torch.dtype, rows: int, turned, packed: bool, head=None, shape=
     apart, a choice within the noise of its 10% margin could differ, and a run would then compute
     another step than the one its plan and prediction were made from. `head`: the head's own row
     counts, for its matrix of `shape` (head_shape); a profile without them leaves the head's to be
-    measured. `panels`: whether its fp32 matrices were held as panels (`paneled`); None (a profile from
-    before they were recorded) leaves that to be measured. Whether its bf16 products were widened:
-    `adopt_widened`."""
+    measured. `panels`: whether its fp32 matrices were held as panels (`paneled`), taken only where the
+    kernel loads here (it is loaded now); None (a profile from before they were recorded) leaves that to
+    be measured. Whether its bf16 products were widened: `adopt_widened`."""
     threads = torch.get_num_threads()
     _chosen[(dtype, threads, _PROBE)] = frozenset(turned)
     if head is not None and shape is not None:
         _chosen[(dtype, threads, tuple(shape))] = frozenset(head)
     _packing[(dtype, threads, rows)] = bool(packed)
-    if panels is not None:
-        _paneling[(dtype, threads, rows)] = bool(panels)
+    if panels is not None:  # the kernel loaded now, as `paneled` loads it: a run takes panels with no probe
+        _paneling[(dtype, threads, rows)] = bool(panels) and cpu_kernels.available() is None
 
 
 def adopt_widened(dtype: torch.dtype, widened: bool | None) -> None:

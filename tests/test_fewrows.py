@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -422,6 +424,27 @@ def test_a_run_takes_the_product_forms_its_profile_recorded(smollm_path, monkeyp
     _adopt_forms(_RankZeroOfOne(), spec, cluster, SimpleNamespace(profile=old))
     with pytest.raises(AssertionError, match="measured again"):
         packs_for(spec, cpu, torch.float32, rows=4)
+
+
+@needs_kernels
+def test_a_fresh_process_adopting_a_profiles_panels_loads_their_kernel(smollm_path):
+    """A run on a saved profile takes its panels without probing them, so in a process of its own
+    nothing else loads the kernel: adopting them must (it once failed at the first step with
+    "'edgeshard' object has no attribute 'f32_panels_mm'")."""
+    code = f"""
+import torch
+from edgeshard_mpi import fewrows
+from edgeshard_mpi.models import ModelSpec
+from edgeshard_mpi.shard import Shard
+spec = ModelSpec.load({str(smollm_path)!r}, "float32")
+fewrows.adopt(torch.float32, 2, [], False, [], fewrows.head_shape(spec), True)
+shard = Shard(spec, 0, spec.num_units - 1, rows=2)
+assert shard.paneled
+print(shard.forward(0, torch.tensor([[1, 2, 3], [4, 5, 6]]), [0, 0]).argmax(-1).tolist())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(eval(done.stdout.strip().splitlines()[-1])) == 2
 
 
 def test_a_bf16_run_widens_only_where_its_profile_timed_the_widened_form(tiny_path, monkeypatch, capsys):
