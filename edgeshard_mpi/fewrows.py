@@ -197,11 +197,13 @@ def adopt(dtype: torch.dtype, rows: int, turned, packed: bool, head=None, shape=
     apart, a choice within the noise of its 10% margin could differ, and a run would then compute
     another step than the one its plan and prediction were made from. `head`: the head's own row
     counts, for its matrix of `shape` (head_shape); a profile without them leaves the head's to be
-    measured. `panels`: whether its fp32 matrices were held as panels (`paneled`), taken only where the
-    kernel loads here (it is loaded now); None (a profile from before they were recorded) leaves that to
-    be measured. Whether its bf16 products were widened: `adopt_widened`."""
+    measured, as do `turned` None and `head` None (not measured, since no shard there takes them). `panels`:
+    whether its fp32 matrices were held as panels (`paneled`), taken only where the kernel loads here (it
+    is loaded now); None (a profile from before they were recorded) leaves that to be measured. Whether
+    its bf16 products were widened: `adopt_widened`."""
     threads = torch.get_num_threads()
-    _chosen[(dtype, threads, _PROBE)] = frozenset(turned)
+    if turned is not None:  # None: not measured, the profile's matrices all held in another form (`forms`)
+        _chosen[(dtype, threads, _PROBE)] = frozenset(turned)
     if head is not None and shape is not None:
         _chosen[(dtype, threads, tuple(shape))] = frozenset(head)
     _packing[(dtype, threads, rows)] = bool(packed)
@@ -222,10 +224,32 @@ def adopt_widened(dtype: torch.dtype, widened: bool | None) -> None:
 def forms(spec, device: torch.device, dtype: torch.dtype, rows: int) -> dict:
     """The forms an eager shard of `spec` whose steps hold up to `rows` rows takes here, as a profile
     records them: the row counts in the transposed form, the head's own (head_shape), whether its
-    weights are reordered, whether they are held as fp32 panels, and whether its products are widened."""
-    return {"turned": sorted(rows_for(spec, device, dtype)), "head": sorted(rows_for(spec, device, dtype, head=True)),
-            "packed": packs_for(spec, device, dtype, rows=rows), "panels": panels_for(spec, device, dtype, rows=rows),
-            "widened": widens(device, dtype, spec.quantize)}
+    weights are reordered, whether they are held as fp32 panels, and whether its products are widened.
+    Row counts no shard here would take, its matrices all held reordered or as panels, are not measured
+    (seconds a rank) and recorded as None."""
+    packed, panels = packs_for(spec, device, dtype, rows=rows), panels_for(spec, device, dtype, rows=rows)
+    widened = widens(device, dtype, spec.quantize)
+    held = packed or panels or widened
+    turned = None if held else sorted(rows_for(spec, device, dtype))
+    head = None
+    if _head_may_stay_plain(spec, held, panels or widened):
+        head = sorted(rows_for(spec, device, dtype, head=True))
+    return {"turned": turned, "head": head, "packed": packed, "panels": panels, "widened": widened}
+
+
+def _head_may_stay_plain(spec, held: bool, on_panels: bool) -> bool:
+    """Whether some shard of `spec` holding the LM head keeps its plain weight, and so takes the head's
+    transposed row counts, where its matrices are `held` (reordered or as panels, `on_panels` the
+    latter): as `Shard` builds them, only a head tied to the embedding, beside it, keeps the embedding's
+    matrix, unless both take panels, which a plain embedding reads (`PanelEmbedding`)."""
+    from .families import build_skeleton, unit_modules
+
+    if not held:
+        return True
+    skeleton = build_skeleton(spec.config)
+    embed_name, _, _, head_name = unit_modules(skeleton)
+    tied = f"{head_name}.weight" not in spec.units[-1].tensors
+    return tied and not (on_panels and type(skeleton.get_submodule(embed_name)) is nn.Embedding)
 
 
 def bf16_instructions() -> bool:

@@ -81,6 +81,22 @@ def test_family_equals_generate_cut_over_3_ranks(family_dir, family_runs, family
                                                          (1, "block.5..head")]
 
 
+def test_a_held_head_keeps_its_plain_matrix_only_beside_an_embedding_it_is_tied_to(family_dir):
+    """Whether a profile must time the head's transposed rows when the other matrices are held
+    (fewrows.forms): an untied head is held as they are; a tied one, beside its embedding, keeps the
+    embedding's matrix when they are reordered, and on panels too where the embedding is not a plain
+    one (Gemma scales its output), which cannot read panels."""
+    from edgeshard_mpi.fewrows import _head_may_stay_plain
+    from edgeshard_mpi.models import ModelSpec
+
+    def plain(family, on_panels):
+        return _head_may_stay_plain(ModelSpec.load(family_dir(family), "float32"), True, on_panels)
+
+    assert not plain("llama", False) and not plain("llama", True)  # untied
+    assert plain("qwen3", False) and not plain("qwen3", True)  # tied, plain embedding
+    assert plain("gemma2", False) and plain("gemma2", True)  # tied, scaled embedding
+
+
 def test_sliding_windows_and_kv_budget_follow_the_config(family_dir):
     # a sliding layer's KV cache is capped at its window a sequence; head_dim and GQA come from the config
     spec = ModelSpec.load(family_dir("gemma2"))

@@ -447,6 +447,32 @@ print(shard.forward(0, torch.tensor([[1, 2, 3], [4, 5, 6]]), [0, 0]).argmax(-1).
     assert len(eval(done.stdout.strip().splitlines()[-1])) == 2
 
 
+def test_a_profile_times_no_transposed_rows_that_its_held_matrices_never_take(smollm_path, monkeypatch):
+    """A profile records the forms its device takes (`forms`). Matrices held on panels or reordered
+    never take the transposed form, so its row counts are not timed (seconds a rank) but recorded as
+    None, which a run then leaves to any shard that does need them; smollm2's head, tied to a plain
+    embedding, is held as panels beside it, but keeps the embedding's matrix beside reordered ones."""
+    import edgeshard_mpi.fewrows as fewrows
+    from edgeshard_mpi.models import ModelSpec
+
+    spec, cpu, threads = ModelSpec.load(smollm_path, "float32"), torch.device("cpu"), torch.get_num_threads()
+    probes = []
+    monkeypatch.setattr(fewrows, "transposed_rows", lambda dtype, shape=fewrows._PROBE: probes.append(shape) or {1})
+    monkeypatch.setitem(fewrows._paneling, (torch.float32, threads, 3), True)
+    on_panels = fewrows.forms(spec, cpu, torch.float32, 3)
+    assert on_panels["panels"] and on_panels["turned"] is None is on_panels["head"] and probes == []
+    monkeypatch.setitem(fewrows._paneling, (torch.float32, threads, 4), False)
+    monkeypatch.setitem(fewrows._packing, (torch.float32, threads, 4), True)
+    reordered = fewrows.forms(spec, cpu, torch.float32, 4)
+    assert reordered["packed"] and reordered["turned"] is None and reordered["head"] == [1]
+    assert probes == [fewrows.head_shape(spec)]
+    one_row = fewrows.forms(spec, cpu, torch.float32, 1)  # nothing held at one row: both measured
+    assert not one_row["panels"] and one_row["turned"] == [1] == one_row["head"]
+    monkeypatch.setattr(fewrows, "_chosen", {})
+    fewrows.adopt(torch.float32, 3, None, False, None, fewrows.head_shape(spec), True)
+    assert fewrows._chosen == {} and fewrows.panels_for(spec, cpu, torch.float32, rows=3)
+
+
 def test_a_bf16_run_widens_only_where_its_profile_timed_the_widened_form(tiny_path, monkeypatch, capsys):
     """A profile records whether its bf16 products were widened; one timed on torch's own (the kernel
     not built then) keeps a run where the kernel is built now from widening, so that the run computes
