@@ -5,8 +5,8 @@
 Every rank measures, on its own device with its emulation applied and in its own dtype and
 quantization, every unit's prefill time at the job's prompt length and decode time at the job's
 micro-batch size and context (median of repeated runs, with their spread), one unit loaded at a
-time and within the device's memory. Ranks take turns, so that ranks sharing a host do not slow
-each other's measurements. Links are measured by
+time and within the device's memory. Ranks on one machine take turns, so that they do not slow each
+other's measurements; ranks on different machines measure at once. Links are measured by
 ping-pong between every pair of ranks at growing sizes (latency and bandwidth from the smallest and
 the largest). Rank 0 gathers it all into a `Profile`, saved as JSON with the cluster, model, dtype,
 shapes, versions and date.
@@ -31,7 +31,7 @@ from .models import kv_unit_bytes
 from .planner import Costs
 
 __all__ = ["Profile", "ProfileError", "compare", "profile_shapes", "profiles_dir", "find_profile", "model_fingerprint",
-           "cluster_fingerprint", "device_bytes", "measure_profile", "peak_rss", "reset_peak_rss"]
+           "cluster_fingerprint", "device_bytes", "machine_turns", "measure_profile", "peak_rss", "reset_peak_rss"]
 
 FORMAT = "edgeshard-profile/1"
 
@@ -797,19 +797,32 @@ def _one_host_calibration(gathered: list[dict], devices: list, spec) -> None:
             g["prefill_spread"] = g["decode_spread"] = [0.0] * len(g["decode_s"])
 
 
-def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5, notes: str = "") -> Profile | None:
-    """Collective: every rank measures its units, every pair its link; rank 0 returns the Profile.
+def machine_turns(boots: list[str]) -> list[int]:
+    """Each rank's turn at timing, from every rank's machine (its boot id, `cluster.boot_id`): the ranks
+    of one machine take turns 0, 1, 2, ... in rank order, whatever their hosts are called (network
+    namespaces or containers on one machine share its cores and its boot id); each machine's first rank
+    takes turn 0. An unknown boot id ("", not Linux) is one machine: its ranks take turns, as they would
+    have to if they shared one."""
+    seen: dict[str, int] = {}
+    turns = []
+    for b in boots:
+        turns.append(seen.get(b, 0))
+        seen[b] = turns[-1] + 1
+    return turns
 
-    Each rank measures and reports its units in its device's own dtype and quantization."""
-    me = devices[comm.rank]
-    own = spec.with_precision(*me.precision(spec.dtype, spec.quantize))
-    together = shapes.get("load") == "together"
+
+def _turn_taker(comm, together: bool):
+    """The turn(fn) that `_measure_units` times each unit in: collective, every rank calls it alike."""
+    turns = machine_turns(comm.boots)
+    mine, count = turns[comm.rank], max(turns) + 1
 
     def turn(fn):
-        """Run fn on each rank in turn. Ranks on one host must not share cores while timed, and
-        taking turns unit by unit (not rank by rank) times every device's unit u within moments of
-        the others': this VM's speed drifts by tens of percent over a minute, and the planner
-        needs the devices' relative speeds right above all.
+        """Run fn on each machine's ranks in turn (`machine_turns`). Ranks on one machine must not share
+        cores while timed, and taking turns unit by unit (not rank by rank) times every device's unit u
+        within moments of the others': this VM's speed drifts by tens of percent over a minute, and the
+        planner needs the devices' relative speeds right above all. Ranks on different machines share
+        nothing, so they time unit u at the same moment: a cluster of one rank a machine profiles in the
+        time of one device, not of all of them one after the other.
 
         With shapes' load "together", every rank measures unit u at once instead: the load a run
         puts on ranks that share a host (their CPU time swells while the others compute)."""
@@ -819,11 +832,22 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
             comm.barrier()
             return out
         out = None
-        for r in range(comm.size):
-            if r == comm.rank:
+        for t in range(count):
+            if t == mine:
                 out = fn()
             comm.barrier()
         return out
+
+    return turn
+
+
+def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5, notes: str = "") -> Profile | None:
+    """Collective: every rank measures its units, every pair its link; rank 0 returns the Profile.
+
+    Each rank measures and reports its units in its device's own dtype and quantization."""
+    me = devices[comm.rank]
+    own = spec.with_precision(*me.precision(spec.dtype, spec.quantize))
+    turn = _turn_taker(comm, together=shapes.get("load") == "together")
 
     import torch
 

@@ -229,3 +229,34 @@ def test_the_peak_rss_starts_over_for_each_job():
     del block
     reset_peak_rss()
     assert peak_rss() < high - 200e6, (peak_rss(), high)
+
+
+def test_ranks_take_turns_at_timing_only_with_the_ranks_of_their_own_machine():
+    # the ranks as threads, MPI's barrier as a threading.Barrier that counts the periods between barriers
+    import threading
+    from types import SimpleNamespace
+
+    from edgeshard_mpi.profiler import _turn_taker, machine_turns
+
+    boots = ["a", "b", "a", "b", "c", "", ""]  # ranks 0, 2 on machine a; 1, 3 on b; 4 alone; "" unknown: one machine
+    assert machine_turns(boots) == [0, 0, 1, 1, 0, 0, 1]
+    assert machine_turns(["x"] * 3) == [0, 1, 2]  # one machine: one rank at a time, as before
+    period = [0]
+    gate = threading.Barrier(len(boots), action=lambda: period.__setitem__(0, period[0] + 1))
+    ran: dict = {}
+
+    def rank(r):
+        comm = SimpleNamespace(rank=r, size=len(boots), boots=boots, barrier=lambda: gate.wait(timeout=30))
+        turn = _turn_taker(comm, together=False)
+        for u in range(3):
+            turn(lambda: ran.setdefault((u, r), period[0]))  # the period rank r timed unit u in
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(boots))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not gate.broken and period[0] == 3 * 2  # every rank passed every barrier: two turns a unit, not seven
+    for u in range(3):
+        # unit u is timed in turns 2u and 2u + 1: the first rank of each machine in the first, at once
+        assert {r: ran[(u, r)] for r in range(len(boots))} == {r: 2 * u + t for r, t in enumerate(machine_turns(boots))}
