@@ -8,8 +8,8 @@ micro-batch size and context (median of repeated runs, with their spread), one u
 time and within the device's memory. Ranks on one machine take turns, so that they do not slow each
 other's measurements; ranks on different machines measure at once. Links are measured by
 ping-pong between every pair of ranks at growing sizes (latency and bandwidth from the smallest and
-the largest). Rank 0 gathers it all into a `Profile`, saved as JSON with the cluster, model, dtype,
-shapes, versions and date.
+the largest), pairs on disjoint machines at once. Rank 0 gathers it all into a `Profile`, saved as
+JSON with the cluster, model, dtype, shapes, versions and date.
 
 The `Profile` dataclass is pure Python, so `edgeshard plan` reads profiles without MPI or torch;
 the measuring functions import torch and MPI only when called.
@@ -31,7 +31,8 @@ from .models import kv_unit_bytes
 from .planner import Costs
 
 __all__ = ["Profile", "ProfileError", "compare", "profile_shapes", "profiles_dir", "find_profile", "model_fingerprint",
-           "cluster_fingerprint", "device_bytes", "machine_turns", "measure_profile", "peak_rss", "reset_peak_rss"]
+           "cluster_fingerprint", "device_bytes", "link_rounds", "machine_turns", "measure_profile", "peak_rss",
+           "reset_peak_rss"]
 
 FORMAT = "edgeshard-profile/1"
 
@@ -811,6 +812,25 @@ def machine_turns(boots: list[str]) -> list[int]:
     return turns
 
 
+def link_rounds(boots: list[str]) -> list[list[tuple[int, int]]]:
+    """Every pair of ranks (a < b), in rounds whose pairs are timed at once: no machine (boot id, as
+    `machine_turns`) is in two pairs of a round, so no two ping-pongs share a machine's cores, memory or
+    network card. Greedy, in the pairs' order: on one machine every round holds one pair, as when the
+    pairs went one after the other; on n machines of one rank each, about n rounds instead of n(n-1)/2."""
+    rounds: list[list[tuple[int, int]]] = []
+    busy: list[set[str]] = []  # the machines each round's pairs hold
+    for a in range(len(boots)):
+        for b in range(a + 1, len(boots)):
+            both = {boots[a], boots[b]}
+            i = next((i for i, held in enumerate(busy) if not held & both), len(rounds))
+            if i == len(rounds):
+                rounds.append([])
+                busy.append(set())
+            rounds[i].append((a, b))
+            busy[i] |= both
+    return rounds
+
+
 def _turn_taker(comm, together: bool):
     """The turn(fn) that `_measure_units` times each unit in: collective, every rank calls it alike."""
     turns = machine_turns(comm.boots)
@@ -867,13 +887,13 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
     measured["peak_bytes"], measured["peak_rss"] = max(0, peak - held), peak
     measured["products"] = products
     links = {}
-    for a in range(comm.size):
-        for b in range(a + 1, comm.size):
+    for pairs in link_rounds(comm.boots):
+        for a, b in pairs:
             if comm.rank in (a, b):
                 res = _ping_pong(comm, b if comm.rank == a else a, comm.rank == a, repeats)
                 if res is not None:
                     links[(a, b)] = res
-            comm.barrier()
+        comm.barrier()
     gathered = comm.gather({"rank": comm.rank, **measured, "links": links, "bytes": device_bytes(spec, own)})
     if comm.rank != 0:
         return None
