@@ -813,22 +813,35 @@ def machine_turns(boots: list[str]) -> list[int]:
 
 
 def link_rounds(boots: list[str]) -> list[list[tuple[int, int]]]:
-    """Every pair of ranks (a < b), in rounds whose pairs are timed at once: no machine (boot id, as
+    """Every pair of ranks (a, b), a < b, in rounds whose pairs are timed at once: no machine (boot id, as
     `machine_turns`) is in two pairs of a round, so no two ping-pongs share a machine's cores, memory or
-    network card. Greedy, in the pairs' order: on one machine every round holds one pair, as when the
-    pairs went one after the other; on n machines of one rank each, about n rounds instead of n(n-1)/2."""
+    network card. The pairs come in the order of a round-robin tournament (`_round_robin`), each put in
+    the first round its machines are free in: n machines of one rank each take n - 1 rounds (n even) or
+    n (odd), instead of n(n-1)/2; on one machine each round holds one pair, as when they went one by one."""
     rounds: list[list[tuple[int, int]]] = []
     busy: list[set[str]] = []  # the machines each round's pairs hold
-    for a in range(len(boots)):
-        for b in range(a + 1, len(boots)):
-            both = {boots[a], boots[b]}
-            i = next((i for i, held in enumerate(busy) if not held & both), len(rounds))
-            if i == len(rounds):
-                rounds.append([])
-                busy.append(set())
-            rounds[i].append((a, b))
-            busy[i] |= both
+    for a, b in _round_robin(len(boots)):
+        both = {boots[a], boots[b]}
+        i = next((i for i, held in enumerate(busy) if not held & both), len(rounds))
+        if i == len(rounds):
+            rounds.append([])
+            busy.append(set())
+        rounds[i].append((a, b))
+        busy[i] |= both
     return rounds
+
+
+def _round_robin(n: int):
+    """The pairs of 0..n-1, round by round of the circle method: 0 stays, the others turn one place a round
+    (an odd n gets a stand-in that pairs with no one)."""
+    ids = list(range(n)) + ([None] if n % 2 else [])
+    m = len(ids)
+    for _ in range(m - 1):
+        for i in range(m // 2):
+            a, b = ids[i], ids[m - 1 - i]
+            if a is not None and b is not None:
+                yield min(a, b), max(a, b)
+        ids = [ids[0], ids[-1], *ids[1:-1]]
 
 
 def _turn_taker(comm, together: bool):

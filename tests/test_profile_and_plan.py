@@ -262,7 +262,7 @@ def test_ranks_take_turns_at_timing_only_with_the_ranks_of_their_own_machine():
         assert {r: ran[(u, r)] for r in range(len(boots))} == {r: 2 * u + t for r, t in enumerate(machine_turns(boots))}
 
 
-@pytest.mark.parametrize("boots", [["x"] * 4, list("abcdefgh"), ["a", "b", "a", "b", "c", "", ""]])
+@pytest.mark.parametrize("boots", [["x"] * 4, list("abcdefgh"), list("abcde"), ["a", "b", "a", "b", "c", "", ""]])
 def test_links_are_timed_at_once_only_between_pairs_on_disjoint_machines(boots):
     from itertools import combinations
 
@@ -274,7 +274,7 @@ def test_links_are_timed_at_once_only_between_pairs_on_disjoint_machines(boots):
         held = [{boots[a], boots[b]} for a, b in pairs]
         assert all(not (h & g) for h, g in combinations(held, 2)), pairs  # no machine in two pairs of a round
     machines = len(set(boots))
-    if machines == len(boots):  # one rank a machine: n - 1 rounds of n / 2 pairs (n even), not n(n-1)/2 one by one
-        assert len(rounds) == len(boots) - 1
+    if machines == len(boots):  # one rank a machine: n - 1 rounds (n even) or n (odd), not n(n-1)/2 one by one
+        assert len(rounds) == len(boots) - 1 + len(boots) % 2
     if machines == 1:  # one machine: one pair at a time, as before
         assert len(rounds) == len(boots) * (len(boots) - 1) // 2
