@@ -740,19 +740,26 @@ def _ping_pong(comm, peer: int, initiator: bool, repeats: int) -> tuple[float, f
     return latency, bandwidth
 
 
-def _one_host_disagreement(gathered: list[dict], devices: list, spec) -> None:
+def _machine(boots: list[str] | None, g: dict) -> str:
+    """The machine (boot id) of the rank that measured `g`: devices emulated on different machines time
+    different CPUs, and are compared only with their own machine's."""
+    return boots[g["rank"]] if boots else ""
+
+
+def _one_host_disagreement(gathered: list[dict], devices: list, spec,
+                           boots: list[str] | None = None) -> None:
     """Devices emulated on one host by CPU time (slowdown > 1, clock=cpu) all time one CPU: each unit's
-    time per unit of slowdown should be the same on every one of them (of one dtype and
-    quantization). How far a device's is from the group's median is noise of that emulation (the
-    host ran faster or slower during its turn), which repeats taken moments apart cannot see, and it
-    is the noise that hands another plan the lead between two profiles (one device measured as fast
-    as a faster one). Each unit's spread becomes the larger of the two, so that `edgeshard plan`'s
-    confidence (confidence.py) weighs it."""
+    time per unit of slowdown should be the same on every one of them on one machine (`boots`, by rank;
+    None: one machine) and of one dtype and quantization. How far a device's is from the group's
+    median is noise of that emulation (the host ran faster or slower during its turn), which repeats
+    taken moments apart cannot see, and it is the noise that hands another plan the lead between two
+    profiles (one device measured as fast as a faster one). Each unit's spread becomes the larger of
+    the two, so that `edgeshard plan`'s confidence (confidence.py) weighs it."""
     groups: dict[tuple, list[dict]] = {}
     for g in gathered:
         d = devices[g["rank"]]
         if d.clock == "cpu" and d.slowdown != 1.0:
-            groups.setdefault(d.precision(spec.dtype, spec.quantize), []).append(g)
+            groups.setdefault((_machine(boots, g), d.precision(spec.dtype, spec.quantize)), []).append(g)
     for group in groups.values():
         if len(group) < 2:
             continue
@@ -769,17 +776,18 @@ def _one_host_disagreement(gathered: list[dict], devices: list, spec) -> None:
                         g[f"{phase}_spread"][u] = max(g[f"{phase}_spread"][u], abs(per[g["rank"]] / mid - 1))
 
 
-def _one_host_calibration(gathered: list[dict], devices: list, spec) -> None:
-    """Devices that time their work (clock=work) take one calibration of the host between them: each
-    unit's least time per unit of slowdown over all of them (of one dtype and quantization), times
-    its own slowdown. Their speeds then stand to each other exactly as the hostfile declares, and the
-    noise of timing each device apart (tens of percent on a shared host, enough to flip a plan)
-    is gone; what is left is the host's own cost of each unit at its quietest."""
+def _one_host_calibration(gathered: list[dict], devices: list, spec, boots: list[str] | None = None) -> None:
+    """Devices that time their work (clock=work) take one calibration of their host between them: each
+    unit's least time per unit of slowdown over all of them on one machine (`boots`, by rank; None: one
+    machine) and of one dtype and quantization, times its own slowdown. Their speeds then stand to each
+    other exactly as the hostfile declares, and the noise of timing each device apart (tens of percent
+    on a shared host, enough to flip a plan) is gone; what is left is the host's own cost of each unit
+    at its quietest."""
     groups: dict[tuple, list[dict]] = {}
     for g in gathered:
         d = devices[g["rank"]]
         if d.clock == "work":
-            groups.setdefault(d.precision(spec.dtype, spec.quantize), []).append(g)
+            groups.setdefault((_machine(boots, g), d.precision(spec.dtype, spec.quantize)), []).append(g)
     for group in groups.values():
         slow = {g["rank"]: devices[g["rank"]].slowdown for g in group}
         for key in _TIMES:  # not the spreads: a share of each figure, whatever its slowdown
@@ -911,8 +919,8 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
     if comm.rank != 0:
         return None
     gathered = sorted(gathered, key=lambda g: g["rank"])
-    _one_host_calibration(gathered, devices, spec)
-    _one_host_disagreement(gathered, devices, spec)
+    _one_host_calibration(gathered, devices, spec, comm.boots)
+    _one_host_disagreement(gathered, devices, spec, comm.boots)
     m = comm.size
     bandwidth = [[None] * m for _ in range(m)]
     latency = [[0.0] * m for _ in range(m)]

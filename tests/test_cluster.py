@@ -178,3 +178,27 @@ def test_cpu_clock_devices_on_one_host_spread_by_how_far_they_disagree():
     assert board["decode_spread"] == pytest.approx([0.05, 0.05])  # the median's own device
     assert server["decode_spread"] == pytest.approx([0.05, 0.05])
     assert rest == [measured(3, [1.0, 1.0]), measured(4, [5.0, 5.0]), measured(5, [9.0, 9.0])]
+
+
+def test_emulated_devices_are_calibrated_and_compared_only_with_their_own_machines():
+    # devices emulated on different machines time different CPUs: neither the work clock's shared
+    # calibration nor the CPU clock's disagreement joins them
+    from edgeshard_mpi.profiler import _one_host_calibration, _one_host_disagreement
+
+    class Spec:
+        dtype, quantize = "float32", None
+
+    def measured(rank, decode):
+        return {"rank": rank, "decode_s": decode, "prefill_s": list(decode), "decode_step_s": 0.1,
+                "prefill_step_s": 0.1, "decode_kv_s": 0.0, "decode_spread": [0.05], "prefill_spread": [0.05]}
+
+    work = [Device(name="a", slowdown=2, clock="work"), Device(name="b", slowdown=4, clock="work")]
+    one, apart = [measured(0, [2.2]), measured(1, [4.0])], [measured(0, [2.2]), measured(1, [4.0])]
+    _one_host_calibration(one, work, Spec(), ["m", "m"])
+    _one_host_calibration(apart, work, Spec(), ["m", "n"])
+    assert one[0]["decode_s"] == [2.0] and apart[0]["decode_s"] == [2.2]  # min(2.2/2, 4/4) x 2 on one machine only
+    cpu = [Device(name="a", slowdown=2), Device(name="b", slowdown=4)]
+    one, apart = [measured(0, [2.0]), measured(1, [6.0])], [measured(0, [2.0]), measured(1, [6.0])]
+    _one_host_disagreement(one, cpu, Spec(), ["m", "m"])
+    _one_host_disagreement(apart, cpu, Spec(), ["m", "n"])
+    assert one[0]["decode_spread"][0] > 0.05 and apart[0]["decode_spread"] == [0.05]
