@@ -184,7 +184,10 @@ def test_a_widened_bf16_shard_keeps_the_models_logits(tiny_path, monkeypatch):
         a, b, c = (s.forward(0, x, pads, 16) if pads else s.forward(0, x) for s in (wide, plain, fp32))
         # each as near the fp32 shard's logits as the other: bf16's rounding, not the form, sets the error
         assert (a.float() - c).abs().max() <= 2 * (b.float() - c).abs().max() + 1e-2
-        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+        # and near each other: bf16 keeps 8 bits, and its roundings of the hidden states, which differ
+        # between the forms (oneDNN's AVX512-BF16 products round in pairs), move logits by up to ~2% of
+        # their scale (1.3-1.9% measured on an AMD EPYC with AVX512-BF16)
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0.04 * c.abs().max().item())
 
 
 def test_a_dtype_oneDNN_cannot_reorder_here_is_never_reordered(monkeypatch):
