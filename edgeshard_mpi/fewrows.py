@@ -36,10 +36,8 @@ half of fp32's, and more rows (a prefill) in fp32's own gemm on widened copies o
 block of rows at a time. The shard holds such a matrix as the kernel's panels
 (`cpu_kernels.to_panels`), on which a smollm2 decode step at 16 rows took 0.83-0.87x the time it
 took on the rows (`cpu_kernels.bf16_mm`).
-Its attention (transformers' sdpa) runs on fp32 copies of the queries, keys and values, cast back
-after: torch's bf16 attention there, on its causal path (rows without padding, so without a mask),
-took 1.1 ms a layer at 16 rows against 0.3 ms in fp32; with a mask it took as long as fp32. Where
-the kernel cannot be built, the products stay torch's.
+Its attention runs on fp32 copies of its tensors (attention.py). Where the kernel cannot be built,
+the products stay torch's.
 
 An fp32 shard may instead hold its matrices as the kernel's panels (`cpu_kernels.f32_panels_mm`, the
 same layout as bf16's, in fp32): on that EPYC a smollm2 step's 210 layer products took 35-38 ms at 16
@@ -63,7 +61,6 @@ so a run without a profile times only the forms it can take.
 
 from __future__ import annotations
 
-import functools
 import time
 
 import torch
@@ -407,46 +404,13 @@ class PanelEmbedding(nn.Module):
         return cpu_kernels.panel_rows(self.panels, ids)
 
 
-SDPA_FP32 = "edgeshard_sdpa_fp32"  # the attention of a widened module, by name, as transformers looks it up
-
-
-def _sdpa_in_fp32(sdpa, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention (`sdpa`, bound once at registration) on fp32 copies of its tensors,
-    the output cast back to the query's dtype."""
-    wide = lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-    if "position_bias" in kwargs:
-        kwargs["position_bias"] = wide(kwargs["position_bias"])
-    out, weights = sdpa(module, wide(query), wide(key), wide(value), wide(attention_mask), **kwargs)
-    return out.to(query.dtype), weights
-
-
-def _widen_attention(module: nn.Module) -> None:
-    """Attention in `module` that takes transformers' sdpa takes it in fp32 (`_sdpa_in_fp32`). The
-    name is set on the module's own config (a shard's modules are copies, each with its own), and its
-    masks stay sdpa's."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if SDPA_FP32 not in ALL_ATTENTION_FUNCTIONS:
-        ALL_ATTENTION_FUNCTIONS.register(SDPA_FP32, functools.partial(_sdpa_in_fp32, sdpa_attention_forward))
-        ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_FP32, sdpa_mask)
-    for m in module.modules():
-        config = getattr(m, "config", None)
-        if getattr(config, "_attn_implementation", None) == "sdpa":
-            config._attn_implementation = SDPA_FP32
-
-
 def swap_linears(module: nn.Module, turned: frozenset[int], pack: bool = False, widen: bool = False,
                  panel: bool = False) -> nn.Module:
     """`module` with each `nn.Linear` in it (itself included) a FewRowsLinear on the same parameters,
     or with `pack` on its weight reordered (for oneDNN, or with `panel` as fp32 panels), or with `widen`
-    computing in fp32 (`widens`), its attention too."""
+    computing in fp32 (`widens`). Its attention is attention.py's."""
     if not turned and not pack and not widen:
         return module
-    if widen:
-        _widen_attention(module)
     if type(module) is nn.Linear:
         return FewRowsLinear.of(module, turned, pack, widen, panel)
     for name, child in list(module.named_modules()):

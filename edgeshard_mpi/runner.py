@@ -547,11 +547,13 @@ def _work_clocks(comm: Comm, cluster: Cluster, plan: Plan, local: _Local | None)
 
 
 def _adopt_forms(comm: Comm, spec: ModelSpec, cluster: Cluster, local: _Local | None) -> None:
-    """Collective: each rank takes the product forms its device was profiled in (fewrows.adopt), from
-    the profile the plan was made with, where there is one and it recorded them; else a shard measures
-    its own. Rank 0 names the devices kept from the widened bf16 form by a profile timed without it."""
+    """Collective: each rank takes the product and attention forms its device was profiled in
+    (fewrows.adopt, attention.adopt), from the profile the plan was made with, where there is one and it
+    recorded them; else a shard measures its own. Rank 0 names the devices kept from the widened bf16
+    form by a profile timed without it."""
     import torch
 
+    from . import attention
     from .fewrows import adopt, adopt_widened, can_widen, head_shape
     from .shard import TORCH_DTYPES
 
@@ -571,6 +573,7 @@ def _adopt_forms(comm: Comm, spec: ModelSpec, cluster: Cluster, local: _Local | 
         rows, products = mine
         adopt(dtype, rows, products["turned"], products["packed"], products.get("head"), head_shape(spec),
               products.get("panels"))
+        attention.adopt(dtype, rows, products.get("attention"))
         widened = products.get("widened")
     adopt_widened(dtype, widened)
     narrow = comm.gather(widened is False and can_widen(torch.device(me.torch), dtype, own.quantize))

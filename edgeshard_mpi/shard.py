@@ -30,7 +30,7 @@ import transformers.generation.utils  # noqa: F401
 import transformers.masking_utils  # noqa: F401
 import transformers.modeling_utils  # noqa: F401
 
-from . import cpu_kernels
+from . import attention, cpu_kernels
 from .compiling import CompiledStep
 from .families import mask_builder
 from .fewrows import FewRowsLinear, PanelEmbedding, packs_for, panels_for, rows_for, swap_linears, widens
@@ -122,6 +122,7 @@ class Shard:
         self.packed = packs_for(spec, self.device, self.dtype, compile, rows)
         self.paneled = panels_for(spec, self.device, self.dtype, compile, rows)  # fp32 as the kernel's panels
         self.widened = widens(self.device, self.dtype, spec.quantize)  # bf16 in fp32 arithmetic on this CPU
+        self.attention_form = attention.form(self.device, self.dtype, spec.quantize, compile, rows)  # attention.py
         held = self.packed or self.paneled or self.widened  # the matrices reordered or as panels
         # a tied head beside its embedding holds their matrix once: as panels where the other matrices are, the
         # embedding then gathering its rows from them (fewrows.PanelEmbedding), else as the embedding's
@@ -150,8 +151,10 @@ class Shard:
             state = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
             module.load_state_dict(state, strict=True, assign=True)
             # buffers (Gemma's embedding scale) follow the weights
-            return swap_linears(module.to(self.device).eval(), turned,
-                                pack and (self.packed or self.paneled or self.widened), self.widened, self.paneled)
+            module = swap_linears(module.to(self.device).eval(), turned,
+                                  pack and (self.packed or self.paneled or self.widened), self.widened, self.paneled)
+            attention.take(module, self.attention_form)
+            return module
 
         self.embed = take(embed_name) if self.has_embed else None
         self.layers = [take(f"{layers_name}.{i}") for i in self.layer_ids]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from edgeshard_mpi import cpu_kernels
+from edgeshard_mpi.attention import SDPA_FP32, SDPA_PACKED
 from edgeshard_mpi.fewrows import (MAX_ROWS, WIDE_ROWS, FewRowsLinear, PanelEmbedding, packs_for, reorders, rows_for,
                                    swap_linears, transposed_rows, widens)
 
@@ -174,9 +175,10 @@ def test_a_widened_bf16_shard_keeps_the_models_logits(tiny_path, monkeypatch):
     assert wide.param_bytes == plain.param_bytes  # the panels' padding is not the model's
     assert not plain.widened and {type(m) for m in linears(plain)} == {nn.Linear}
     # attention in fp32 on the widened shard's own layers; the masks, built from the shared config, stay sdpa's
-    assert {layer.self_attn.config._attn_implementation for layer in wide.layers} == {fewrows.SDPA_FP32}
-    assert {layer.self_attn.config._attn_implementation for layer in plain.layers} == {"sdpa"}
-    assert wide.config._attn_implementation == "sdpa"
+    assert {layer.self_attn.config._attn_implementation for layer in wide.layers} == {SDPA_FP32}
+    # the plain one's as this CPU attends in bf16 (attention.py)
+    assert {layer.self_attn.config._attn_implementation for layer in plain.layers} == {plain.attention_form}
+    assert plain.attention_form in ("sdpa", SDPA_PACKED) and wide.config._attn_implementation == "sdpa"
     ids = torch.randint(5, 1000, (3, 9), generator=torch.Generator().manual_seed(0))
     fp32 = Shard(ModelSpec.load(tiny_path, "float32"), 0, spec.num_units - 1)
     steps = [(ids, [0, 2, 0])] + [(torch.tensor([[20 + i], [30 + i], [40 + i]]), None) for i in range(4)]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, Launch, reference_tokens, run_mpi, write_job
+from edgeshard_mpi.attention import SDPA_PACKED
 from edgeshard_mpi.models import ModelError, ModelSpec
 from edgeshard_mpi.profiler import Profile
 from edgeshard_mpi.results import read_attrs, read_results
@@ -68,6 +69,7 @@ def test_profile_measures_the_emulated_slowdown_and_link(tmp_path, smollm_path):
         assert set(d["products"]["head"]) <= set(range(1, 17)), d["products"]  # the head's own (fewrows.head_shape)
         assert d["products"]["widened"] is False, d["products"]  # fp32: only bf16 is widened
         assert isinstance(d["products"]["panels"], bool), d["products"]  # fp32 panels, as measured here
+        assert d["products"]["attention"] in ("sdpa", SDPA_PACKED), d["products"]  # attention.py, as measured here
     # every figure carries its scatter over the repeats, and the plan says how sure it is with them
     for d in (quick, slow, small):
         for key in ("decode_spread", "prefill_spread"):
