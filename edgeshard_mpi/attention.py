@@ -95,7 +95,7 @@ def form(device: torch.device, dtype: torch.dtype, quantize: str | None = None, 
     """The attention a shard whose steps hold up to `rows` rows takes here, as a registered name:
     SDPA_FP32 where its products are widened (fewrows.widens); SDPA_PACKED on a CPU, eager, where
     `packs_queries` measures that faster; else "sdpa", transformers' own."""
-    if widens(device, dtype, quantize):
+    if widens(device, dtype, quantize, rows):
         return SDPA_FP32
     if device.type == "cpu" and not compile and packs_queries(dtype, rows):
         return SDPA_PACKED

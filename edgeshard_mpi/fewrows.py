@@ -39,6 +39,11 @@ took on the rows (`cpu_kernels.bf16_mm`).
 Its attention runs on fp32 copies of its tensors (attention.py). Where the kernel cannot be built,
 the products stay torch's.
 
+A CPU with bf16 instructions need not read bf16 weights at the memory's speed either: on an AMD EPYC
+with AVX512-BF16 (no AMX) a smollm2 bf16 step at one row took 44 ms in torch's products, 1.5x fp32's,
+and 20 ms widened. There the widened form is measured against torch's, once per process, thread count
+and row count (`widened_faster`), and taken where it is 10% faster: at one row there, not at 16.
+
 An fp32 shard may instead hold its matrices as the kernel's panels (`cpu_kernels.f32_panels_mm`, the
 same layout as bf16's, in fp32): on that EPYC a smollm2 step's 210 layer products took 35-38 ms at 16
 rows, where oneDNN on reordered weights took 48-56 and `linear` 63-69 (benchmarks/f32_panels.py); at
@@ -70,7 +75,7 @@ from . import cpu_kernels
 
 __all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "PanelEmbedding", "adopt", "adopt_widened", "bf16_instructions",
            "can_widen", "forms", "head_shape", "packs", "packs_for", "paneled", "panels_for", "reorders", "rows_for",
-           "swap_linears", "transposed_rows", "widens"]
+           "swap_linears", "transposed_rows", "widened_faster", "widens"]
 
 MAX_ROWS = 16  # more rows than this take `linear` (its gemm is then at the memory's speed, or the compute's)
 # the widened form's rows up to which its kernel is faster than fp32's gemm on a widened copy of the
@@ -83,6 +88,7 @@ _chosen: dict[tuple, frozenset[int]] = {}
 _packing: dict[tuple, bool] = {}
 _paneling: dict[tuple, bool] = {}
 _widening: dict[torch.dtype, bool] = {}  # the widened form a profile timed, by dtype (adopt_widened)
+_wide_rows: dict[tuple, bool] = {}  # whether widened bf16 is the faster where bf16 has instructions (widened_faster)
 
 
 def _transposed(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -168,24 +174,44 @@ def packs(dtype: torch.dtype, rows: int) -> bool:
 
 def paneled(dtype: torch.dtype, rows: int) -> bool:
     """Whether products of `rows` rows run faster on fp32 weights held as the kernel's panels
-    (`cpu_kernels.f32_panels_mm`) than in the fastest of the other forms here (`linear`, transposed,
-    reordered for oneDNN where it can), at this process's thread count: on the probe matrix, each form's
-    best of five, the panels taken only when at least 10% faster. Only fp32, where the kernel is built."""
+    (`cpu_kernels.f32_panels_mm`) than in the fastest of the other forms here (`_beats_torch`). Only
+    fp32, where the kernel is built."""
     key = (dtype, torch.get_num_threads(), rows)
     if key not in _paneling:
-        _paneling[key] = False
-        if dtype == torch.float32 and cpu_kernels.available() is None:
-            gen = torch.Generator().manual_seed(0)
-            w = torch.randn(*_PROBE, generator=gen)
-            x = torch.randn(rows, _PROBE[1], generator=gen)
-            others = [nn.functional.linear, _transposed]
-            if reorders(dtype):
-                p = _pack(w)
-                others.append(lambda x, w: _packed(x, p, None, _PROBE[0]))
-            best = min(_best(lambda: f(x, w)) for f in others)
-            panels = cpu_kernels.to_panels(w)
-            _paneling[key] = _best(lambda: cpu_kernels.f32_panels_mm(x, panels, None, _PROBE[0])) < 0.9 * best
+        _paneling[key] = dtype == torch.float32 and _beats_torch(dtype, rows, cpu_kernels.f32_panels_mm)
     return _paneling[key]
+
+
+def widened_faster(rows: int) -> bool:
+    """Whether bf16 products of `rows` rows run faster widened, on the kernel's panels
+    (`cpu_kernels.bf16_panels_mm`), than in the fastest of torch's own forms here (`_beats_torch`), on
+    a CPU with bf16 instructions. On the 2-core AMD EPYC with AVX512-BF16 (no AMX), torch's bf16
+    product of one row reads the weights far below the memory's speed: a smollm2 bf16 step at one row
+    took 44 ms there, against 20 widened (and 29 in fp32); at 16 rows, where the arithmetic bounds it,
+    torch's took 47 ms against 55 widened."""
+    key = (torch.get_num_threads(), rows)
+    if key not in _wide_rows:
+        _wide_rows[key] = _beats_torch(torch.bfloat16, rows, cpu_kernels.bf16_panels_mm)
+    return _wide_rows[key]
+
+
+def _beats_torch(dtype: torch.dtype, rows: int, kernel) -> bool:
+    """Whether `kernel` (x, panels, bias, n) on the probe matrix held as the kernel's panels is at least
+    10% faster than the fastest of torch's forms a shard would take instead (`linear`, transposed, and
+    past one row reordered for oneDNN where it can, as `packs_for`) at `rows` rows, at this process's
+    thread count: each form's best of five. False where the kernel is not built."""
+    if cpu_kernels.available() is not None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(*_PROBE, generator=gen).to(dtype)
+    x = torch.randn(rows, _PROBE[1], generator=gen).to(dtype)
+    others = [nn.functional.linear, _transposed]
+    if rows > 1 and reorders(dtype):
+        p = _pack(w)
+        others.append(lambda x, w: _packed(x, p, None, _PROBE[0]))
+    best = min(_best(lambda: f(x, w)) for f in others)
+    panels = cpu_kernels.to_panels(w)
+    return _best(lambda: kernel(x, panels, None, _PROBE[0])) < 0.9 * best
 
 
 def adopt(dtype: torch.dtype, rows: int, turned, packed: bool, head=None, shape=None, panels=None) -> None:
@@ -225,12 +251,12 @@ def forms(spec, device: torch.device, dtype: torch.dtype, rows: int) -> dict:
     Row counts no shard here would take, its matrices all held reordered or as panels, are not measured
     (seconds a rank) and recorded as None."""
     packed, panels = packs_for(spec, device, dtype, rows=rows), panels_for(spec, device, dtype, rows=rows)
-    widened = widens(device, dtype, spec.quantize)
+    widened = widens(device, dtype, spec.quantize, rows)
     held = packed or panels or widened
-    turned = None if held else sorted(rows_for(spec, device, dtype))
+    turned = None if held else sorted(rows_for(spec, device, dtype, rows=rows))
     head = None
     if _head_may_stay_plain(spec, held, panels or widened):
-        head = sorted(rows_for(spec, device, dtype, head=True))
+        head = sorted(rows_for(spec, device, dtype, head=True, rows=rows))
     return {"turned": turned, "head": head, "packed": packed, "panels": panels, "widened": widened}
 
 
@@ -254,16 +280,21 @@ def bf16_instructions() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def widens(device: torch.device, dtype: torch.dtype, quantize: str | None = None) -> bool:
-    """Whether a shard's matrices here take the widened form: bf16 weights, unquantized, on a CPU
-    without bf16 instructions, where this project's kernel is built (`cpu_kernels.available`), unless
-    the profile a run took its forms from was timed without it (`adopt_widened`)."""
-    return can_widen(device, dtype, quantize) and _widening.get(dtype, True)
+def widens(device: torch.device, dtype: torch.dtype, quantize: str | None = None, rows: int = 1) -> bool:
+    """Whether a shard's matrices here, whose steps hold up to `rows` rows, take the widened form: bf16
+    weights, unquantized, where this project's kernel is built (`can_widen`), on a CPU without bf16
+    instructions always, on one with them where it measures faster at those rows (`widened_faster`);
+    unless the profile a run took its forms from recorded otherwise (`adopt_widened`)."""
+    if not can_widen(device, dtype, quantize):
+        return False
+    if dtype in _widening:
+        return _widening[dtype]
+    return not bf16_instructions() or widened_faster(rows)
 
 
 def can_widen(device: torch.device, dtype: torch.dtype, quantize: str | None = None) -> bool:
     """Whether this machine could compute such products widened, whatever a profile timed (`widens`)."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or quantize or bf16_instructions():
+    if device.type != "cpu" or dtype != torch.bfloat16 or quantize:
         return False
     return cpu_kernels.available() is None
 
@@ -273,7 +304,7 @@ def packs_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = Fa
     only on a CPU, unquantized, eager (a compiled graph's products are inductor's), for a model of at
     least SWAP_BYTES, at more than one row, and where that measures faster (`packs`), unless it holds
     panels (`panels_for`)."""
-    if device.type != "cpu" or spec.quantize or compile or rows < 2 or widens(device, dtype, spec.quantize):
+    if device.type != "cpu" or spec.quantize or compile or rows < 2 or widens(device, dtype, spec.quantize, rows):
         return False
     if spec.bytes_of(0, spec.num_units - 1) < SWAP_BYTES or panels_for(spec, device, dtype, compile, rows):
         return False
@@ -295,8 +326,9 @@ def panels_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = F
 
 
 def rows_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False,
-             head: bool = False) -> frozenset[int]:
-    """The row counts a shard of `spec` in `dtype` on `device` takes in the transposed form, in its LM
+             head: bool = False, rows: int = 1) -> frozenset[int]:
+    """The row counts a shard of `spec` in `dtype` on `device`, whose steps hold up to `rows` rows,
+    takes in the transposed form, in its LM
     head with `head` (measured on the head's own shape), else in its other matrices: none on a
     GPU, quantized (quant.Int8Linear has its own kernel), widened (`widens`) or for a model under
     SWAP_BYTES. A compiled
@@ -304,7 +336,7 @@ def rows_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = Fal
     serves any count of rows, whose products stay `linear`'s (inductor's own)."""
     if device.type != "cpu" or spec.quantize or spec.bytes_of(0, spec.num_units - 1) < SWAP_BYTES:
         return frozenset()
-    if widens(device, dtype, spec.quantize):
+    if widens(device, dtype, spec.quantize, rows):
         return frozenset()
     turned = transposed_rows(dtype, head_shape(spec) if head else _PROBE)
     return turned & {1} if compile else turned

@@ -554,7 +554,7 @@ def _adopt_forms(comm: Comm, spec: ModelSpec, cluster: Cluster, local: _Local | 
     import torch
 
     from . import attention
-    from .fewrows import adopt, adopt_widened, can_widen, head_shape
+    from .fewrows import adopt, adopt_widened, bf16_instructions, can_widen, head_shape
     from .shard import TORCH_DTYPES
 
     recorded = {}
@@ -576,7 +576,9 @@ def _adopt_forms(comm: Comm, spec: ModelSpec, cluster: Cluster, local: _Local | 
         attention.adopt(dtype, rows, products.get("attention"))
         widened = products.get("widened")
     adopt_widened(dtype, widened)
-    narrow = comm.gather(widened is False and can_widen(torch.device(me.torch), dtype, own.quantize))
+    # where bf16 has no instructions of its own, only a kernel not built at profile time kept it unwidened
+    narrow = comm.gather(widened is False and can_widen(torch.device(me.torch), dtype, own.quantize)
+                         and not bf16_instructions())
     if comm.rank == 0 and any(narrow):
         names = ", ".join(d.name for d, n in zip(cluster.devices, narrow) if n)
         print(f"edgeshard: note: the profile timed bfloat16 in torch's products on {names}, where this "

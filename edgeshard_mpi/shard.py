@@ -121,7 +121,7 @@ class Shard:
         # a decode step's few-row products in the form this CPU runs fastest (fewrows.py)
         self.packed = packs_for(spec, self.device, self.dtype, compile, rows)
         self.paneled = panels_for(spec, self.device, self.dtype, compile, rows)  # fp32 as the kernel's panels
-        self.widened = widens(self.device, self.dtype, spec.quantize)  # bf16 in fp32 arithmetic on this CPU
+        self.widened = widens(self.device, self.dtype, spec.quantize, rows)  # bf16 in fp32 arithmetic on this CPU
         self.attention_form = attention.form(self.device, self.dtype, spec.quantize, compile, rows)  # attention.py
         held = self.packed or self.paneled or self.widened  # the matrices reordered or as panels
         # a tied head beside its embedding holds their matrix once: as panels where the other matrices are, the
@@ -131,10 +131,10 @@ class Shard:
         head_held = held and (not shared or on_panels)
         # the row counts taking the transposed form, measured only for matrices that keep their plain weight:
         # a held one never asks, and the probes take seconds (smollm2's head's 4.4 s at 2 threads on an EPYC)
-        self.turned = frozenset() if held else rows_for(spec, self.device, self.dtype, compile)
+        self.turned = frozenset() if held else rows_for(spec, self.device, self.dtype, compile, rows=rows)
         self.head_turned = frozenset()
         if self.has_head and not head_held:
-            self.head_turned = rows_for(spec, self.device, self.dtype, compile, head=True)
+            self.head_turned = rows_for(spec, self.device, self.dtype, compile, head=True, rows=rows)
         alone = set()  # matrices to reorder: each read from a mapping of its own, gone once reordered
         if self.packed or self.paneled or self.widened:
             alone = {f"{name}.weight" for name, m in modules.items() if type(m) is torch.nn.Linear}

@@ -18,6 +18,8 @@ from test_fewrows import _RankZeroOfOne
 def _shards(path, dtype: str, monkeypatch) -> tuple[Shard, Shard]:
     """Two shards of the whole model, one taking the packed form and one transformers' sdpa."""
     spec = ModelSpec.load(path, dtype)
+    monkeypatch.setattr(fewrows, "bf16_instructions", lambda: True)  # bf16 in torch's own products, not widened
+    monkeypatch.setattr(fewrows, "widened_faster", lambda rows: False)
     shards = []
     for packed in (True, False):
         monkeypatch.setattr(attention, "packs_queries", lambda dtype, rows, packed=packed: packed)
@@ -64,6 +66,7 @@ def test_packed_attention_gives_sdpas_logits(tiny_path, dtype, monkeypatch):
 def test_attention_is_packed_only_on_a_cpu_eager_where_it_measures_faster(monkeypatch):
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
     monkeypatch.setattr(fewrows, "bf16_instructions", lambda: True)  # bf16 not widened
+    monkeypatch.setattr(fewrows, "widened_faster", lambda rows: False)
     monkeypatch.setattr(attention, "packs_queries", lambda dtype, rows: True)
     assert attention.form(cpu, bf16, rows=16) == SDPA_PACKED
     assert attention.form(cpu, bf16, "int8", rows=16) == SDPA_PACKED  # int8 shards attend in their dtype

@@ -129,7 +129,7 @@ def test_an_embedding_on_its_heads_panels_looks_up_the_matrixs_rows(dtype):
         assert got.dtype == dtype and torch.equal(got, embedding(ids))
 
 
-def test_bf16_widens_only_on_a_cpu_without_bf16_instructions_and_with_the_kernels(monkeypatch):
+def test_bf16_widens_without_bf16_instructions_and_where_it_measures_faster_with_them(monkeypatch):
     import edgeshard_mpi.fewrows as fewrows
     from edgeshard_mpi.runner import _bf16_without_instructions
 
@@ -149,7 +149,34 @@ def test_bf16_widens_only_on_a_cpu_without_bf16_instructions_and_with_the_kernel
     assert _bf16_without_instructions("cpu", "float32", None) is None
     monkeypatch.setattr(cpu_kernels, "available", lambda: None)
     monkeypatch.setattr(fewrows, "bf16_instructions", lambda: True)
-    assert not widens(cpu, bf16)
+    # with bf16 instructions, at the row counts where the widened form measures faster (widened_faster)
+    monkeypatch.setattr(fewrows, "widened_faster", lambda rows: rows == 1)
+    assert widens(cpu, bf16, rows=1) and not widens(cpu, bf16, rows=16)
+    assert not widens(cpu, bf16, "int8", rows=1) and not widens(torch.device("cuda"), bf16, rows=1)
+    assert _bf16_without_instructions("cpu", "bfloat16", None) is None  # it has bf16 instructions
+
+
+def test_widened_faster_measures_against_the_forms_a_shard_would_take_instead(monkeypatch):
+    """At one row a shard never reorders its weights (packs_for), so the widened form is timed against
+    `linear` and the transposed form only; past one row against oneDNN's reordered weights too. Each
+    row count is measured once."""
+    import edgeshard_mpi.fewrows as fewrows
+
+    monkeypatch.setattr(fewrows, "_wide_rows", {})
+    monkeypatch.setattr(cpu_kernels, "available", lambda: None)
+    monkeypatch.setattr(fewrows, "reorders", lambda dtype: True)
+    monkeypatch.setattr(fewrows, "_pack", lambda w: w)
+    reordered, kernel = [], []
+    monkeypatch.setattr(fewrows, "_packed", lambda x, w, bias, n: reordered.append(len(x)) or nn.functional.linear(x, w))
+    monkeypatch.setattr(cpu_kernels, "to_panels", lambda w: w)
+    monkeypatch.setattr(cpu_kernels, "bf16_panels_mm", lambda x, w, bias, n: kernel.append(len(x)) or x @ w.t())
+    times = []
+    monkeypatch.setattr(fewrows, "_best", lambda fn: (fn(), times.pop(0))[1])
+    times[:] = [1.0, 1.0, 0.8]  # linear, transposed, the kernel
+    assert fewrows.widened_faster(1) and reordered == [] and kernel == [1] and not times
+    assert fewrows.widened_faster(1) and kernel == [1]  # measured once
+    times[:] = [1.0, 1.0, 0.5, 0.8]  # linear, transposed, reordered, the kernel
+    assert not fewrows.widened_faster(2) and reordered == [2] and kernel == [1, 2] and not times
 
 
 @needs_kernels
@@ -165,6 +192,7 @@ def test_a_widened_bf16_shard_keeps_the_models_logits(tiny_path, monkeypatch):
     monkeypatch.setattr(fewrows, "bf16_instructions", lambda: False)
     wide = Shard(spec, 0, spec.num_units - 1)
     monkeypatch.setattr(fewrows, "bf16_instructions", lambda: True)
+    monkeypatch.setattr(fewrows, "widened_faster", lambda rows: False)  # torch's own bf16 products
     plain = Shard(spec, 0, spec.num_units - 1)
     linears = lambda s: [m for layer in [s.lm_head, *s.layers] for m in layer.modules() if isinstance(m, nn.Linear)]
     assert wide.widened and all(type(m) is FewRowsLinear and m.widened for m in linears(wide))
