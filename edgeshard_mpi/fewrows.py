@@ -328,12 +328,11 @@ def panels_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = F
 def rows_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False,
              head: bool = False, rows: int = 1) -> frozenset[int]:
     """The row counts a shard of `spec` in `dtype` on `device`, whose steps hold up to `rows` rows,
-    takes in the transposed form, in its LM
-    head with `head` (measured on the head's own shape), else in its other matrices: none on a
-    GPU, quantized (quant.Int8Linear has its own kernel), widened (`widens`) or for a model under
-    SWAP_BYTES. A compiled
-    shard takes it at one row at most: torch specializes a graph for one row, while its other graph
-    serves any count of rows, whose products stay `linear`'s (inductor's own)."""
+    takes in the transposed form, in its LM head with `head` (measured on the head's own shape), else
+    in its other matrices: none on a GPU, quantized (quant.Int8Linear has its own kernel), widened
+    (`widens`) or for a model under SWAP_BYTES. A compiled shard takes it at one row at most: torch
+    specializes a graph for one row, while its other graph serves any count of rows, whose products
+    stay `linear`'s (inductor's own)."""
     if device.type != "cpu" or spec.quantize or spec.bytes_of(0, spec.num_units - 1) < SWAP_BYTES:
         return frozenset()
     if widens(device, dtype, spec.quantize, rows):
