@@ -167,7 +167,8 @@ def test_widened_faster_measures_against_the_forms_a_shard_would_take_instead(mo
     monkeypatch.setattr(fewrows, "reorders", lambda dtype: True)
     monkeypatch.setattr(fewrows, "_pack", lambda w: w)
     reordered, kernel = [], []
-    monkeypatch.setattr(fewrows, "_packed", lambda x, w, bias, n: reordered.append(len(x)) or nn.functional.linear(x, w))
+    monkeypatch.setattr(fewrows, "_packed",
+                        lambda x, w, bias, n: reordered.append(len(x)) or nn.functional.linear(x, w))
     monkeypatch.setattr(cpu_kernels, "to_panels", lambda w: w)
     monkeypatch.setattr(cpu_kernels, "bf16_panels_mm", lambda x, w, bias, n: kernel.append(len(x)) or x @ w.t())
     times = []
