@@ -32,7 +32,7 @@ import functools
 import torch
 from torch import nn
 
-from .fewrows import _best, widens
+from .fewrows import _best, is_large, widens
 
 __all__ = ["SDPA_FP32", "SDPA_PACKED", "adopt", "form", "packs_queries", "take"]
 
@@ -90,14 +90,15 @@ def packs_queries(dtype: torch.dtype, rows: int) -> bool:
     return _packing[key]
 
 
-def form(device: torch.device, dtype: torch.dtype, quantize: str | None = None, compile: bool = False,
-         rows: int = 1) -> str:
-    """The attention a shard whose steps hold up to `rows` rows takes here, as a registered name:
-    SDPA_FP32 where its products are widened (fewrows.widens); SDPA_PACKED on a CPU, eager, where
-    `packs_queries` measures that faster; else "sdpa", transformers' own."""
-    if widens(device, dtype, quantize, rows):
+def form(spec, device: torch.device, dtype: torch.dtype, compile: bool = False, rows: int = 1) -> str:
+    """The attention a shard of `spec` whose steps hold up to `rows` rows takes here, as a registered
+    name: SDPA_FP32 where its products are widened (fewrows.widens); SDPA_PACKED on a CPU, eager, for a
+    model of at least fewrows.SWAP_BYTES (a small one keeps sdpa's, as it keeps the products' plain
+    forms), where `packs_queries` measures that faster; else "sdpa", transformers' own."""
+    large = is_large(spec)
+    if widens(device, dtype, spec.quantize, rows, large):
         return SDPA_FP32
-    if device.type == "cpu" and not compile and packs_queries(dtype, rows):
+    if device.type == "cpu" and not compile and large and packs_queries(dtype, rows):
         return SDPA_PACKED
     return "sdpa"
 

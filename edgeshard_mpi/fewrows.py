@@ -74,7 +74,7 @@ from torch import nn
 from . import cpu_kernels
 
 __all__ = ["MAX_ROWS", "SWAP_BYTES", "FewRowsLinear", "PanelEmbedding", "adopt", "adopt_widened", "bf16_instructions",
-           "can_widen", "forms", "head_shape", "packs", "packs_for", "paneled", "panels_for", "reorders", "rows_for",
+           "can_widen", "forms", "head_shape", "is_large", "packs", "packs_for", "paneled", "panels_for", "reorders", "rows_for",
            "swap_linears", "transposed_rows", "widened_faster", "widens"]
 
 MAX_ROWS = 16  # more rows than this take `linear` (its gemm is then at the memory's speed, or the compute's)
@@ -251,7 +251,7 @@ def forms(spec, device: torch.device, dtype: torch.dtype, rows: int) -> dict:
     Row counts no shard here would take, its matrices all held reordered or as panels, are not measured
     (seconds a rank) and recorded as None."""
     packed, panels = packs_for(spec, device, dtype, rows=rows), panels_for(spec, device, dtype, rows=rows)
-    widened = widens(device, dtype, spec.quantize, rows)
+    widened = widens(device, dtype, spec.quantize, rows, is_large(spec))
     held = packed or panels or widened
     turned = None if held else sorted(rows_for(spec, device, dtype, rows=rows))
     head = None
@@ -280,16 +280,23 @@ def bf16_instructions() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def widens(device: torch.device, dtype: torch.dtype, quantize: str | None = None, rows: int = 1) -> bool:
+def widens(device: torch.device, dtype: torch.dtype, quantize: str | None = None, rows: int = 1,
+           large: bool = True) -> bool:
     """Whether a shard's matrices here, whose steps hold up to `rows` rows, take the widened form: bf16
     weights, unquantized, where this project's kernel is built (`can_widen`), on a CPU without bf16
-    instructions always, on one with them where it measures faster at those rows (`widened_faster`);
-    unless the profile a run took its forms from recorded otherwise (`adopt_widened`)."""
+    instructions always, on one with them for a `large` model (`is_large`) where it measures faster at
+    those rows (`widened_faster`); unless the profile a run took its forms from recorded otherwise
+    (`adopt_widened`). A small model keeps torch's bf16 products there, as it keeps the other forms."""
     if not can_widen(device, dtype, quantize):
         return False
     if dtype in _widening:
         return _widening[dtype]
-    return not bf16_instructions() or widened_faster(rows)
+    return not bf16_instructions() or (large and widened_faster(rows))
+
+
+def is_large(spec) -> bool:
+    """Whether a model's weights reach SWAP_BYTES, from which its shards take the forms measured faster."""
+    return spec.bytes_of(0, spec.num_units - 1) >= SWAP_BYTES
 
 
 def can_widen(device: torch.device, dtype: torch.dtype, quantize: str | None = None) -> bool:
@@ -304,9 +311,10 @@ def packs_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = Fa
     only on a CPU, unquantized, eager (a compiled graph's products are inductor's), for a model of at
     least SWAP_BYTES, at more than one row, and where that measures faster (`packs`), unless it holds
     panels (`panels_for`)."""
-    if device.type != "cpu" or spec.quantize or compile or rows < 2 or widens(device, dtype, spec.quantize, rows):
+    if device.type != "cpu" or spec.quantize or compile or rows < 2 or widens(device, dtype, spec.quantize, rows,
+                                                                                is_large(spec)):
         return False
-    if spec.bytes_of(0, spec.num_units - 1) < SWAP_BYTES or panels_for(spec, device, dtype, compile, rows):
+    if not is_large(spec) or panels_for(spec, device, dtype, compile, rows):
         return False
     return packs(dtype, rows)
 
@@ -322,7 +330,7 @@ def panels_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = F
     side by side chose either way, and a profile's devices would be timed in different forms."""
     if device.type != "cpu" or dtype != torch.float32 or spec.quantize or rows < 2:
         return False
-    return spec.bytes_of(0, spec.num_units - 1) >= SWAP_BYTES and paneled(dtype, rows)
+    return is_large(spec) and paneled(dtype, rows)
 
 
 def rows_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = False,
@@ -333,9 +341,9 @@ def rows_for(spec, device: torch.device, dtype: torch.dtype, compile: bool = Fal
     (`widens`) or for a model under SWAP_BYTES. A compiled shard takes it at one row at most: torch
     specializes a graph for one row, while its other graph serves any count of rows, whose products
     stay `linear`'s (inductor's own)."""
-    if device.type != "cpu" or spec.quantize or spec.bytes_of(0, spec.num_units - 1) < SWAP_BYTES:
+    if device.type != "cpu" or spec.quantize or not is_large(spec):
         return frozenset()
-    if widens(device, dtype, spec.quantize, rows):
+    if widens(device, dtype, spec.quantize, rows, is_large(spec)):
         return frozenset()
     turned = transposed_rows(dtype, head_shape(spec) if head else _PROBE)
     return turned & {1} if compile else turned

@@ -899,7 +899,7 @@ def measure_profile(comm, spec, devices: list, shapes: dict, *, repeats: int = 5
     # the products' form is measured before the memory baseline: its probe matrix is freed before
     # any unit loads, and a device's budget is for its units
     where, dtype, rows = torch.device(me.torch), TORCH_DTYPES[own.dtype], shapes["micro_batch_size"]
-    products = {**forms(own, where, dtype, rows), "attention": form(where, dtype, own.quantize, rows=rows)}
+    products = {**forms(own, where, dtype, rows), "attention": form(own, where, dtype, rows=rows)}
     reset_peak_rss()  # an earlier job of this launch may have peaked higher
     try:
         held = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")

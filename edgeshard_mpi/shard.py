@@ -33,7 +33,7 @@ import transformers.modeling_utils  # noqa: F401
 from . import attention, cpu_kernels
 from .compiling import CompiledStep
 from .families import mask_builder
-from .fewrows import FewRowsLinear, PanelEmbedding, packs_for, panels_for, rows_for, swap_linears, widens
+from .fewrows import FewRowsLinear, PanelEmbedding, is_large, packs_for, panels_for, rows_for, swap_linears, widens
 from .kv_cache import add_rows, join_rows, relayout, slot_cache, static_slot_cache
 from .models import ModelError, ModelSpec
 from .quant import SCALE_DTYPE, Int8Embedding, int8_keys, int8_shell, quantize_rows
@@ -121,8 +121,9 @@ class Shard:
         # a decode step's few-row products in the form this CPU runs fastest (fewrows.py)
         self.packed = packs_for(spec, self.device, self.dtype, compile, rows)
         self.paneled = panels_for(spec, self.device, self.dtype, compile, rows)  # fp32 as the kernel's panels
-        self.widened = widens(self.device, self.dtype, spec.quantize, rows)  # bf16 in fp32 arithmetic on this CPU
-        self.attention_form = attention.form(self.device, self.dtype, spec.quantize, compile, rows)  # attention.py
+        # bf16 in fp32 arithmetic on this CPU
+        self.widened = widens(self.device, self.dtype, spec.quantize, rows, is_large(spec))
+        self.attention_form = attention.form(spec, self.device, self.dtype, compile, rows)  # attention.py
         held = self.packed or self.paneled or self.widened  # the matrices reordered or as panels
         # a tied head beside its embedding holds their matrix once: as panels where the other matrices are, the
         # embedding then gathering its rows from them (fewrows.PanelEmbedding), else as the embedding's

@@ -20,6 +20,7 @@ def _shards(path, dtype: str, monkeypatch) -> tuple[Shard, Shard]:
     spec = ModelSpec.load(path, dtype)
     monkeypatch.setattr(fewrows, "bf16_instructions", lambda: True)  # bf16 in torch's own products, not widened
     monkeypatch.setattr(fewrows, "widened_faster", lambda rows: False)
+    monkeypatch.setattr(fewrows, "SWAP_BYTES", 0)  # tiny-random takes the forms a large model does
     shards = []
     for packed in (True, False):
         monkeypatch.setattr(attention, "packs_queries", lambda dtype, rows, packed=packed: packed)
@@ -63,22 +64,26 @@ def test_packed_attention_gives_sdpas_logits(tiny_path, dtype, monkeypatch):
                 assert taken == set(shapes) and torch.equal(a, b)
 
 
-def test_attention_is_packed_only_on_a_cpu_eager_where_it_measures_faster(monkeypatch):
+def test_attention_is_packed_only_on_a_cpu_eager_where_it_measures_faster(smollm_path, tiny_path, monkeypatch):
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    smol, tiny = ModelSpec.load(smollm_path, "bfloat16"), ModelSpec.load(tiny_path, "bfloat16")
+    smol8 = ModelSpec.load(smollm_path, "bfloat16", quantize="int8")
     monkeypatch.setattr(fewrows, "bf16_instructions", lambda: True)  # bf16 not widened
     monkeypatch.setattr(fewrows, "widened_faster", lambda rows: False)
     monkeypatch.setattr(attention, "packs_queries", lambda dtype, rows: True)
-    assert attention.form(cpu, bf16, rows=16) == SDPA_PACKED
-    assert attention.form(cpu, bf16, "int8", rows=16) == SDPA_PACKED  # int8 shards attend in their dtype
-    assert attention.form(cpu, bf16, compile=True, rows=16) == "sdpa"  # a compiled step's is inductor's
-    assert attention.form(torch.device("cuda"), bf16, rows=16) == "sdpa"
+    assert attention.form(smol, cpu, bf16, rows=16) == SDPA_PACKED
+    assert attention.form(smol8, cpu, bf16, rows=16) == SDPA_PACKED  # int8 shards attend in their dtype
+    assert attention.form(smol, cpu, bf16, compile=True, rows=16) == "sdpa"  # a compiled step's is inductor's
+    assert attention.form(smol, torch.device("cuda"), bf16, rows=16) == "sdpa"
+    assert attention.form(tiny, cpu, bf16, rows=16) == "sdpa"  # a small model keeps sdpa's, as generate has it
     monkeypatch.setattr(attention, "packs_queries", lambda dtype, rows: False)
-    assert attention.form(cpu, bf16, rows=16) == "sdpa"
-    # widened bf16 (a CPU without bf16 instructions) attends on fp32 copies, compiled or not
+    assert attention.form(smol, cpu, bf16, rows=16) == "sdpa"
+    # widened bf16 (a CPU without bf16 instructions) attends on fp32 copies, compiled or not, whatever its size
     monkeypatch.setattr(fewrows, "bf16_instructions", lambda: False)
     monkeypatch.setattr(cpu_kernels, "available", lambda: None)
-    assert attention.form(cpu, bf16, rows=16) == attention.form(cpu, bf16, compile=True) == SDPA_FP32
-    assert attention.form(cpu, torch.float32, rows=16) == "sdpa"
+    assert attention.form(smol, cpu, bf16, rows=16) == attention.form(smol, cpu, bf16, compile=True) == SDPA_FP32
+    assert attention.form(tiny, cpu, bf16, rows=16) == SDPA_FP32
+    assert attention.form(ModelSpec.load(smollm_path, "float32"), cpu, torch.float32, rows=16) == "sdpa"
 
 
 def _timed(*times, out=None):
@@ -110,6 +115,7 @@ def test_a_run_takes_the_attention_its_profile_recorded(tiny_path, monkeypatch):
     for name in ("_chosen", "_packing", "_widening"):  # what _adopt_forms adopts for the products, undone after
         monkeypatch.setattr(fewrows, name, {})
     monkeypatch.setattr(fewrows, "bf16_instructions", lambda: True)
+    monkeypatch.setattr(fewrows, "SWAP_BYTES", 0)  # tiny-random takes the forms a large model does
 
     def run_on(recorded):
         products = {"turned": [], "head": [], "packed": False, "widened": False, "attention": recorded}

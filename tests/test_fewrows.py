@@ -152,6 +152,7 @@ def test_bf16_widens_without_bf16_instructions_and_where_it_measures_faster_with
     # with bf16 instructions, at the row counts where the widened form measures faster (widened_faster)
     monkeypatch.setattr(fewrows, "widened_faster", lambda rows: rows == 1)
     assert widens(cpu, bf16, rows=1) and not widens(cpu, bf16, rows=16)
+    assert not widens(cpu, bf16, rows=1, large=False)  # a small model keeps torch's products, as generate has them
     assert not widens(cpu, bf16, "int8", rows=1) and not widens(torch.device("cuda"), bf16, rows=1)
     assert _bf16_without_instructions("cpu", "bfloat16", None) is None  # it has bf16 instructions
 
