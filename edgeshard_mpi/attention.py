@@ -10,8 +10,10 @@ bf16 kernel runs the first form at a fraction of the second's speed. Per layer a
 smollm2 step of 16 rows of one length then took 60 ms, against 44 for the same rows padded. In fp32
 the first form was the faster there, 0.10 ms against 0.20.
 
-So on a CPU, eager, a shard takes the packed form without a mask too (`SDPA_PACKED`) where it
-measures faster: once per process, dtype, thread count and row count (`packs_queries`). The two
+So on a CPU, eager, a shard of a model of at least fewrows.SWAP_BYTES takes the packed form without
+a mask too (`SDPA_PACKED`) where it measures faster: once per process, dtype, thread count and row
+count (`packs_queries`). A smaller model keeps sdpa's form, and so `generate`'s bf16 roundings, as it
+keeps the products' plain forms. The two
 forms compute the same sums over the same keys. A profile records the choice, and a run on that
 profile takes it (`adopt`), as it takes the products' forms (fewrows.adopt). A compiled step's
 attention is inductor's.
