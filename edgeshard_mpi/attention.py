@@ -13,10 +13,9 @@ the first form was the faster there, 0.10 ms against 0.20.
 So on a CPU, eager, a shard of a model of at least fewrows.SWAP_BYTES takes the packed form without
 a mask too (`SDPA_PACKED`) where it measures faster: once per process, dtype, thread count and row
 count (`packs_queries`). A smaller model keeps sdpa's form, and so `generate`'s bf16 roundings, as it
-keeps the products' plain forms. The two
-forms compute the same sums over the same keys. A profile records the choice, and a run on that
-profile takes it (`adopt`), as it takes the products' forms (fewrows.adopt). A compiled step's
-attention is inductor's.
+keeps the products' plain forms. The two forms compute the same sums over the same keys. A profile
+records the choice, and a run on that profile takes it (`adopt`), as it takes the products' forms
+(fewrows.adopt). A compiled step's attention is inductor's.
 
 A shard whose bf16 products are widened to fp32 (fewrows.widens) runs its attention on fp32 copies of
 its tensors, cast back after (`SDPA_FP32`). torch's bf16 attention on a CPU without bf16 instructions,
